@@ -1,0 +1,41 @@
+"""picaso-rag: retrieval-augmented generation from composed Mamba-2 states (PICASO, ICLR 2025).
+
+Usage::
+
+    from picaso_rag import PicasoEngine
+    engine = PicasoEngine.from_pretrained("path/to/mamba2-checkpoint")
+    context = engine.compose(engine.encode(documents), method="picaso-s")
+    answer = engine.generate("Question: ...\\nAnswer:", state=context).text
+"""
+
+from .compose import CONV_POLICIES, METHODS, compose, log_weights
+from .config import Mamba2Config
+from .engine import Generation, PicasoEngine
+from .errors import CheckpointError, PicasoError, StateMismatchError
+from .generation import SamplingParams
+from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint
+from .model import Mamba2LM, init_weights
+from .state import State
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONV_POLICIES",
+    "METHODS",
+    "CheckpointError",
+    "Generation",
+    "Mamba2Config",
+    "Mamba2LM",
+    "PicasoEngine",
+    "PicasoError",
+    "SamplingParams",
+    "State",
+    "StateMismatchError",
+    "Tokenizer",
+    "compose",
+    "fingerprint_of",
+    "init_weights",
+    "load_checkpoint",
+    "log_weights",
+    "save_checkpoint",
+]

@@ -1,0 +1,94 @@
+"""Token sampling and incremental detokenisation with stop strings (no model code here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import PicasoError
+
+
+@dataclass
+class SamplingParams:
+    """max_new_tokens; temperature 0 = greedy; top_p in (0, 1]; stop strings end the text (excluded)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise PicasoError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise PicasoError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise PicasoError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not s for s in self.stop):
+            raise PicasoError("stop strings must be non-empty.")
+
+
+class Sampler:
+    """Picks the next token from logits; seeded, so sampling is reproducible."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: Tensor) -> int:
+        if self.params.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / self.params.temperature, dim=-1)
+        if self.params.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.params.top_p  # keeps at least the top token
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class TextStream:
+    """Turns generated token ids into text pieces, holding back incomplete characters and
+    anything that could be the start of a stop string."""
+
+    decode: Callable[[list[int]], str]
+    stop: Sequence[str] = ()
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    stopped: bool = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now final (maybe empty)."""
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        self.text = text
+        for s in self.stop:
+            pos = text.find(s)
+            if pos != -1:
+                self.text, self.stopped = text[:pos], True
+                return self._emit(pos)
+        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return self._emit(len(text) - hold)
+
+    def flush(self) -> str:
+        """At the end: release what was held back."""
+        if not self.stopped:
+            self.text = self.decode(self.ids)
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece

@@ -1,0 +1,21 @@
+"""Kernels behind plain Python functions; each has a pure-torch reference beside it (``*_ref``)."""
+
+from .ssd import (
+    causal_conv,
+    chunk_scan,
+    chunk_scan_ref,
+    set_kernel_backend,
+    ssm_step,
+    ssm_step_ref,
+    triton_kernels_available,
+)
+
+__all__ = [
+    "causal_conv",
+    "chunk_scan",
+    "chunk_scan_ref",
+    "set_kernel_backend",
+    "ssm_step",
+    "ssm_step_ref",
+    "triton_kernels_available",
+]

@@ -1,0 +1,167 @@
+"""The Mamba-2 SSD scan: a chunked prefill from an initial state, and the single-token step.
+
+Each op has a pure-torch reference (``*_ref``, runs everywhere, used by CPU tests) and a
+dispatching function that uses mamba_ssm's Triton kernels on CUDA when mamba-ssm is installed.
+
+Conventions (all ops): ``dt`` is the *final* step size (softplus, bias, clamp and padding mask
+already applied), so a padded position has dt = 0: it neither decays the state nor adds to it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=1)
+def triton_kernels_available() -> bool:
+    """True when mamba-ssm's Triton kernels can be imported (they need CUDA and the compiled package)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import mamba_ssm.ops.triton.selective_state_update  # noqa: F401
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising something else at import
+        return False
+    return True
+
+
+_use_triton = True
+
+
+def set_kernel_backend(backend: str) -> None:
+    """Choose ``"triton"`` (default; used only on CUDA when available) or ``"reference"`` (pure torch)."""
+    global _use_triton
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"unknown kernel backend {backend!r}; use 'triton' or 'reference'.")
+    _use_triton = backend == "triton"
+
+
+def _triton_for(t: Tensor) -> bool:
+    return _use_triton and t.is_cuda and triton_kernels_available()
+
+
+def _heads_from_groups(t: Tensor, nheads: int, dim: int) -> Tensor:
+    """B and C are shared by nheads // ngroups heads: repeat them along the head axis."""
+    return t.repeat_interleave(nheads // t.shape[dim], dim=dim)
+
+
+def _segsum(x: Tensor) -> Tensor:
+    """out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, else -inf (stable: no subtraction)."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)
+    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~below, 0)
+    out = torch.cumsum(x, dim=-2)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~causal, -torch.inf)
+
+
+def chunk_scan_ref(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk_size: int,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan in fp32 (the "minimal SSD" algorithm of the Mamba-2 paper).
+
+    x [b, l, h, p], dt [b, l, h], A [h], B/C [b, l, g, n], D [h], initial_state [b, h, p, n].
+    Returns y [b, l, h, p] (dtype of x) and the final state [b, h, p, n] (fp32).
+    """
+    b, l, h, p = x.shape
+    out_dtype = x.dtype
+    pad = (-l) % chunk_size  # dt = 0 on the padding: the state passes through unchanged
+    xs, dts = F.pad(x.float(), (0, 0, 0, 0, 0, pad)), F.pad(dt.float(), (0, 0, 0, pad))
+    Bs = F.pad(_heads_from_groups(B, h, 2).float(), (0, 0, 0, 0, 0, pad))
+    Cs = F.pad(_heads_from_groups(C, h, 2).float(), (0, 0, 0, 0, 0, pad))
+    c = (l + pad) // chunk_size
+
+    def chunks(t: Tensor) -> Tensor:
+        return t.reshape(b, c, chunk_size, *t.shape[2:])
+
+    X, Bc, Cc = chunks(xs * dts[..., None]), chunks(Bs), chunks(Cs)
+    dA = chunks(dts * A.float()).permute(0, 3, 1, 2)  # [b, h, c, l]
+    dA_cumsum = torch.cumsum(dA, dim=-1)
+
+    # 1. within each chunk (the quadratic, attention-like form)
+    decay_in_chunk = torch.exp(_segsum(dA))  # [b, h, c, l, s]
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, decay_in_chunk, X)
+    # 2. each chunk's own final state, from zero
+    decay_to_end = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, X)
+    # 3. pass states across chunks, starting from the initial state
+    if initial_state is None:
+        initial_state = torch.zeros_like(chunk_states[:, 0])
+    chunk_states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)
+    decay_chunk = torch.exp(_segsum(F.pad(dA_cumsum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    passed = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, chunk_states)
+    states_before, final_state = passed[:, :-1], passed[:, -1]
+    # 4. each chunk's output from the state entering it
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states_before, torch.exp(dA_cumsum))
+    y = (y_diag + y_off).reshape(b, c * chunk_size, h, p)[:, :l]
+    y = y + x.float() * D.float()[:, None]
+    return y.to(out_dtype), final_state
+
+
+def chunk_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk_size: int,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan (see :func:`chunk_scan_ref`); mamba_ssm's Triton kernel on CUDA."""
+    if not _triton_for(x):
+        return chunk_scan_ref(x, dt, A, B, C, D, chunk_size, initial_state)
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    y, final_state = mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D=D,
+        initial_states=initial_state, return_final_states=True,
+    )
+    return y, final_state
+
+
+def ssm_step_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """One recurrent step, updating ``state`` in place.
+
+    state [b, h, p, n], x [b, h, p], dt [b, h], A [h], B/C [b, g, n], D [h]. Returns y [b, h, p].
+    """
+    h = state.shape[1]
+    Bh, Ch = _heads_from_groups(B, h, 1).float(), _heads_from_groups(C, h, 1).float()
+    dt = dt.float()
+    decay = torch.exp(dt * A.float())[..., None, None]
+    new_state = state.float() * decay + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
+    state.copy_(new_state)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch) + D.float()[:, None] * x.float()
+    return y.to(x.dtype)
+
+
+def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """One recurrent step (see :func:`ssm_step_ref`); mamba_ssm's Triton kernel on CUDA."""
+    if not _triton_for(x):
+        return ssm_step_ref(state, x, dt, A, B, C, D)
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    p, n = state.shape[2], state.shape[3]
+    # the kernel takes per-(head, headdim) parameters; Mamba-2 ties them across headdim (stride 0)
+    return selective_state_update(
+        state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(), B, C,
+        D=D[:, None].expand(-1, p),
+    )
+
+
+def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv1d continuing from ``conv_state``, then SiLU.
+
+    xBC [b, l, c]; conv_state [b, c, w-1] (the last w-1 inputs before this segment);
+    weight [c, w]; lengths [b] (real tokens per row; rows are right-padded).
+    Returns the activated output [b, l, c] and the new conv state [b, c, w-1]: the last
+    w-1 inputs up to each row's own length (so padding never enters a state).
+    """
+    width = weight.shape[1]
+    window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # [b, c, w-1+l]
+    out = F.conv1d(window, weight[:, None, :], bias, groups=weight.shape[0])  # valid conv: length l
+    idx = lengths.to(window.device)[:, None] + torch.arange(width - 1, device=window.device)  # [b, w-1]
+    new_conv_state = torch.gather(window, 2, idx[:, None, :].expand(-1, window.shape[1], -1))
+    return F.silu(out.transpose(1, 2)), new_conv_state

@@ -1,0 +1,194 @@
+"""Loading and saving Mamba-2 checkpoints (mamba_ssm or transformers layout), tokenizer and fingerprint.
+
+Weights load without executing code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Mamba2Config
+from .errors import CheckpointError
+from .model import Mamba2LM
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class Tokenizer:
+    """A thin wrapper over a ``tokenizers`` tokenizer.json (the format of GPT-NeoX and most HF models).
+
+    Usage: ``tok = Tokenizer.from_file("tokenizer.json"); ids = tok.encode("hello")``.
+    """
+
+    def __init__(self, tokenizer, eos_token: str | None = None):
+        self._tok = tokenizer
+        self.eos_token_id: int | None = None
+        for candidate in ([eos_token] if eos_token else []) + ["<|endoftext|>", "</s>", "<eos>"]:
+            tid = tokenizer.token_to_id(candidate)
+            if tid is not None:
+                self.eos_token_id = tid
+                break
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, path: str | os.PathLike) -> None:
+        self._tok.save(str(path))
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, downloaded into the local cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_hub_id:
+        raise CheckpointError(f"{name!r} is not a directory; pass the path of a Mamba-2 checkpoint directory or a hub id like 'state-spaces/mamba2-130m'.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin", "tokenizer*"]))
+    except Exception as exc:  # offline, unknown repo, ...
+        raise CheckpointError(
+            f"could not download {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            "without network access, download the checkpoint elsewhere and pass its local directory."
+        ) from exc
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / "model.safetensors").is_file():
+        return load_file(directory / "model.safetensors")
+    if (directory / "model.safetensors.index.json").is_file():
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            weights.update(load_file(directory / shard))
+        return weights
+    if (directory / "pytorch_model.bin").is_file():
+        try:  # weights_only: refuse pickled code, load tensors only
+            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{directory / 'pytorch_model.bin'} could not be loaded as plain tensors ({type(exc).__name__}); "
+                "it may hold pickled code, which picaso-rag refuses to run. Convert it to model.safetensors."
+            ) from exc
+    raise CheckpointError(f"{directory} has config.json but no weights; expected one of {', '.join(WEIGHT_FILES)}.")
+
+
+def _to_internal_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Mamba2 names differ from mamba_ssm's only in the embedding."""
+    return {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in weights.items()}
+
+
+def fingerprint_of(model: Mamba2LM, tokenizer: Tokenizer) -> str:
+    """sha256 of the config, the tokenizer, the dtype and every weight: states are valid only for this."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    h.update(tokenizer.to_json().encode())
+    h.update(str(model.dtype).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+) -> tuple[Mamba2LM, Tokenizer]:
+    """Load a Mamba-2 checkpoint (mamba_ssm or transformers layout) and its tokenizer.
+
+    ``tokenizer``: a tokenizer.json path or :class:`Tokenizer`; default: tokenizer.json in the directory.
+    ``dtype``: default fp32 on CPU, bf16 on CUDA.
+
+    Usage: ``model, tok = load_checkpoint("./picaso-mini", device="cuda")``.
+    """
+    directory = resolve_checkpoint_dir(name_or_path)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it has no config.json. Pass the directory that holds config.json and the weights.")
+    try:
+        raw_config = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{directory / 'config.json'} is not valid JSON ({exc}); restore the checkpoint's config.json.") from exc
+    cfg = Mamba2Config.from_dict(raw_config)
+
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok_path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
+        if not tok_path.is_file():
+            raise CheckpointError(
+                f"no tokenizer at {tok_path}. state-spaces checkpoints ship without one: pass "
+                "tokenizer='path/to/gpt-neox-20b-tokenizer.json' (or put tokenizer.json in the checkpoint directory)."
+            )
+        tok = Tokenizer.from_file(tok_path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; pass the tokenizer this model was trained with.")
+
+    weights = _to_internal_names(_read_weights(directory))
+    model = Mamba2LM(cfg)
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(weights), set(weights) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {directory} do not match its config.json: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}. Is this a pure Mamba-2 checkpoint with its own config?"
+        )
+    model.load_state_dict(weights, strict=False)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def save_checkpoint(model: Mamba2LM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write config.json (mamba_ssm layout), model.safetensors and tokenizer.json, atomically per file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        weights.pop("lm_head.weight")
+
+    def atomic(name: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, directory / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    atomic("model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    atomic("config.json", lambda p: Path(p).write_text(json.dumps(model.cfg.to_mamba_ssm_dict(), indent=2)))
+    atomic("tokenizer.json", tokenizer.save)
+    return directory

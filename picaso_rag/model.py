@@ -1,0 +1,193 @@
+"""A Mamba-2 language model that reads from, and returns, its recurrent state.
+
+Parameter names follow mamba_ssm's ``MambaLMHeadModel`` so that state-spaces checkpoints
+load as they are. Per layer the state is:
+- ``ssm_state``  [batch, nheads, headdim, d_state]: the SSM memory h;
+- ``conv_state`` [batch, conv_dim, d_conv - 1]: the last inputs of the causal conv1d;
+- ``log_decay``  [batch, nheads], fp32: A * sum(dt) over the tokens read, i.e. the log of
+  the factor by which this segment scaled any state it started from (PICASO needs it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import Mamba2Config
+from .kernels import causal_conv, chunk_scan, ssm_step
+
+
+class ForwardOutput(NamedTuple):
+    logits: Tensor | None  # [batch, seq, vocab], [batch, 1, vocab] (last position) or None
+    ssm_state: Tensor  # [batch, n_layer, nheads, headdim, d_state]
+    conv_state: Tensor  # [batch, n_layer, conv_dim, d_conv - 1]
+    log_decay: Tensor  # [batch, n_layer, nheads], fp32, of the tokens read in this call only
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, group_size: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.group_size = group_size or dim
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if gate is not None:  # Mamba-2's gated norm: norm(x * silu(z)), per group of channels
+            x = x * F.silu(gate.float())
+        groups = x.unflatten(-1, (-1, self.group_size))
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * groups.flatten(-2).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.cfg = cfg
+        d_in_proj = 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads  # z, x, B, C, dt
+        self.in_proj = nn.Linear(cfg.d_model, d_in_proj, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(cfg.nheads))
+        self.A_log = nn.Parameter(torch.zeros(cfg.nheads))
+        self.D = nn.Parameter(torch.ones(cfg.nheads))
+        self.norm = RMSNorm(cfg.d_inner, cfg.norm_eps, group_size=cfg.d_inner // cfg.ngroups)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, u: Tensor, ssm_state: Tensor, conv_state: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        b, l, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        xBC, conv_state = causal_conv(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, lengths)
+        x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*cfg.dt_limit) * mask[..., None]
+        A = -torch.exp(self.A_log.float())
+        log_decay = A * dt.sum(dim=1)  # [b, h]; padding has dt = 0
+        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))
+        if l == 1:  # decoding: one recurrent step, in place on a copy of the state
+            ssm_state = ssm_state.clone()
+            B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
+            y = ssm_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)[:, None]
+        else:
+            B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
+            y, final = chunk_scan(x, dt, A, B, C, self.D, cfg.chunk_size, initial_state=ssm_state)
+            ssm_state = final.to(ssm_state.dtype)
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y), ssm_state, conv_state, log_decay
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mamba2Mixer(cfg)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Mamba2LM(nn.Module):
+    """Mamba-2 LM whose forward starts from given states and returns the final ones.
+
+    Usage: ``out = model(input_ids, ssm_state=s, conv_state=c, lengths=n)`` then
+    ``out.logits``, ``out.ssm_state``... Rows of ``input_ids`` are right-padded to ``lengths``.
+    """
+
+    def __init__(self, cfg: Mamba2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embedding.weight.device
+
+    def empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Zero (ssm_state, conv_state): the state before any token."""
+        cfg = self.cfg
+        kw = dict(device=self.device, dtype=self.dtype)
+        return (torch.zeros(batch, cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, **kw),
+                torch.zeros(batch, cfg.n_layer, cfg.conv_dim, cfg.d_conv - 1, **kw))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        ssm_state: Tensor | None = None,
+        conv_state: Tensor | None = None,
+        lengths: Tensor | None = None,
+        logits: str = "all",
+    ) -> ForwardOutput:
+        """Read ``input_ids`` [batch, seq] starting from the given states (zeros if None).
+
+        ``logits``: "all" positions, "last" real position of each row, or "none" (encoding only).
+        """
+        b, l = input_ids.shape
+        if lengths is None:
+            lengths = torch.full((b,), l, dtype=torch.long, device=input_ids.device)
+        mask = (torch.arange(l, device=input_ids.device)[None, :] < lengths[:, None]).float()
+        zero_ssm, zero_conv = self.empty_state(b) if ssm_state is None or conv_state is None else (None, None)
+        ssm_state = zero_ssm if ssm_state is None else ssm_state
+        conv_state = zero_conv if conv_state is None else conv_state
+
+        hidden = self.backbone.embedding(input_ids)
+        residual = hidden.float() if self.cfg.residual_in_fp32 else hidden
+        ssm_out, conv_out, decay_out = [], [], []
+        for i, block in enumerate(self.backbone.layers):
+            y, s, c, d = block.mixer(block.norm(residual.to(self.dtype)), ssm_state[:, i], conv_state[:, i], mask, lengths)
+            residual = residual + y
+            ssm_out.append(s)
+            conv_out.append(c)
+            decay_out.append(d)
+        hidden = self.backbone.norm_f(residual.to(self.dtype))
+
+        if logits == "all":
+            out_logits = self.lm_head(hidden)
+        elif logits == "last":
+            last = hidden[torch.arange(b, device=hidden.device), (lengths - 1).clamp(min=0)]
+            out_logits = self.lm_head(last)[:, None]
+        elif logits == "none":
+            out_logits = None
+        else:
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        return ForwardOutput(out_logits, torch.stack(ssm_out, 1), torch.stack(conv_out, 1), torch.stack(decay_out, 1))
+
+
+@torch.no_grad()
+def init_weights(model: Mamba2LM, seed: int = 0, std: float = 0.02) -> Mamba2LM:
+    """Random initialisation as in mamba_ssm (dt in [1e-3, 0.1], A in [1, 16]). For tests and training."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.log(torch.empty(p.shape).uniform_(1, 16, generator=gen)))
+        elif name.endswith("dt_bias"):
+            dt = torch.exp(torch.rand(p.shape, generator=gen) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3))).clamp(min=1e-4)
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif name.endswith(".D") or "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        elif name.endswith("conv1d.weight"):
+            bound = 1 / (cfg.d_conv ** 0.5)
+            p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=gen))
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    for block in model.backbone.layers:  # GPT-2 style: scale residual projections by depth
+        block.mixer.out_proj.weight.div_((2 * cfg.n_layer) ** 0.5)
+    return model

@@ -1,0 +1,83 @@
+"""The fixed-size state of a text under one model: what gets stored, composed and read from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .errors import StateMismatchError
+
+
+@dataclass(frozen=True)
+class State:
+    """State of one document (or of a composition of documents) under one model.
+
+    ssm        [n_layer, nheads, headdim, d_state]  SSM memory, model dtype
+    conv       [n_layer, conv_dim, d_conv - 1]      last conv1d inputs, model dtype
+    log_decay  [n_layer, nheads], fp32               A * sum(dt): log of the segment's total decay
+    n_tokens   tokens the state summarises
+    fingerprint  hash of the model (weights, tokenizer, dtype) that produced it
+
+    Usage: ``state = engine.encode(["some text"])[0]; state.to("cuda")``.
+    """
+
+    ssm: Tensor
+    conv: Tensor
+    log_decay: Tensor
+    n_tokens: int
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        n_layer, nheads = self.ssm.shape[0], self.ssm.shape[1]
+        if self.ssm.dim() != 4 or self.conv.dim() != 3 or self.log_decay.shape != (n_layer, nheads) or self.conv.shape[0] != n_layer:
+            raise StateMismatchError(
+                f"inconsistent state shapes ssm {tuple(self.ssm.shape)}, conv {tuple(self.conv.shape)}, "
+                f"log_decay {tuple(self.log_decay.shape)}; expected [L,H,P,N], [L,C,W-1], [L,H]. Re-encode the document."
+            )
+        if self.log_decay.dtype != torch.float32:
+            object.__setattr__(self, "log_decay", self.log_decay.float())
+
+    @property
+    def device(self) -> torch.device:
+        return self.ssm.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ssm, self.conv, self.log_decay))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "State":
+        """Move (and optionally cast ssm/conv; log_decay stays fp32)."""
+        return replace(
+            self,
+            ssm=self.ssm.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            conv=self.conv.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            log_decay=self.log_decay.to(device=device, non_blocking=non_blocking),
+        )
+
+    def check_finite(self) -> None:
+        """Raise if any value is NaN/inf, or a log-decay is positive (a decay above 1 is impossible)."""
+        for name in ("ssm", "conv", "log_decay"):
+            t = getattr(self, name)
+            if not torch.isfinite(t).all():
+                raise StateMismatchError(f"state {name} contains NaN or inf; the state is corrupt: re-encode the document.")
+        if (self.log_decay > 0).any():
+            raise StateMismatchError("state log_decay > 0 (a decay above 1); the state is corrupt: re-encode the document.")
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors to serialise (safetensors), by name."""
+        return {"ssm": self.ssm.contiguous(), "conv": self.conv.contiguous(), "log_decay": self.log_decay.contiguous()}
+
+
+def check_same_model(states: list[State], fingerprint: str | None = None) -> str:
+    """Return the common fingerprint, raising a clear error if states come from different models."""
+    prints = {s.fingerprint for s in states}
+    if fingerprint is not None:
+        prints.add(fingerprint)
+    if len(prints) > 1:
+        raise StateMismatchError(
+            f"states from {len(prints)} different models were mixed (fingerprints {sorted(p[:12] for p in prints)}); "
+            "re-encode every document with the model you query with."
+        )
+    return prints.pop() if prints else (fingerprint or "")
