@@ -69,7 +69,8 @@ def _picaso_r_log_weights(la: Tensor) -> Tensor:
     k = torch.arange(n, device=la.device)
     idx = (k[:, None] + 1 + torch.arange(n - 1, device=la.device)[None, :]) % n  # [k, m-1]
     following = la[..., idx]  # [..., k, n-1]
-    prods = torch.cat([torch.zeros_like(following[..., :1]), following.cumsum(-1)], dim=-1)  # m = 0..n-1
+    start = torch.zeros((*following.shape[:-1], 1), dtype=la.dtype, device=la.device)
+    prods = torch.cat([start, following.cumsum(-1)], dim=-1)  # m = 0..n-1
     return torch.logsumexp(prods, dim=-1) - math.log(n)
 
 
@@ -108,8 +109,12 @@ def compose(
             raise PicasoError(f"states on different devices ({s.device} and {ref.device}); move them with state.to(device) first.")
     if not states:
         return prefix  # type: ignore[return-value]
+    if method in ORDER_INVARIANT:
+        states = canonical_order(states)
 
     log_decay = torch.stack([s.log_decay for s in states], dim=-1)  # [L, H, n] fp32
+    if not (torch.isfinite(log_decay).all() and (log_decay <= 0).all()):
+        raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
     weights = log_weights(log_decay, method).exp().float()  # [L, H, n]
     ssm = torch.zeros(ref.ssm.shape, dtype=torch.float32, device=ref.device)
     for k, s in enumerate(states):  # one pass per state, fp32 accumulation
@@ -127,5 +132,19 @@ def compose(
         conv_state = states[-1].conv.clone()
     else:
         conv_state = torch.zeros_like(ref.conv)
+    if not torch.isfinite(ssm).all():
+        raise PicasoError("a state holds NaN or inf values; it is corrupt: re-encode the documents.")
     return State(ssm=ssm.to(ref.ssm.dtype), conv=conv_state, log_decay=total_log_decay.float(),
                  n_tokens=n_tokens, fingerprint=fingerprint)
+
+
+def canonical_order(states: list[State]) -> list[State]:
+    """Sort states by content, so that order-invariant methods do not see the retrieval order.
+
+    PICASO-R averages over the rotations of *one* cyclic order: without this, it would depend on
+    the order up to rotation. For PICASO-S and soup it makes the result bitwise identical for every
+    input order (floating-point sums depend on the order of their terms). The key is the log-decay
+    vector (L x H values): distinct texts do not share it; equal texts have equal states."""
+    keys = torch.stack([s.log_decay.flatten() for s in states]).cpu().tolist()
+    order = sorted(range(len(states)), key=lambda i: (keys[i], states[i].n_tokens))
+    return [states[i] for i in order]
