@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up the GPU machine: build mamba-ssm (and causal-conv1d) for sm_90 from their sources.
+#
+#   scripts/gpu_setup.sh fetch   # here, with PyPI access: download the sources into .gpu/
+#   scripts/gpu_setup.sh build   # there (no network): build wheels for sm_90 only and install
+#
+# mamba-ssm compiles for ten architectures by default; restricting it to sm_90 takes the build
+# to about two minutes on 16 cores (../shared/docs/gpu.md). The wheels are too big to bring
+# back, so each fresh machine rebuilds them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAMBA_VERSION=2.3.2.post1
+CONV_VERSION=1.7.0
+SRC=.gpu
+
+case "${1:-}" in
+fetch)
+    mkdir -p "$SRC"
+    grep -qxF "/$SRC/" .git/info/exclude 2>/dev/null || echo "/$SRC/" >> .git/info/exclude
+    # *_SKIP_CUDA_BUILD: preparing metadata must not try to fetch a prebuilt wheel
+    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+        python3 -m pip download --no-deps --no-build-isolation --no-binary :all: -d "$SRC" \
+        "mamba-ssm==$MAMBA_VERSION" "causal-conv1d==$CONV_VERSION"
+    ls -la "$SRC"
+    ;;
+build)
+    python3 -c "import mamba_ssm, causal_conv1d" 2>/dev/null && { echo "mamba-ssm already installed"; exit 0; }
+    work=$(mktemp -d)
+    for pkg in "causal_conv1d-$CONV_VERSION" "mamba_ssm-$MAMBA_VERSION"; do
+        tar xzf "$SRC/$pkg.tar.gz" -C "$work"
+        # build for Hopper (sm_90) only
+        sed -i 's/^\(\s*\)# HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI/\1cc_flag[:] = ["-gencode", "arch=compute_90,code=sm_90"]\n&/' "$work/$pkg/setup.py"
+        grep -q 'arch=compute_90,code=sm_90"]' "$work/$pkg/setup.py" || { echo "could not patch $pkg/setup.py"; exit 1; }
+        (cd "$work/$pkg" && MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=16 \
+            python3 -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheels" .)
+    done
+    python3 -m pip install -q --no-deps "$work"/wheels/*.whl
+    python3 -c "import mamba_ssm, causal_conv1d; print('mamba-ssm', mamba_ssm.__version__, 'causal-conv1d', causal_conv1d.__version__)"
+    ;;
+*)
+    echo "usage: $0 fetch|build" >&2
+    exit 2
+    ;;
+esac
