@@ -147,8 +147,8 @@ def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     # the kernel takes per-(head, headdim) parameters; Mamba-2 ties them across headdim (stride 0)
     return selective_state_update(
         state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(), B, C,
-        D=D[:, None].expand(-1, p),
-    )
+        D=D[:, None].expand(-1, p), dt_bias=torch.zeros(1, device=x.device, dtype=torch.float32).expand(dt.shape[1], p),
+    )  # dt_bias: dt is final already, but the kernel reads the bias's stride to detect tied headdim
 
 
 def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor) -> tuple[Tensor, Tensor]:
