@@ -8,9 +8,11 @@ of -10,000 give finite, correct weights; they are applied with fp32 accumulation
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Sequence
 
+import numpy.polynomial.legendre
 import torch
 from torch import Tensor
 
@@ -47,20 +49,30 @@ def log_weights(log_decay: Tensor, method: str) -> Tensor:
 
 
 def _picaso_s_log_weights(la: Tensor) -> Tensor:
-    """W_k = (1/n) sum_m e_m(a without a_k) / C(n-1, m), e_m by a log-space DP, all k at once.
+    """W_k = integral_0^1 prod_{j != k} (1 - t + t a_j) dt, the mean over all n! orders.
 
-    Setting a_k = 0 (log -inf) in row k makes e_m of all n decays equal e_m of the others.
+    The integrand is a polynomial of degree n-1 in t, so (n//2 + 1)-point Gauss-Legendre
+    quadrature is exact. Each factor is evaluated in log space as log1p(t * expm1(la_j)), which is
+    accurate for decays near 1 and finite for decays that underflow to 0 (la = -10,000): factors
+    lie in [1 - t, 1], so nothing underflows and the gradient is finite everywhere (BPTC needs it).
     """
     n = la.shape[-1]
-    others = la[..., None, :].expand(*la.shape, n).clone()  # [..., k, j]
-    others.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
-    e = torch.full((*la.shape, n), -math.inf, dtype=la.dtype, device=la.device)  # [..., k, m], m = 0..n-1
-    e[..., 0] = 0.0
-    for j in range(n):  # e_m <- e_m + a_j e_{m-1}, for all m at once (right side uses the old e)
-        e = torch.cat([e[..., :1], torch.logaddexp(e[..., 1:], others[..., j, None] + e[..., :-1])], dim=-1)
-    m = torch.arange(n, dtype=la.dtype, device=la.device)
-    log_binom = math.lgamma(n) - torch.lgamma(m + 1) - torch.lgamma(n - m)  # log C(n-1, m)
-    return torch.logsumexp(e - log_binom, dim=-1) - math.log(n)
+    nodes, node_weights = _gauss_legendre_01(n // 2 + 1, la.dtype, la.device)
+    log_factor = torch.log1p(nodes[:, None] * torch.expm1(la)[..., None, :])  # [..., q, j]
+    log_all = log_factor.sum(-1, keepdim=True)  # [..., q, 1]
+    log_others = log_all - log_factor  # leave factor k out: [..., q, k]
+    return torch.logsumexp(log_others + node_weights.log()[:, None], dim=-2)
+
+
+@functools.lru_cache(maxsize=64)
+def _gauss_legendre_nodes(points: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x, w = numpy.polynomial.legendre.leggauss(points)
+    return tuple((x + 1) / 2), tuple(w / 2)  # mapped from [-1, 1] to [0, 1]
+
+
+def _gauss_legendre_01(points: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    x, w = _gauss_legendre_nodes(points)
+    return torch.tensor(x, dtype=dtype, device=device), torch.tensor(w, dtype=dtype, device=device)
 
 
 def _picaso_r_log_weights(la: Tensor) -> Tensor:
@@ -112,30 +124,47 @@ def compose(
     if method in ORDER_INVARIANT:
         states = canonical_order(states)
 
-    log_decay = torch.stack([s.log_decay for s in states], dim=-1)  # [L, H, n] fp32
+    log_decay = torch.stack([s.log_decay for s in states])  # [n, L, H]
     if not (torch.isfinite(log_decay).all() and (log_decay <= 0).all()):
         raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
-    weights = log_weights(log_decay, method).exp().float()  # [L, H, n]
-    ssm = torch.zeros(ref.ssm.shape, dtype=torch.float32, device=ref.device)
-    for k, s in enumerate(states):  # one pass per state, fp32 accumulation
-        ssm.add_(s.ssm.float() * weights[..., k, None, None])
-    total_log_decay = log_decay.sum(-1)
-    n_tokens = sum(s.n_tokens for s in states)
-    if prefix is not None:
-        ssm.add_(prefix.ssm.float() * total_log_decay.exp()[..., None, None])
-        total_log_decay = total_log_decay + prefix.log_decay
-        n_tokens += prefix.n_tokens
-
-    if conv == "mean":
-        conv_state = torch.stack([s.conv.float() for s in states]).mean(0).to(ref.conv.dtype)
-    elif conv == "last":
-        conv_state = states[-1].conv.clone()
-    else:
-        conv_state = torch.zeros_like(ref.conv)
+    ssm, conv_state, total_log_decay = compose_tensors(
+        torch.stack([s.ssm for s in states]), torch.stack([s.conv for s in states]), log_decay, method, conv,
+        prefix_ssm=prefix.ssm if prefix is not None else None,
+        prefix_log_decay=prefix.log_decay if prefix is not None else None,
+    )
     if not torch.isfinite(ssm).all():
         raise PicasoError("a state holds NaN or inf values; it is corrupt: re-encode the documents.")
-    return State(ssm=ssm.to(ref.ssm.dtype), conv=conv_state, log_decay=total_log_decay.float(),
-                 n_tokens=n_tokens, fingerprint=fingerprint)
+    n_tokens = sum(s.n_tokens for s in states) + (prefix.n_tokens if prefix is not None else 0)
+    return State(ssm=ssm, conv=conv_state, log_decay=total_log_decay, n_tokens=n_tokens, fingerprint=fingerprint)
+
+
+def compose_tensors(
+    ssm: Tensor, conv: Tensor, log_decay: Tensor, method: str = "picaso-s", conv_policy: str = "mean",
+    prefix_ssm: Tensor | None = None, prefix_log_decay: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compose stacked states; differentiable (BPTC trains through it). No validation here.
+
+    ssm [..., n, L, H, P, N], conv [..., n, L, C, W-1], log_decay [..., n, L, H] (documents on dim -4,
+    -4 and -3; leading dims are a batch). Returns (ssm [..., L, H, P, N] in ssm's dtype,
+    conv [..., L, C, W-1], total log_decay [..., L, H] fp32).
+    Usage: ``ssm, conv, log_decay = compose_tensors(ssm_stack, conv_stack, decay_stack, "picaso-s")``.
+    """
+    n = log_decay.shape[-3]
+    weights = log_weights(log_decay.movedim(-3, -1), method).exp().float()  # [..., L, H, n]
+    composed = torch.zeros(ssm.shape[:-5] + ssm.shape[-4:], dtype=torch.float32, device=ssm.device)
+    for k in range(n):  # one pass per state, fp32 accumulation, no fp32 copy of the whole stack
+        composed = composed + ssm[..., k, :, :, :, :].float() * weights[..., k, None, None]
+    total_log_decay = log_decay.float().sum(-3)
+    if prefix_ssm is not None:
+        composed = composed + prefix_ssm.float() * total_log_decay.exp()[..., None, None]
+        total_log_decay = total_log_decay + prefix_log_decay.float()
+    if conv_policy == "mean":
+        conv_state = conv.float().mean(-4).to(conv.dtype)
+    elif conv_policy == "last":
+        conv_state = conv[..., n - 1, :, :, :]
+    else:
+        conv_state = torch.zeros_like(conv[..., 0, :, :, :])
+    return composed.to(ssm.dtype), conv_state, total_log_decay
 
 
 def canonical_order(states: list[State]) -> list[State]:
