@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Mamba2Config
-from .kernels import causal_conv, chunk_scan, ssm_step
+from .kernels import add_rmsnorm, causal_conv, chunk_scan, rmsnorm, ssm_step
 
 
 class ForwardOutput(NamedTuple):
@@ -36,13 +36,8 @@ class RMSNorm(nn.Module):
         self.group_size = group_size or dim
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        if gate is not None:  # Mamba-2's gated norm: norm(x * silu(z)), per group of channels
-            x = x * F.silu(gate.float())
-        groups = x.unflatten(-1, (-1, self.group_size))
-        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * groups.flatten(-2).to(dtype)
+        """Mamba-2's gated norm when ``gate`` is given: norm(x * silu(gate)), per group of channels."""
+        return rmsnorm(x, self.weight, self.eps, gate=gate, group_size=self.group_size)
 
 
 class Mamba2Mixer(nn.Module):
@@ -145,16 +140,16 @@ class Mamba2LM(nn.Module):
         ssm_state = zero_ssm if ssm_state is None else ssm_state
         conv_state = zero_conv if conv_state is None else conv_state
 
-        hidden = self.backbone.embedding(input_ids)
-        residual = hidden.float() if self.cfg.residual_in_fp32 else hidden
+        hidden, residual = self.backbone.embedding(input_ids), None
+        eps, fp32 = self.cfg.norm_eps, self.cfg.residual_in_fp32
         ssm_out, conv_out, decay_out = [], [], []
-        for i, block in enumerate(self.backbone.layers):
-            y, s, c, d = block.mixer(block.norm(residual.to(self.dtype)), ssm_state[:, i], conv_state[:, i], mask, lengths)
-            residual = residual + y
+        for i, block in enumerate(self.backbone.layers):  # pre-norm blocks; the add is fused into the norm
+            hidden, residual = add_rmsnorm(hidden, residual, block.norm.weight, eps, fp32)
+            hidden, s, c, d = block.mixer(hidden, ssm_state[:, i], conv_state[:, i], mask, lengths)
             ssm_out.append(s)
             conv_out.append(c)
             decay_out.append(d)
-        hidden = self.backbone.norm_f(residual.to(self.dtype))
+        hidden, _ = add_rmsnorm(hidden, residual, self.backbone.norm_f.weight, eps, fp32)
 
         if logits == "all":
             out_logits = self.lm_head(hidden)

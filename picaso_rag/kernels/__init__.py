@@ -1,5 +1,6 @@
 """Kernels behind plain Python functions; each has a pure-torch reference beside it (``*_ref``)."""
 
+from .norm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from .ssd import (
     causal_conv,
     chunk_scan,
@@ -11,6 +12,10 @@ from .ssd import (
 )
 
 __all__ = [
+    "add_rmsnorm",
+    "add_rmsnorm_ref",
+    "rmsnorm",
+    "rmsnorm_ref",
     "causal_conv",
     "chunk_scan",
     "chunk_scan_ref",

@@ -1,0 +1,195 @@
+"""Training loops: language-model pre-training and composition fine-tuning (BP2C, BPTC).
+
+One loop (:func:`train`) runs any loss function with AdamW, warm-up + cosine learning rate over a
+step or time budget, bf16 autocast on CUDA, a progress bar, periodic checkpoints and a loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..compose import METHODS, compose_tensors
+from ..loading import Tokenizer, save_checkpoint
+from ..model import Mamba2LM
+from .data import PassagePairs, TokenWindows
+
+MODES = ("bp2c", "bptc")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    time_budget_s: float | None = None  # stop (and finish the schedule) after this much training time
+    log_every: int = 10
+    checkpoint_every_s: float = 600.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # recorded in the run's JSON (data, method, ...)
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.time_budget_s is None:
+            raise ValueError("give max_steps or time_budget_s (or both).")
+
+
+def lm_loss(model: Mamba2LM, inputs: Tensor, targets: Tensor) -> Tensor:
+    logits = model(inputs).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def composition_loss(model: Mamba2LM, contexts: Tensor, targets: Tensor, separator: Tensor,
+                     method: str = "picaso-s", mode: str = "bp2c") -> Tensor:
+    """Loss of the target read from the composed state of the contexts.
+
+    contexts [B, k, S] token ids (k may be 0), targets [B, T]; each context is encoded as
+    ``context + separator`` (the same separator the evaluation uses). The target is read from the
+    composed state; tokens 1..T-1 are scored (a state carries no logits for token 0).
+    BP2C: the contexts' pass runs without gradient (states as a store would serve them).
+    BPTC: gradients flow through the composition into every context's pass.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    B, k = contexts.shape[:2]
+    ssm = conv = None
+    if k:
+        docs = torch.cat([contexts, separator.expand(B, k, -1)], dim=-1).flatten(0, 1)
+        with torch.set_grad_enabled(mode == "bptc"):
+            out = model(docs, logits="none")
+            unflat = lambda t: t.unflatten(0, (B, k))  # noqa: E731
+            ssm, conv, _ = compose_tensors(unflat(out.ssm_state), unflat(out.conv_state), unflat(out.log_decay), method)
+    logits = model(targets[:, :-1], ssm_state=ssm, conv_state=conv).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten())
+
+
+def pretrain_batches(data: TokenWindows, device: torch.device) -> Iterator[Callable[[Mamba2LM], Tensor]]:
+    for inputs, targets in data:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        yield lambda model, i=inputs, t=targets: lm_loss(model, i, t)
+
+
+def finetune_batches(pairs: PassagePairs, batch_size: int, separator: list[int], device: torch.device,
+                     method: str, mode: str, max_k: int = 10, seed: int = 0) -> Iterator[Callable[[Mamba2LM], Tensor]]:
+    """Epochs over the passage pairs; k drawn uniformly from {0..max_k} per batch, as in the paper."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rng = random.Random(seed)
+    sep = torch.tensor(separator, device=device)
+    while True:
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            k = rng.randint(0, max_k)
+            contexts, targets = pairs.batch(order[start:start + batch_size], k)
+            contexts, targets = contexts.to(device), targets.to(device)
+            yield lambda model, c=contexts, t=targets: composition_loss(model, c, t, sep, method, mode)
+
+
+def _param_groups(model: Mamba2LM, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # matrices decay; norms, biases and the SSM's A_log, D, dt_bias do not (as in mamba_ssm)
+        (decay if p.dim() >= 2 and "conv1d" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model: Mamba2LM, tokenizer: Tokenizer, batches: Iterator[Callable[[Mamba2LM], Tensor]], cfg: TrainConfig,
+          name: str = "train") -> dict:
+    """Run the loop; writes ``out_dir/checkpoint`` (bf16, loadable by PicasoEngine), ``history.json``
+    and ``loss.png``. Returns the history. Usage: see ``python -m picaso_rag.training --help``."""
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = model.device
+    model.train()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    history = {"name": name, "config": asdict(cfg), "step": [], "loss": [], "lr": [], "elapsed_s": []}
+    start, last_ckpt, step = time.perf_counter(), time.perf_counter(), 0
+    bar = tqdm(total=cfg.max_steps, desc=name, unit="step")
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = max(step / cfg.max_steps if cfg.max_steps else 0.0, elapsed / cfg.time_budget_s if cfg.time_budget_s else 0.0)
+        if progress >= 1.0:
+            break
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (
+            cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_fn = next(batches)
+        with autocast:
+            loss = loss_fn(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == 1:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at step {step}; lower the learning rate.")
+            history["step"].append(step)
+            history["loss"].append(value)
+            history["lr"].append(lr)
+            history["elapsed_s"].append(time.perf_counter() - start)
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
+        if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s:
+            save(model, tokenizer, out_dir / "checkpoint")
+            last_ckpt = time.perf_counter()
+    bar.close()
+    history["steps"] = step
+    history["train_time_s"] = time.perf_counter() - start
+    model.eval()
+    save(model, tokenizer, out_dir / "checkpoint")
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    try:
+        plot_history([history], out_dir / "loss.png")
+    except ImportError:  # the GPU machine has no matplotlib: plot later with `python -m picaso_rag.training plot`
+        print(f"matplotlib is not installed: no loss.png; run `python -m picaso_rag.training plot {out_dir / 'history.json'}`")
+    return history
+
+
+def save(model: Mamba2LM, tokenizer: Tokenizer, directory: Path) -> None:
+    """Save a bf16 copy (the shipping format) without changing the training model."""
+    shipped = Mamba2LM(model.cfg)
+    shipped.load_state_dict(model.state_dict())
+    save_checkpoint(shipped.to(torch.bfloat16), tokenizer, directory)
+
+
+def plot_history(histories: list[dict], path: Path, smooth: int = 20) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for h in histories:
+        loss = torch.tensor(h["loss"])
+        if len(loss) > smooth:
+            loss = torch.cat([loss[:smooth - 1], loss.unfold(0, smooth, 1).mean(1)])
+        ax.plot(h["step"], loss.tolist(), label=h["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
