@@ -4,6 +4,8 @@
 #   scripts/gpu_setup.sh fetch   # here, with PyPI access: download the sources into .gpu/
 #   scripts/gpu_setup.sh build   # there (no network): build wheels for sm_90 only and install
 #
+# Wheels land in .gpu/wheels; a later machine that receives them (carry .gpu) installs them in
+# seconds instead of rebuilding.
 # mamba-ssm compiles for ten architectures by default; restricting it to sm_90 takes the build
 # to about two minutes on 16 cores (../shared/docs/gpu.md). The wheels are too big to bring
 # back, so each fresh machine rebuilds them.
@@ -24,18 +26,27 @@ fetch)
     ls -la "$SRC"
     ;;
 build)
-    python3 -c "import mamba_ssm, causal_conv1d" 2>/dev/null && { echo "mamba-ssm already installed"; exit 0; }
+    # PACKAGES: which to build (default both; the training and the engine need only mamba-ssm)
+    PACKAGES=${PACKAGES:-"causal_conv1d mamba_ssm"}
+    python3 -c "import mamba_ssm" 2>/dev/null && { echo "mamba-ssm already installed"; exit 0; }
+    mkdir -p "$SRC/wheels"
     work=$(mktemp -d)
-    for pkg in "causal_conv1d-$CONV_VERSION" "mamba_ssm-$MAMBA_VERSION"; do
+    wheels_dir="$(pwd)/$SRC/wheels"
+    for name in $PACKAGES; do
+        if ls "$SRC"/wheels/"$name"-*.whl >/dev/null 2>&1; then
+            echo "using the wheel in $SRC/wheels for $name"
+            continue
+        fi
+        case $name in causal_conv1d) pkg="causal_conv1d-$CONV_VERSION" ;; mamba_ssm) pkg="mamba_ssm-$MAMBA_VERSION" ;; esac
         tar xzf "$SRC/$pkg.tar.gz" -C "$work"
         # build for Hopper (sm_90) only
         sed -i 's/^\(\s*\)# HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI/\1cc_flag[:] = ["-gencode", "arch=compute_90,code=sm_90"]\n&/' "$work/$pkg/setup.py"
         grep -q 'arch=compute_90,code=sm_90"]' "$work/$pkg/setup.py" || { echo "could not patch $pkg/setup.py"; exit 1; }
         (cd "$work/$pkg" && MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=16 \
-            python3 -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheels" .)
+            python3 -m pip wheel -q --no-deps --no-build-isolation -w "$wheels_dir" .)
     done
-    python3 -m pip install -q --no-deps "$work"/wheels/*.whl
-    python3 -c "import mamba_ssm, causal_conv1d; print('mamba-ssm', mamba_ssm.__version__, 'causal-conv1d', causal_conv1d.__version__)"
+    for name in $PACKAGES; do python3 -m pip install -q --no-deps "$SRC"/wheels/"$name"-*.whl; done
+    python3 -c "import mamba_ssm; print('mamba-ssm', mamba_ssm.__version__)"
     ;;
 *)
     echo "usage: $0 fetch|build" >&2

