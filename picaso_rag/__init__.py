@@ -16,6 +16,7 @@ from .generation import SamplingParams
 from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint
 from .model import Mamba2LM, init_weights
 from .state import State
+from .store import StateStore, StoredState, StoreStatus, text_sha256
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,9 @@ __all__ = [
     "SamplingParams",
     "State",
     "StateMismatchError",
+    "StateStore",
+    "StoreStatus",
+    "StoredState",
     "Tokenizer",
     "compose",
     "fingerprint_of",
@@ -38,4 +42,5 @@ __all__ = [
     "load_checkpoint",
     "log_weights",
     "save_checkpoint",
+    "text_sha256",
 ]
