@@ -1,110 +1,99 @@
-"""Quickstart: encode a small corpus into states once, then answer questions from composed states.
+"""Quickstart: a LlamaIndex RAG pipeline over Chroma that answers from composed Mamba-2 states.
 
-    python examples/quickstart.py [--model DIR] [--k 3] [--method picaso-s]
+    python examples/quickstart.py [--model DIR] [--db ./picaso_db] [--k 3] [--method picaso-s]
 
-For each question it retrieves k paragraphs, composes their stored states (PICASO: the
-paragraphs' tokens are not read again), generates an answer, and times the same answer
-produced the ordinary way (concatenating the paragraphs into the prompt).
+1. Ingests the bundled corpus (examples/data/corpus.md) into an embedded Chroma under ./picaso_db
+   (MiniLM embeddings), encoding each chunk's Mamba-2 state once into ./picaso_db/states.
+2. Answers three questions with a stock LlamaIndex query engine whose LLM reads only the question
+   and the prompt template: the retrieved chunks' states are composed with PICASO instead.
+3. Answers them again the ordinary way (the chunks' tokens concatenated into the prompt, same
+   model) and prints answers, sources, tokens read and time for both.
 
-Without --model it uses a tiny *randomly initialised* Mamba-2 and a tokenizer trained on the
-corpus in a second: the answers are then meaningless text, but every step (encoding,
-composition, reading, generation, timing) is the real one.
+The model is models/picaso-mini when the repository ships it (or --model DIR). Until then it is a
+tiny randomly initialised Mamba-2: its answers are noise, but every other step is the real one.
+Run it twice: the second run reuses ./picaso_db (no ingestion, no encoding).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, Tokenizer, init_weights
+from rag_demo import load_embed_model, load_engine, open_index, open_state_store  # noqa: E402
 
-CORPUS = Path(__file__).parent / "data" / "corpus.md"
+from llama_index.llms.picaso import PicasoLLM, PicasoNodePostprocessor  # noqa: E402
+
 QUESTIONS = [
     "When was the Eiffel Tower completed?",
     "Where in plants does photosynthesis take place?",
     "Who deciphered Egyptian hieroglyphs?",
 ]
-PROMPT = "Question: {question}\nAnswer:"
 
 
-def random_engine(paragraphs: list[str]) -> PicasoEngine:
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
-    hf_tok = HFTokenizer(models.BPE())
-    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf_tok.decoder = decoders.ByteLevel()
-    hf_tok.train_from_iterator(paragraphs, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"],
-                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    cfg = Mamba2Config(d_model=256, n_layer=4, vocab_size=1024, d_state=64, headdim=32, chunk_size=64)
-    return PicasoEngine(init_weights(Mamba2LM(cfg), seed=0), Tokenizer(hf_tok))
-
-
-def retrieve(question: str, paragraphs: list[str], k: int) -> list[int]:
-    """Word-overlap retrieval: enough for a self-contained demo (the LlamaIndex integration uses embeddings)."""
-    words = lambda s: set(re.findall(r"[a-z]+", s.lower())) - {"the", "a", "in", "of", "is", "was", "when", "where", "who", "does", "take", "place"}
-    q = words(question)
-    return sorted(range(len(paragraphs)), key=lambda i: -len(q & words(paragraphs[i])))[:k]
-
-
-def median_seconds(fn, repeats: int = 3) -> tuple[float, object]:
-    times, result = [], None
+def timed_query(engine, question: str, repeats: int):
+    """Median wall time of ``repeats`` identical queries (greedy: identical answers)."""
+    times, response = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        result = fn()
+        response = engine.query(question)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    return statistics.median(times), response
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Mamba-2 checkpoint directory or hub id (default: tiny random model)")
-    parser.add_argument("--k", type=int, default=3, help="paragraphs retrieved per question")
+    parser.add_argument("--model", help="Mamba-2 checkpoint directory or hub id; 'random' for the tiny random model "
+                                        "(default: models/picaso-mini if present, else random)")
+    parser.add_argument("--db", default="picaso_db", help="directory for Chroma and the state store (default ./picaso_db)")
+    parser.add_argument("--k", type=int, default=3, help="chunks retrieved per question")
     parser.add_argument("--method", default="picaso-s", choices=["picaso-s", "picaso-r", "caso", "soup"])
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    paragraphs = [p.strip() for p in CORPUS.read_text().split("\n\n") if p.strip()]
-    if args.model:
-        engine = PicasoEngine.from_pretrained(args.model)
-        print(f"model: {args.model}")
-    else:
-        engine = random_engine(paragraphs)
-        print("model: tiny RANDOMLY INITIALISED Mamba-2 (4 layers, d_model 256): answers are noise, timings and mechanics are real")
+    parser.add_argument("--repeats", type=int, default=3, help="queries timed per answer (median)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    states = engine.encode(paragraphs)  # once, offline: this is what a state store keeps
-    print(f"encoded {len(paragraphs)} paragraphs ({sum(s.n_tokens for s in states)} tokens) into states "
-          f"of {states[0].nbytes / 1024:.0f} KiB each in {time.perf_counter() - start:.2f} s\n")
+    engine, description = load_engine(args.model, device=args.device)
+    print(description)
+    embed_model = load_embed_model()
+    llm = PicasoLLM(engine=engine, state_store=open_state_store(args.db), max_new_tokens=args.max_new_tokens, stop=["\n"])
+    index, created = open_index(args.db, llm, embed_model)
+    store = llm.state_store
+    print(f"{'ingested' if created else 'reusing'} {Path(args.db) / 'chroma'} (Chroma) and {store.directory} "
+          f"({sum(1 for _ in store.node_ids(engine.fingerprint))} states of this model) "
+          f"in {time.perf_counter() - start:.1f} s\n")
 
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, stop=["\n"])
+    picaso = index.as_query_engine(llm=llm, similarity_top_k=args.k,
+                                   node_postprocessors=[PicasoNodePostprocessor(llm, method=args.method)])
+    concat = index.as_query_engine(llm=llm, similarity_top_k=args.k,
+                                   node_postprocessors=[PicasoNodePostprocessor(llm, method="concat")])
+    totals = {"picaso_tokens": 0, "concat_tokens": 0, "picaso_s": 0.0, "concat_s": 0.0}
     for question in QUESTIONS:
-        hits = retrieve(question, paragraphs, args.k)
-        prompt = engine.tokenize(" " + PROMPT.format(question=question))
-
-        def picaso():
-            context = engine.compose([states[i] for i in hits], method=args.method)
-            return engine.generate(prompt, state=context, **gen_kwargs)
-
-        def concatenation():
-            doc_ids = [t for i in hits for t in engine.tokenize(paragraphs[i] + "\n\n")]
-            return engine.generate(doc_ids + prompt, **gen_kwargs)
-
-        t_picaso, answer = median_seconds(picaso)
-        t_concat, concat_answer = median_seconds(concatenation)
+        t_picaso, answer = timed_query(picaso, question, args.repeats)
+        t_concat, baseline = timed_query(concat, question, args.repeats)
+        stats, base_stats = answer.metadata["picaso"], baseline.metadata["picaso"]
         print(f"Q: {question}")
-        print(f"A ({args.method}): {answer.text.strip()!r}")
-        print(f"A (concatenation): {concat_answer.text.strip()!r}")
+        print(f"A ({args.method}):     {str(answer).strip()!r}")
+        print(f"A (concatenation): {str(baseline).strip()!r}")
         print("sources:")
-        for i in hits:
-            print(f"  [{i}] {paragraphs[i][:72]}...")
-        print(f"tokens read at query time: {args.method} {answer.n_prompt_tokens}, concatenation {concat_answer.n_prompt_tokens}")
-        print(f"answer time (median of 3, CPU): {args.method} {t_picaso * 1000:.0f} ms, concatenation {t_concat * 1000:.0f} ms\n")
+        for scored in answer.source_nodes:
+            print(f"  {scored.score:.3f}  {scored.node.get_content().strip()[:72]}...")
+        print(f"tokens read at query time: {args.method} {stats['tokens_read']} (+ {stats['document_tokens']} document "
+              f"tokens from {stats['k']} composed states), concatenation {base_stats['tokens_read']}")
+        print(f"answer time (median of {args.repeats}, {args.device}): {args.method} {t_picaso * 1000:.0f} ms, "
+              f"concatenation {t_concat * 1000:.0f} ms\n")
+        totals["picaso_tokens"] += stats["tokens_read"]
+        totals["concat_tokens"] += base_stats["tokens_read"]
+        totals["picaso_s"] += t_picaso
+        totals["concat_s"] += t_concat
+    print(f"total over {len(QUESTIONS)} questions: tokens read {totals['picaso_tokens']} ({args.method}) vs "
+          f"{totals['concat_tokens']} (concatenation); time {totals['picaso_s'] * 1000:.0f} ms vs "
+          f"{totals['concat_s'] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

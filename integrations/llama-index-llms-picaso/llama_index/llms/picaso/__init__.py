@@ -1,0 +1,48 @@
+"""LlamaIndex integration of picaso-rag: answers read from composed Mamba-2 document states (PICASO).
+
+Usage::
+
+    from llama_index.llms.picaso import PicasoLLM, PicasoNodePostprocessor, PicasoStateEncoder
+    from picaso_rag import StateStore
+
+    llm = PicasoLLM(model="./models/picaso-mini", state_store=StateStore("./picaso_db/states"))
+    index = VectorStoreIndex.from_documents(docs, storage_context=ctx, embed_model=embed,
+                                            transformations=[SentenceSplitter(), PicasoStateEncoder(llm)])
+    engine = index.as_query_engine(llm=llm, similarity_top_k=5,
+                                   node_postprocessors=[PicasoNodePostprocessor(llm, method="picaso-s")])
+    response = engine.query("...")
+    response.metadata["picaso"]          # method, k, tokens read at query time, states loaded/encoded, ...
+"""
+
+from .base import COMPOSE_METHODS, CONCAT, PicasoLLM
+from .handoff import DocumentRef
+from .ingestion import (
+    CHROMA_MAX_BATCH,
+    METADATA_KEY,
+    PicasoStateEncoder,
+    add_nodes,
+    delete_nodes,
+    delete_ref_doc,
+    ingest,
+    prune_states,
+)
+from .metadata import METADATA_KEY as RESPONSE_METADATA_KEY
+from .postprocessor import PicasoNodePostprocessor, node_llm_text
+
+__all__ = [
+    "CHROMA_MAX_BATCH",
+    "COMPOSE_METHODS",
+    "CONCAT",
+    "DocumentRef",
+    "METADATA_KEY",
+    "PicasoLLM",
+    "PicasoNodePostprocessor",
+    "PicasoStateEncoder",
+    "RESPONSE_METADATA_KEY",
+    "add_nodes",
+    "delete_nodes",
+    "delete_ref_doc",
+    "ingest",
+    "node_llm_text",
+    "prune_states",
+]

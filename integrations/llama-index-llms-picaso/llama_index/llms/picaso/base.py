@@ -1,0 +1,343 @@
+"""PicasoLLM: a LlamaIndex CustomLLM that reads the query from the composed states of the documents.
+
+Usage::
+
+    llm = PicasoLLM(model="./models/picaso-mini", state_store=StateStore("./picaso_db/states"))
+    composer = PicasoNodePostprocessor(llm=llm, method="picaso-s")
+    engine = index.as_query_engine(llm=llm, node_postprocessors=[composer])
+
+Given a prompt, the LLM finds the texts of the documents its postprocessor registered (see
+``handoff.py``), replaces each block of documents by the composition of their stored states, and
+reads only the text around them (the template and the query) before generating. Without a
+postprocessor, or for prompts that hold no document, it is a plain Mamba-2 completion model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import torch
+from llama_index.core.base.llms.generic_utils import (
+    completion_response_to_chat_response,
+    stream_completion_response_to_chat_response,
+)
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from picaso_rag import METHODS, PicasoEngine, PicasoError, State, StateStore, StoreStatus
+
+from .handoff import DocumentRef, Handoff, PromptPlan, StateCache
+from .metadata import install as _install_metadata
+from .metadata import record_call
+
+logger = logging.getLogger("llama_index.llms.picaso")
+
+CONCAT = "concat"
+COMPOSE_METHODS: tuple[str, ...] = METHODS + (CONCAT,)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+
+
+@dataclass
+class StateResolution:
+    """States for a list of documents, and where they came from (for the response metadata)."""
+
+    states: list[State]
+    stats: dict = field(default_factory=dict)
+
+
+class PicasoLLM(CustomLLM):
+    """Mamba-2 LLM over composed document states (PICASO). See the module docstring.
+
+    Pass ``model`` (checkpoint directory or hub id) or an existing ``engine`` (a
+    :class:`picaso_rag.PicasoEngine`, e.g. shared between several LLMs). ``state_store``: where
+    document states are kept (optional: without it states are encoded when first retrieved and
+    kept in memory only).
+    """
+
+    model: str | None = Field(default=None, description="Mamba-2 checkpoint directory or hub id.")
+    device: str = Field(default="cpu", description="Torch device, e.g. 'cuda'.")
+    dtype: str | None = Field(default=None, description="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA).")
+    max_new_tokens: int = Field(default=128, gt=0, description="Tokens generated at most per call.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, description="Strings that end the generated text (excluded).")
+    seed: int | None = Field(default=None, description="Seed for sampling (temperature > 0).")
+    context_window: int = Field(
+        default=131072, gt=0,
+        description="Text LlamaIndex may put in one prompt. Composed documents cost no context, so it is large: "
+                    "compact mode then keeps every node whole, and whole nodes are what states exist for.")
+    encode_batch_size: int = Field(default=16, gt=0, description="Documents per batch when encoding states.")
+    state_cache_bytes: int = Field(default=1 << 30, ge=0, description="Memory for recently used document states.")
+
+    _engine: PicasoEngine = PrivateAttr()
+    _store: StateStore | None = PrivateAttr(default=None)
+    _handoff: Handoff = PrivateAttr()
+    _cache: StateCache = PrivateAttr()
+    _prefixes: "OrderedDict[str, State]" = PrivateAttr()
+    _prefix_lock: Lock = PrivateAttr()
+
+    def __init__(self, model: str | None = None, *, engine: PicasoEngine | None = None,
+                 state_store: StateStore | str | None = None, **kwargs: Any) -> None:
+        super().__init__(model=str(model) if model is not None else None, **kwargs)
+        if engine is None:
+            if model is None:
+                raise PicasoError("PicasoLLM needs a model: pass model='<checkpoint dir or hub id>' or engine=PicasoEngine(...).")
+            if self.dtype is not None and self.dtype not in _DTYPES:
+                raise PicasoError(f"unknown dtype {self.dtype!r}; use one of {', '.join(_DTYPES)}.")
+            engine = PicasoEngine.from_pretrained(model, device=self.device, dtype=_DTYPES.get(self.dtype or ""))
+        elif not isinstance(engine, PicasoEngine):
+            raise PicasoError(f"engine must be a picaso_rag.PicasoEngine, got {type(engine).__name__}.")
+        self._engine = engine
+        self._store = StateStore(state_store) if isinstance(state_store, str) else state_store
+        self._handoff = Handoff()
+        self._cache = StateCache(self.state_cache_bytes)
+        self._prefixes = OrderedDict()
+        self._prefix_lock = Lock()
+        _install_metadata()
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "PicasoLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           model_name=self.model or "picaso-mamba2", is_chat_model=False)
+
+    @property
+    def engine(self) -> PicasoEngine:
+        return self._engine
+
+    @property
+    def state_store(self) -> StateStore | None:
+        return self._store
+
+    @property
+    def handoff(self) -> Handoff:
+        return self._handoff
+
+    # ------------------------------------------------------------------------- document states
+    def resolve_states(self, docs: Sequence[DocumentRef]) -> StateResolution:
+        """States of ``docs``, from memory, else the store, else encoded now (and stored).
+
+        A stored state that is another model's, corrupt or stale is re-encoded from the text and
+        logged (corrupt: a warning). Used by the postprocessor, and by the LLM if a state was
+        evicted from memory between retrieval and generation.
+        """
+        start = time.perf_counter()
+        states: list[State | None] = [None] * len(docs)
+        reasons: Counter[str] = Counter()
+        cached = loaded = 0
+        to_encode: dict[str, list[int]] = {}
+        for i, doc in enumerate(docs):
+            state = self._cache.get(doc.digest)
+            if state is not None:
+                states[i], cached = state, cached + 1
+                continue
+            if self._store is not None and doc.node_id:
+                found = self._store.get(doc.node_id, self._engine.fingerprint, text=doc.text)
+                if found.ok:
+                    state = found.state.to(self._engine.device, dtype=self._engine.model.dtype)
+                    self._cache.put(doc.digest, state)
+                    states[i], loaded = state, loaded + 1
+                    continue
+                reasons[found.status.value] += 1
+                log = logger.warning if found.status is StoreStatus.CORRUPT else logger.info
+                log("state of node %s is %s (%s): re-encoding it from the node text", doc.node_id, found.status.value, found.detail)
+            else:
+                reasons["not stored" if self._store is None else "no node id"] += 1
+            to_encode.setdefault(doc.digest, []).append(i)
+        load_ms = (time.perf_counter() - start) * 1000
+        encode_start = time.perf_counter()
+        if to_encode:
+            first = {digest: docs[indices[0]] for digest, indices in to_encode.items()}
+            fresh = self._engine.encode([d.text for d in first.values()], batch_size=self.encode_batch_size)
+            for (digest, doc), state in zip(first.items(), fresh):
+                self._cache.put(digest, state)
+                if self._store is not None and doc.node_id:
+                    self._store.put(doc.node_id, state, text=doc.text)
+                for i in to_encode[digest]:
+                    states[i] = state
+        stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
+                 "encode_reasons": dict(reasons), "load_ms": round(load_ms, 3),
+                 "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
+        return StateResolution(states, stats)  # type: ignore[arg-type]
+
+    def _prefix_state(self, text: str) -> tuple[State, bool]:
+        """State of the template text before the documents; cached, since templates repeat."""
+        with self._prefix_lock:
+            state = self._prefixes.get(text)
+            if state is not None:
+                self._prefixes.move_to_end(text)
+                return state, True
+        state = self._engine.encode([text])[0]
+        with self._prefix_lock:
+            self._prefixes[text] = state
+            while len(self._prefixes) > 64:
+                self._prefixes.popitem(last=False)
+        return state, False
+
+    # --------------------------------------------------------------------------------- running
+    def _sampling(self, kwargs: dict) -> dict:
+        params = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                  "stop": list(self.stop), "seed": self.seed}
+        params.update({k: v for k, v in kwargs.items() if k in _SAMPLING_KEYS and v is not None})
+        return params
+
+    def _start(self, prompt: str, formatted: bool, kwargs: dict) -> "_Run":
+        """Plan the prompt, compose the documents' states and prepare generation (done eagerly,
+        so that streaming responses already carry their figures)."""
+        if not isinstance(prompt, str) or not prompt:
+            raise PicasoError("PicasoLLM got an empty prompt; pass the text to complete.")
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        started = time.perf_counter()
+        plan = self._handoff.plan(prompt)
+        ticket = plan.ticket
+        method = ticket.method if ticket is not None else "none"
+        engine = self._engine
+        stats: dict[str, Any] = {
+            "method": method, "k": 0, "documents": [], "document_tokens": 0, "tokens_read": 0,
+            "texts_read": [], "prefix_tokens_cached": 0, "compose_ms": 0.0,
+            "ticket": ticket.id if ticket is not None else None,
+            "retrieval": dict(ticket.stats) if ticket is not None else {},
+            "late_states": {"loaded": 0, "encoded": 0}, "ambiguous_method": plan.ambiguous,
+        }
+        state: State | None = None
+        if ticket is None or method == CONCAT:
+            tail = prompt  # the ordinary way: every token of the prompt is read
+            if method == CONCAT:
+                stats["k"] = len(plan.documents)
+                stats["documents"] = [d.key for d in plan.documents]
+        else:
+            segments = plan.segments
+            for segment in segments[:-1]:
+                if segment.is_text:
+                    text = plan.text(segment)
+                    if state is None and text.strip():
+                        state, hit = self._prefix_state(text)
+                        stats["prefix_tokens_cached" if hit else "tokens_read"] += state.n_tokens
+                    else:
+                        _, state = engine.read(text, state)
+                        stats["tokens_read"] += len(engine.tokenize(text))
+                    stats["texts_read"].append(text)
+                else:
+                    resolved = self.resolve_states(segment.documents)
+                    stats["late_states"]["loaded"] += resolved.stats["states_loaded"]
+                    stats["late_states"]["encoded"] += resolved.stats["states_encoded"]
+                    compose_start = time.perf_counter()
+                    state = engine.compose(resolved.states, method=method, prefix=state, conv=ticket.conv)
+                    stats["compose_ms"] += (time.perf_counter() - compose_start) * 1000
+                    stats["k"] += len(segment.documents)
+                    stats["documents"] += [d.key for d in segment.documents]
+                    stats["document_tokens"] += sum(s.n_tokens for s in resolved.states)
+            tail = plan.text(segments[-1])
+        tail_ids = engine.tokenize(tail)
+        if not tail_ids:
+            raise PicasoError("nothing to generate from: the prompt ends in text with no tokens.")
+        stats["tokens_read"] += len(tail_ids)
+        stats["texts_read"].append(tail)
+        if method == CONCAT:
+            stats["document_tokens"] = sum(len(engine.tokenize(d.text)) for d in plan.documents)
+        stats["compose_ms"] = round(stats["compose_ms"], 3)
+        stats["prepare_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        record_call(stats)
+        return _Run(engine.stream(tail_ids, state=state, **self._sampling(kwargs)), stats)
+
+    # --------------------------------------------------------------------------- LlamaIndex API
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        run = self._start(prompt, formatted, kwargs)
+        text = "".join(run)
+        return CompletionResponse(text=text, additional_kwargs={"picaso": run.stats})
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        run = self._start(prompt, formatted, kwargs)
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for piece in run:
+                text += piece
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs={"picaso": run.stats})
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        # model work off the event loop, so that concurrent aquery calls run side by side
+        def work() -> CompletionResponse:
+            run = self._start(prompt, formatted, kwargs)
+            return CompletionResponse(text="".join(run), additional_kwargs={"picaso": run.stats})
+
+        return await asyncio.to_thread(work)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        run = await asyncio.to_thread(self._start, prompt, formatted, kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            text = ""
+            async for piece in _aiter_in_thread(iter(run)):
+                text += piece
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs={"picaso": run.stats})
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(await self.acomplete(self.messages_to_prompt(messages), formatted=True, **kwargs))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        completions = await self.astream_complete(self.messages_to_prompt(messages), formatted=True, **kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            async for completion in completions:
+                for chat in stream_completion_response_to_chat_response(iter([completion])):
+                    yield chat
+
+        return gen()
+
+
+class _Run:
+    """Text pieces of one generation; fills its stats when done."""
+
+    def __init__(self, stream: Any, stats: dict):
+        self._stream, self.stats = stream, stats
+        self._started = time.perf_counter()
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._stream:
+            yield piece
+        result = self._stream.result
+        self.stats.update(new_tokens=len(result["token_ids"]), finish_reason=result["finish_reason"],
+                          generate_ms=round((time.perf_counter() - self._started) * 1000, 3))
+
+
+async def _aiter_in_thread(it: Iterator[str]) -> AsyncIterator[str]:
+    """Pull each item of a blocking iterator in a worker thread."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, it, done)
+        if item is done:
+            return
+        yield item  # type: ignore[misc]

@@ -1,0 +1,73 @@
+"""PicasoNodePostprocessor: loads (or lazily encodes) the retrieved nodes' states for PicasoLLM.
+
+Usage::
+
+    composer = PicasoNodePostprocessor(llm=llm, method="picaso-s")   # or picaso-r, caso, soup, concat
+    engine = index.as_query_engine(llm=llm, node_postprocessors=[composer], similarity_top_k=5)
+
+It returns the nodes unchanged (``response.source_nodes`` are the real retrieved nodes) and hands
+their states and the composition method to the LLM, keyed by each node's exact LLM text (see
+``handoff.py``). Put it last among the postprocessors, so that it sees the nodes the LLM will see.
+``method="concat"`` is the ordinary baseline: the same model reads the documents' tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
+from picaso_rag import CONV_POLICIES, PicasoError
+
+from .base import COMPOSE_METHODS, CONCAT, PicasoLLM
+from .handoff import DocumentRef, Ticket
+
+
+def node_llm_text(node: Any) -> str:
+    """The text the LLM sees for a node (its LLM metadata string and content), stripped.
+
+    Stripped because ``compact`` mode strips each chunk before packing; the whitespace around a
+    document is template text and is read as such.
+    """
+    return node.get_content(metadata_mode=MetadataMode.LLM).strip()
+
+
+class PicasoNodePostprocessor(BaseNodePostprocessor):
+    """Hands the retrieved nodes' states to a :class:`PicasoLLM` (see the module docstring)."""
+
+    method: str = Field(default="picaso-s", description="picaso-s, picaso-r, caso, soup or concat.")
+    conv: str = Field(default="mean", description="conv state after composition: mean or zero (last: caso only).")
+
+    _llm: PicasoLLM = PrivateAttr()
+
+    def __init__(self, llm: PicasoLLM, method: str = "picaso-s", conv: str = "mean", **kwargs: Any) -> None:
+        if not isinstance(llm, PicasoLLM):
+            raise PicasoError(f"PicasoNodePostprocessor needs the PicasoLLM that will answer, got {type(llm).__name__}.")
+        if method not in COMPOSE_METHODS:
+            raise PicasoError(f"unknown method {method!r}; choose one of {', '.join(COMPOSE_METHODS)}.")
+        if conv not in CONV_POLICIES or (conv == "last" and method not in ("caso", CONCAT)):
+            raise PicasoError(f"conv={conv!r} does not fit method {method!r}; use 'mean' (default) or 'zero'.")
+        super().__init__(method=method, conv=conv, **kwargs)
+        self._llm = llm
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "PicasoNodePostprocessor"
+
+    @property
+    def llm(self) -> PicasoLLM:
+        return self._llm
+
+    def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
+        docs = []
+        for scored in nodes:
+            text = node_llm_text(scored.node)
+            if text:
+                docs.append(DocumentRef.of(text, scored.node.node_id))
+        stats: dict = {}
+        if self.method != CONCAT and docs:
+            stats = self._llm.resolve_states(docs).stats  # loads or encodes now, keeps them in memory
+        self._llm.handoff.register(Ticket(self.method, self.conv, docs, stats))
+        return nodes
