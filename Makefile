@@ -9,9 +9,11 @@ quickstart: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-$(VENV)/.installed: pyproject.toml
+INTEGRATION := integrations/llama-index-llms-picaso
+
+$(VENV)/.installed: pyproject.toml $(INTEGRATION)/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" -e $(INTEGRATION)
 	touch $@
