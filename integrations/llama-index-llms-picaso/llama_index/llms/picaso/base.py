@@ -170,12 +170,12 @@ class PicasoLLM(CustomLLM):
         if to_encode:
             first = {digest: docs[indices[0]] for digest, indices in to_encode.items()}
             fresh = self._engine.encode([d.text for d in first.values()], batch_size=self.encode_batch_size)
-            for (digest, doc), state in zip(first.items(), fresh):
+            for digest, state in zip(first, fresh):
                 self._cache.put(digest, state)
-                if self._store is not None and doc.node_id:
-                    self._store.put(doc.node_id, state, text=doc.text)
-                for i in to_encode[digest]:
+                for i in to_encode[digest]:  # equal texts share one encoding, each node keeps its record
                     states[i] = state
+                    if self._store is not None and docs[i].node_id:
+                        self._store.put(docs[i].node_id, state, text=docs[i].text)
         stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
                  "encode_reasons": dict(reasons), "load_ms": round(load_ms, 3),
                  "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
