@@ -74,15 +74,25 @@ def test_longer_document_wins_over_a_text_it_contains():
 
 
 def test_ticket_choice_and_ambiguity():
-    old = Ticket("picaso-s", "mean", DOCS[:2])
-    new = Ticket("concat", "mean", DOCS)
     prompt = PREFIX + DOCS[0].text + SUFFIX
-    plan = handoff_with(old, new).plan(prompt)
-    assert plan.ticket is new and plan.ambiguous  # both cover the document, with different methods: newest, flagged
-    plan = handoff_with(old, new).plan(PREFIX + DOCS[2].text + SUFFIX)
-    assert plan.ticket is new and not plan.ambiguous
-    same = Ticket("picaso-s", "mean", DOCS[:1])
-    assert not handoff_with(old, same).plan(prompt).ambiguous
+    # sequential use: each retrieval is answered by the call after it, whatever was used before
+    handoff = Handoff()
+    for method in ["picaso-s", "concat", "picaso-r"]:
+        handoff.register(Ticket(method, "mean", DOCS))
+        plan = handoff.plan(prompt)
+        assert plan.ticket.method == method and not plan.ambiguous
+    assert handoff.plan(prompt).ticket.method == "picaso-r"  # refine's next call: the same ticket again
+    # two retrievals of the same documents with different methods, neither answered yet: flagged
+    old, new = Ticket("picaso-s", "mean", DOCS[:2]), Ticket("concat", "mean", DOCS)
+    handoff = handoff_with(old, new)
+    first = handoff.plan(prompt)
+    assert first.ticket is new and first.ambiguous
+    second = handoff.plan(prompt)
+    assert second.ticket is old and not second.ambiguous
+    # only tickets holding every document found count
+    handoff = handoff_with(Ticket("picaso-s", "mean", DOCS[:1]), Ticket("soup", "mean", DOCS[1:]))
+    plan = handoff.plan(PREFIX + DOCS[2].text + SUFFIX)
+    assert plan.ticket.method == "soup" and not plan.ambiguous
 
 
 def test_handoff_keeps_the_most_recent_tickets():

@@ -56,6 +56,7 @@ class Ticket:
     stats: dict = field(default_factory=dict)  # states loaded / encoded at retrieval time
     id: int = field(default_factory=lambda: next(_ticket_ids))
     created: float = field(default_factory=time.time)
+    used: bool = False  # an LLM call composed with it (refine makes several calls per ticket)
 
     @property
     def digests(self) -> frozenset[str]:
@@ -125,7 +126,9 @@ class Handoff:
         found = {d.digest for s in segments for d in s.documents}
         if not found:
             return PromptPlan(prompt, [Segment(0, len(prompt))], None)
-        ticket, ambiguous = _choose_ticket(tickets, found)
+        with self._lock:
+            ticket, ambiguous = _choose_ticket(tickets, found)
+            ticket.used = True
         return PromptPlan(prompt, segments, ticket, ambiguous)
 
 
@@ -210,19 +213,24 @@ def _segments(prompt: str, hits: list[tuple[int, int, DocumentRef]]) -> list[Seg
     return segments
 
 
-def _choose_ticket(tickets: list[Ticket], found: set[str]) -> tuple[Ticket | None, bool]:
-    best, best_cover = None, -1
+def _choose_ticket(tickets: list[Ticket], found: set[str]) -> tuple[Ticket, bool]:
+    """The newest ticket holding every document found, preferring one no call has used yet (each
+    retrieval is answered by the call that follows it). Ambiguous: several unused tickets hold the
+    documents with different methods (two queries with different methods on the same documents
+    at the same moment); the newest is taken."""
     covering: list[Ticket] = []
+    best, best_cover = tickets[-1], -1
     for ticket in reversed(tickets):  # newest first
         cover = len(found & ticket.digests)
         if cover == len(found):
             covering.append(ticket)
         if cover > best_cover:
             best, best_cover = ticket, cover
-    if covering:
-        ambiguous = len({(t.method, t.conv) for t in covering}) > 1
-        return covering[0], ambiguous
-    return best, False
+    if not covering:
+        return best, False
+    unused = [t for t in covering if not t.used]
+    ambiguous = len({(t.method, t.conv) for t in unused}) > 1
+    return (unused or covering)[0], ambiguous
 
 
 class StateCache:

@@ -3,9 +3,12 @@
 The stock synthesizers build the Response themselves and drop whatever the LLM returns beyond
 text, so the figures travel through LlamaIndex's instrumentation instead: a span handler opens a
 collector (a context variable) when a synthesizer, query engine or chat engine starts, the LLM
-adds one record per call to the innermost open collector, and when the span ends the summary is
-written into the returned object's ``metadata``. Context variables follow both the sync path
-(same thread) and the async path (same task; ``asyncio.to_thread`` copies them into the worker).
+adds one record per call to the innermost open collector (each collector passes it up to the
+enclosing one), and the summary is written into the span's returned object's ``metadata``.
+Context variables follow the sync path (same thread) and the async path (same task;
+``asyncio.to_thread`` copies them into the worker). A streaming response gets its figures as its
+stream is consumed: compact and refine call the LLM only then, after the span has ended, so the
+response's token generator is wrapped to report to the span's collector.
 
 Usage::
 
