@@ -48,17 +48,14 @@ def wikitext_articles(path: Path = WIKITEXT) -> list[str]:
     return [p.strip("\n") for p in parts if p.strip()]
 
 
-def make_segments(engine: PicasoEngine, segment_len: int, max_passages: int | None) -> torch.Tensor:
+def make_segments(engine: PicasoEngine, segment_len: int) -> torch.Tensor:
     """[2 * n_passages, segment_len]: rows 2i and 2i+1 are passage i's halves."""
     rows = []
     for article in wikitext_articles():
         ids = engine.tokenize(article)
         for start in range(0, len(ids) - 2 * segment_len + 1, 2 * segment_len):
             rows.append(ids[start:start + 2 * segment_len])
-    passages = torch.tensor(rows)
-    if max_passages:
-        passages = passages[:max_passages]
-    return passages.reshape(-1, segment_len)
+    return torch.tensor(rows).reshape(-1, segment_len)
 
 
 def retrieve(engine: PicasoEngine, segments: torch.Tensor, max_k: int, cache: Path | None) -> torch.Tensor:
@@ -88,10 +85,12 @@ def retrieve(engine: PicasoEngine, segments: torch.Tensor, max_k: int, cache: Pa
 
 @torch.inference_mode()
 def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tensor, ks: list[int],
-             methods: list[str], batch_size: int, seed: int = 0) -> dict:
+             methods: list[str], batch_size: int, max_passages: int | None = None, seed: int = 0) -> dict:
+    """NLL per (k, method). The database is every segment; the first ``max_passages`` targets are scored."""
     device = engine.device
     sep = engine.tokenize(SEPARATOR)
-    targets = segments[1::2]
+    targets = segments[1::2][:max_passages]
+    retrieved = retrieved[:max_passages]
     n, S = targets.shape
     needed = sorted({int(i) for i in retrieved[:, :max(ks)].flatten()}) if max(ks) else []
     states = dict(zip(needed, engine.encode([segments[i].tolist() + sep for i in needed], batch_size=batch_size)))
@@ -142,6 +141,20 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
             }
             print(f"k={k:2d} {method:16s} nll {statistics.mean(per_order):.4f}")
     return results
+
+
+@torch.inference_mode()
+def wikitext_perplexity(engine: PicasoEngine, window: int = 1024, batch_size: int = 16) -> dict:
+    """Plain LM perplexity of WikiText-2 test: the whole text, non-overlapping windows (token-level, this tokenizer)."""
+    ids = torch.tensor(engine.tokenize(WIKITEXT.read_text(encoding="utf-8")))
+    rows = ids[: len(ids) // window * window].view(-1, window)
+    total, count = 0.0, 0
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size].to(engine.device)
+        logits = engine.model(batch[:, :-1]).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return {"nll": total / count, "perplexity": math.exp(total / count), "tokens": count, "window": window}
 
 
 def _perm(perm: torch.Tensor, k: int) -> torch.Tensor:
@@ -199,22 +212,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-passages", type=int, default=None, help="evaluate the first N passages only")
     parser.add_argument("--retrieval-cache", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-perplexity", action="store_true", help="skip the plain LM perplexity of the whole test set")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes .json, .md and .png")
     args = parser.parse_args(argv)
 
     engine = PicasoEngine.from_pretrained(args.model, device=args.device)
-    segments = make_segments(engine, args.segment_len, args.max_passages)
+    segments = make_segments(engine, args.segment_len)
     retrieved = retrieve(engine, segments, max(max(args.k), 1), args.retrieval_cache)
     start = time.perf_counter()
-    results = evaluate(engine, segments, retrieved, sorted(args.k), args.methods, args.batch_size)
+    results = evaluate(engine, segments, retrieved, sorted(args.k), args.methods, args.batch_size, args.max_passages)
+    perplexity = None if args.no_perplexity else wikitext_perplexity(engine)
+    if perplexity:
+        print(f"WikiText-2 test perplexity: {perplexity['perplexity']:.2f}")
     report = {
         "protocol": "wikitext-2-raw-test, passages of 2 x segment_len tokens, MiniLM retrieval, NLL of tokens 1..S-1",
         "model": str(args.model), "fingerprint": engine.fingerprint, "device": str(engine.device),
         "device_name": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
-        "segment_len": args.segment_len, "n_passages": len(segments) // 2, "eval_seconds": time.perf_counter() - start,
+        "segment_len": args.segment_len, "n_passages": min(len(segments) // 2, args.max_passages or len(segments)), "eval_seconds": time.perf_counter() - start,
         "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "results": results,
+        "results": results, "wikitext2_test_lm": perplexity,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
