@@ -13,7 +13,8 @@ from .errors import PicasoError
 
 @dataclass
 class SamplingParams:
-    """max_new_tokens; temperature 0 = greedy; top_p in (0, 1]; stop strings end the text (excluded)."""
+    """max_new_tokens; temperature 0 = greedy; top_p in (0, 1]; stop strings end the text (excluded),
+    once it has some non-whitespace text (a model often opens an answer with a newline)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -74,8 +75,10 @@ class TextStream:
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
         self.text = text
+        # leading whitespace is not the end of an answer: stop strings count only after real text
+        start = len(text) - len(text.lstrip())
         for s in self.stop:
-            pos = text.find(s)
+            pos = text.find(s, start) if start < len(text) else -1
             if pos != -1:
                 self.text, self.stopped = text[:pos], True
                 return self._emit(pos)

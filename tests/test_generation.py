@@ -75,6 +75,10 @@ def test_text_stream_holds_back_partial_stop_and_utf8():
     assert stream.push(2) == "lo "
     assert stream.push(3) == ""  # "EN" may start "END": held back
     assert stream.push(4) == "" and stream.stopped and stream.text == "Hello "
+    newline_first = TextStream(lambda ids: "".join({1: "\n", 2: " Paris", 3: "\nmore"}[i] for i in ids), stop=["\n"])
+    assert newline_first.push(1) == "\n" and not newline_first.stopped  # a leading newline does not end the answer
+    assert newline_first.push(2) == " Paris"
+    assert newline_first.push(3) == "" and newline_first.stopped and newline_first.text == "\n Paris"
     utf8 = TextStream(lambda ids: "é\ufffd" if len(ids) == 1 else "éà")
     assert utf8.push(1) == "" and utf8.push(2) == "éà"
 
