@@ -17,6 +17,7 @@ Run it twice: the second run reuses ./picaso_db (no ingestion, no encoding).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3, help="queries timed per answer (median)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write questions, answers, tokens read and times to this file")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     concat = index.as_query_engine(llm=llm, similarity_top_k=args.k,
                                    node_postprocessors=[PicasoNodePostprocessor(llm, method="concat")])
     totals = {"picaso_tokens": 0, "concat_tokens": 0, "picaso_s": 0.0, "concat_s": 0.0}
+    answers = []
     for question in QUESTIONS:
         t_picaso, answer = timed_query(picaso, question, args.repeats)
         t_concat, baseline = timed_query(concat, question, args.repeats)
@@ -87,6 +90,11 @@ def main(argv: list[str] | None = None) -> None:
               f"tokens from {stats['k']} composed states), concatenation {base_stats['tokens_read']}")
         print(f"answer time (median of {args.repeats}, {args.device}): {args.method} {t_picaso * 1000:.0f} ms, "
               f"concatenation {t_concat * 1000:.0f} ms\n")
+        answers.append({"question": question, args.method: str(answer).strip(), "concatenation": str(baseline).strip(),
+                        "sources": [scored.node.get_content().strip()[:72] for scored in answer.source_nodes],
+                        "tokens_read": {args.method: stats["tokens_read"], "concatenation": base_stats["tokens_read"]},
+                        "document_tokens": stats["document_tokens"],
+                        "median_ms": {args.method: t_picaso * 1000, "concatenation": t_concat * 1000}})
         totals["picaso_tokens"] += stats["tokens_read"]
         totals["concat_tokens"] += base_stats["tokens_read"]
         totals["picaso_s"] += t_picaso
@@ -94,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total over {len(QUESTIONS)} questions: tokens read {totals['picaso_tokens']} ({args.method}) vs "
           f"{totals['concat_tokens']} (concatenation); time {totals['picaso_s'] * 1000:.0f} ms vs "
           f"{totals['concat_s'] * 1000:.0f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "python examples/quickstart.py " + " ".join(argv or sys.argv[1:]),
+                                               "model": str(args.model or "default"), "method": args.method, "k": args.k,
+                                               "device": args.device, "answers": answers, "totals": totals}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time a LlamaIndex query answered with PICASO against concatenation, same model, same pipeline.
 
-    python integrations/llama-index-llms-picaso/benchmarks/query_time.py [--d-model 768 --layers 24] [--k 5]
+    python benchmarks/llamaindex_query_time.py [--d-model 768 --layers 24] [--k 5]
 
 A randomly initialised Mamba-2 of the given shape (default: mamba2-130m's) with the GPT-NeoX
 tokenizer from ../shared/data, documents of about 350 tokens built from examples/data/corpus.md,
@@ -31,7 +31,7 @@ from llama_index.vector_stores.chroma import ChromaVectorStore  # noqa: E402
 
 from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, StateStore, Tokenizer, init_weights  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "data" / "gpt-neox-20b-tokenizer.json"
 QUESTIONS = ["When was the Eiffel Tower completed?", "Who deciphered Egyptian hieroglyphs?",
              "How do honey bees tell each other where flowers are?"]
