@@ -1,0 +1,64 @@
+"""The evaluation harness (benchmarks/quality.py) on a tiny model and tiny data."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import make_engine
+
+spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    engine = make_engine(tokenizer, seed=5)
+    g = torch.Generator().manual_seed(0)
+    segments = torch.randint(0, 50000, (2 * 6, 10), generator=g)  # 6 passages of 2 x 10 tokens
+    retrieved = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(6)])
+    return engine, segments, retrieved
+
+
+def test_every_method_runs_and_the_identities_hold(setup):
+    engine, segments, retrieved = setup
+    results = quality.evaluate(engine, segments, retrieved, [0, 1, 3], list(quality.METHODS), batch_size=4)
+    assert set(results["0"]) == {"none"}  # k = 0 is no context, whatever the method
+    assert set(results["3"]) == set(quality.METHODS) - {"none"}
+    one = results["1"]  # one document: every method is exact
+    for method in ("concat", "caso", "picaso-s", "picaso-r", "soup"):
+        assert one[method]["nll"] == pytest.approx(one["concat"]["nll"], abs=1e-5), method
+    assert results["3"]["concat-shuffled"]["nll_std_over_orders"] is not None
+    table = quality.markdown_table(results, list(quality.METHODS))
+    assert table.count("\n") == 4
+
+
+def test_k0_equals_plain_reading(setup):
+    engine, segments, retrieved = setup
+    results = quality.evaluate(engine, segments, retrieved, [0], ["none"], batch_size=4)
+    targets = segments[1::2]
+    logits = engine.model(targets[:, :-1]).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten()).item()
+    assert results["0"]["none"]["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_picaso_scores_do_not_change_with_retrieval_order(setup):
+    engine, segments, retrieved = setup
+    methods = ["picaso-s", "picaso-r", "soup", "caso"]
+    forward = quality.evaluate(engine, segments, retrieved, [3], methods, batch_size=4)["3"]
+    backward = quality.evaluate(engine, segments, retrieved.flip(1), [3], methods, batch_size=4)["3"]
+    for method in ("picaso-s", "picaso-r", "soup"):
+        assert forward[method]["nll"] == backward[method]["nll"], method
+    print(f"\nCASO forward {forward['caso']['nll']:.5f} vs reversed {backward['caso']['nll']:.5f} (order-dependent)")
+
+
+def test_wikitext_articles_and_segments(tokenizer):
+    articles = quality.wikitext_articles()
+    assert len(articles) > 50 and articles[0].lstrip().startswith("= ")
+    engine = make_engine(tokenizer)
+    segments = quality.make_segments(engine, 64)
+    assert segments.shape[1] == 64 and segments.shape[0] % 2 == 0 and segments.shape[0] > 1000
