@@ -99,6 +99,16 @@ def correctness(tokenizer: Tokenizer) -> dict:
     return results
 
 
+def _mamba_ssm_cfg() -> dict:
+    """mamba_ssm's fused path needs causal-conv1d; without it, its unfused path (torch conv1d)."""
+    try:
+        import causal_conv1d  # noqa: F401
+
+        return {"layer": "Mamba2"}
+    except ImportError:
+        return {"layer": "Mamba2", "use_mem_eff_path": False}
+
+
 def against_mamba_ssm(tokenizer: Tokenizer) -> dict:
     """Our model vs mamba_ssm's MambaLMHeadModel loaded with the same weights (bf16, fused kernels)."""
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -106,7 +116,7 @@ def against_mamba_ssm(tokenizer: Tokenizer) -> dict:
 
     cfg = Mamba2Config(d_model=768, n_layer=4, vocab_size=50288, d_state=128, headdim=64, chunk_size=256)
     ours = init_weights(Mamba2LM(cfg), seed=1).to("cuda", torch.bfloat16).eval()
-    theirs = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=4, vocab_size=50288, ssm_cfg={"layer": "Mamba2"},
+    theirs = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=4, vocab_size=50288, ssm_cfg=_mamba_ssm_cfg(),
                                           rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                                           pad_vocab_size_multiple=16, tie_embeddings=True),
                               device="cuda", dtype=torch.bfloat16).eval()
@@ -116,7 +126,8 @@ def against_mamba_ssm(tokenizer: Tokenizer) -> dict:
         want = theirs(ids).logits
         set_kernel_backend("triton")
         got = ours(ids).logits
-    return {"logits_rel_err_bf16": rel(got, want), "missing_keys": list(missing), "unexpected_keys": list(unexpected)}
+    return {"logits_rel_err_bf16": rel(got, want), "missing_keys": list(missing), "unexpected_keys": list(unexpected),
+            "mamba_ssm_ssm_cfg": _mamba_ssm_cfg()}
 
 
 def timed(fn, repeats: int = 5) -> float:
@@ -142,7 +153,7 @@ def throughput(tokenizer: Tokenizer) -> dict:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-        plain = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=50288, ssm_cfg={"layer": "Mamba2"},
+        plain = MambaLMHeadModel(MambaConfig(d_model=768, n_layer=24, vocab_size=50288, ssm_cfg=_mamba_ssm_cfg(),
                                              rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                                              pad_vocab_size_multiple=16, tie_embeddings=True),
                                  device="cuda", dtype=torch.bfloat16).eval()
@@ -160,6 +171,7 @@ def throughput(tokenizer: Tokenizer) -> dict:
             row["mamba_ssm_prefill_tokens_per_s"] = batch * 512 / t_plain
             row["encode_vs_plain_prefill"] = row["encode_tokens_per_s"] / row["mamba_ssm_prefill_tokens_per_s"]
         out[f"B{batch}_L512"] = row
+    out["mamba_ssm_ssm_cfg"] = _mamba_ssm_cfg()
     return out
 
 

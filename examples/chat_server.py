@@ -33,6 +33,7 @@ from rag_demo import load_embed_model, load_engine, open_index, open_state_store
 
 from fastapi import FastAPI, HTTPException  # noqa: E402
 from fastapi.responses import StreamingResponse  # noqa: E402
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.llms.picaso import PicasoLLM, PicasoNodePostprocessor  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
@@ -55,6 +56,13 @@ def _figures(response: Any) -> dict:
     return meta
 
 
+def chat_prompt(messages) -> str:
+    """LlamaIndex's generic chat format without its trailing space ("assistant: "): byte-level BPE
+    attaches that space to the next word, so a trained model reads a lone space as "more spaces
+    follow" and answers with spaces only (measured with picaso-mini)."""
+    return generic_messages_to_prompt(messages).rstrip(" ")
+
+
 def create_app(model: str | None = None, db: str | Path = "picaso_db", method: str = "picaso-s", k: int = 3,
                max_new_tokens: int = 64, device: str = "cpu") -> FastAPI:
     """Build the engine, the index (ingesting the corpus on first use) and the app.
@@ -62,7 +70,8 @@ def create_app(model: str | None = None, db: str | Path = "picaso_db", method: s
     Usage: ``uvicorn.run(create_app(db="./picaso_db"))``; in tests, ``TestClient(create_app(db=tmp))``.
     """
     engine, description = load_engine(model, device=device)
-    llm = PicasoLLM(engine=engine, state_store=open_state_store(db), max_new_tokens=max_new_tokens, stop=["\n"])
+    llm = PicasoLLM(engine=engine, state_store=open_state_store(db), max_new_tokens=max_new_tokens, stop=["\n"],
+                    messages_to_prompt=chat_prompt)
     index, _ = open_index(db, llm, load_embed_model(), show_progress=False)
     composer = PicasoNodePostprocessor(llm, method=method)
     sessions: OrderedDict[str, Any] = OrderedDict()
@@ -100,8 +109,13 @@ def create_app(model: str | None = None, db: str | Path = "picaso_db", method: s
         response = await session(request.session_id).astream_chat(request.message)
 
         async def events() -> AsyncIterator[str]:
+            streamed = ""
             async for delta in response.async_response_gen():
-                yield f"data: {json.dumps({'delta': delta})}\n\n"
+                if not streamed:  # the final answer is stripped: do not stream its leading whitespace
+                    delta = delta.lstrip()
+                streamed += delta
+                if delta:
+                    yield f"data: {json.dumps({'delta': delta})}\n\n"
             done = {"answer": response.response, "sources": _sources(response), "picaso": _figures(response)}
             yield f"event: done\ndata: {json.dumps(done)}\n\n"
 

@@ -250,9 +250,6 @@ class PicasoLLM(CustomLLM):
                     stats["documents"] += [d.key for d in segment.documents]
                     stats["document_tokens"] += sum(s.n_tokens for s in resolved.states)
             tail = plan.text(segments[-1])
-        # "Assistant: " ends many templates; byte-level BPE attaches that space to the next word,
-        # so a trained model reads the lone space as "more spaces follow" and generates only spaces
-        tail = tail.rstrip(" ") or tail
         tail_ids = engine.tokenize(tail)
         if not tail_ids:
             raise PicasoError("nothing to generate from: the prompt ends in text with no tokens.")
