@@ -8,6 +8,7 @@ Usage::
     answer = engine.generate("Question: ...\\nAnswer:", state=context).text
 """
 
+from .cache import CacheStats, StateCache
 from .compose import CONV_POLICIES, METHODS, compose, log_weights
 from .config import Mamba2Config
 from .engine import Generation, PicasoEngine
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONV_POLICIES",
+    "CacheStats",
     "METHODS",
     "CheckpointError",
     "Generation",
@@ -31,6 +33,7 @@ __all__ = [
     "PicasoError",
     "SamplingParams",
     "State",
+    "StateCache",
     "StateMismatchError",
     "StateStore",
     "StoreStatus",

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import random
 
-import torch
-from llama_index.llms.picaso.handoff import DocumentRef, Handoff, StateCache, Ticket, _py_escaped
+from llama_index.llms.picaso.handoff import DocumentRef, Handoff, Ticket, _py_escaped
 from llama_index.llms.picaso.metadata import summarize
-
-from picaso_rag import State
 
 DOCS = [DocumentRef.of(t, f"n{i}") for i, t in enumerate([
     "title: Eiffel\n\nThe Eiffel Tower was completed in 1889.",
@@ -111,21 +108,6 @@ def test_python_escaping_matches_repr():
     for s in samples:
         r = repr(s)
         assert _py_escaped(s, r[0]) == r[1:-1], s
-
-
-def state() -> State:
-    return State(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 3), torch.zeros(1, 1), 1, "f" * 64)
-
-
-def test_state_cache_evicts_least_recently_used():
-    one = state().nbytes
-    cache = StateCache(max_bytes=2 * one)
-    cache.put("a", state())
-    cache.put("b", state())
-    assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", state())
-    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
-    StateCache(max_bytes=one - 1).put("too big", state())
 
 
 def test_summary_counts_each_retrieval_once():

@@ -40,9 +40,9 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from picaso_rag import METHODS, PicasoEngine, PicasoError, State, StateStore, StoreStatus
+from picaso_rag import METHODS, PicasoEngine, PicasoError, State, StateCache, StateStore, StoreStatus
 
-from .handoff import DocumentRef, Handoff, PromptPlan, StateCache
+from .handoff import DocumentRef, Handoff, PromptPlan
 from .metadata import install as _install_metadata
 from .metadata import record_call
 
@@ -85,7 +85,11 @@ class PicasoLLM(CustomLLM):
         description="Text LlamaIndex may put in one prompt. Composed documents cost no context, so it is large: "
                     "compact mode then keeps every node whole, and whole nodes are what states exist for.")
     encode_batch_size: int = Field(default=16, gt=0, description="Documents per batch when encoding states.")
-    state_cache_bytes: int = Field(default=1 << 30, ge=0, description="Memory for recently used document states.")
+    state_cache_bytes: int = Field(default=1 << 30, ge=0,
+                                   description="Memory on the engine's device for recently used document states.")
+    state_host_cache_bytes: int = Field(default=0, ge=0,
+                                        description="Host (CPU) memory for states evicted from the device tier "
+                                                    "(useful on CUDA; pinned there).")
 
     _engine: PicasoEngine = PrivateAttr()
     _store: StateStore | None = PrivateAttr(default=None)
@@ -108,7 +112,7 @@ class PicasoLLM(CustomLLM):
         self._engine = engine
         self._store = StateStore(state_store) if isinstance(state_store, str) else state_store
         self._handoff = Handoff()
-        self._cache = StateCache(self.state_cache_bytes)
+        self._cache = StateCache(self.state_cache_bytes, self.state_host_cache_bytes, device=engine.device)
         self._prefixes = OrderedDict()
         self._prefix_lock = Lock()
         _install_metadata()
@@ -129,6 +133,11 @@ class PicasoLLM(CustomLLM):
     @property
     def state_store(self) -> StateStore | None:
         return self._store
+
+    @property
+    def state_cache(self) -> StateCache:
+        """The in-memory state cache (device and host tiers); ``state_cache.stats()`` for its counters."""
+        return self._cache
 
     @property
     def handoff(self) -> Handoff:

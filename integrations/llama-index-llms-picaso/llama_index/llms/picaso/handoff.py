@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -231,41 +231,3 @@ def _choose_ticket(tickets: list[Ticket], found: set[str]) -> tuple[Ticket, bool
     unused = [t for t in covering if not t.used]
     ambiguous = len({(t.method, t.conv) for t in unused}) > 1
     return (unused or covering)[0], ambiguous
-
-
-class StateCache:
-    """Document states in memory, least recently used evicted past ``max_bytes``; thread-safe."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._states: OrderedDict[str, State] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> State | None:
-        with self._lock:
-            state = self._states.get(digest)
-            if state is not None:
-                self._states.move_to_end(digest)
-            return state
-
-    def put(self, digest: str, state: State) -> None:
-        with self._lock:
-            old = self._states.pop(digest, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            if state.nbytes > self.max_bytes:
-                return
-            self._states[digest] = state
-            self._bytes += state.nbytes
-            while self._bytes > self.max_bytes:
-                _, evicted = self._states.popitem(last=False)
-                self._bytes -= evicted.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._states.clear()
-            self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._states)
