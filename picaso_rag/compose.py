@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import PicasoError
+from .kernels import weighted_sum
 from .state import State, check_same_model
 
 Method = Literal["caso", "picaso-s", "picaso-r", "soup"]
@@ -128,7 +129,7 @@ def compose(
     if not (torch.isfinite(log_decay).all() and (log_decay <= 0).all()):
         raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
     ssm, conv_state, total_log_decay = compose_tensors(
-        torch.stack([s.ssm for s in states]), torch.stack([s.conv for s in states]), log_decay, method, conv,
+        [s.ssm for s in states], [s.conv for s in states], log_decay, method, conv,
         prefix_ssm=prefix.ssm if prefix is not None else None,
         prefix_log_decay=prefix.log_decay if prefix is not None else None,
     )
@@ -139,32 +140,35 @@ def compose(
 
 
 def compose_tensors(
-    ssm: Tensor, conv: Tensor, log_decay: Tensor, method: str = "picaso-s", conv_policy: str = "mean",
-    prefix_ssm: Tensor | None = None, prefix_log_decay: Tensor | None = None,
+    ssm: Tensor | Sequence[Tensor], conv: Tensor | Sequence[Tensor], log_decay: Tensor, method: str = "picaso-s",
+    conv_policy: str = "mean", prefix_ssm: Tensor | None = None, prefix_log_decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Compose stacked states; differentiable (BPTC trains through it). No validation here.
+    """Compose states; differentiable (BPTC trains through it). No validation here.
 
-    ssm [..., n, L, H, P, N], conv [..., n, L, C, W-1], log_decay [..., n, L, H] (documents on dim -4,
-    -4 and -3; leading dims are a batch). Returns (ssm [..., L, H, P, N] in ssm's dtype,
-    conv [..., L, C, W-1], total log_decay [..., L, H] fp32).
+    ssm [..., n, L, H, P, N] or a list of n [..., L, H, P, N]; conv likewise with [L, C, W-1];
+    log_decay [..., n, L, H]. Leading dims are a batch. Returns (ssm [..., L, H, P, N] in ssm's
+    dtype, conv [..., L, C, W-1], total log_decay [..., L, H] fp32). Lists are never stacked: on
+    CUDA one fused pass reads each state once (:func:`picaso_rag.kernels.weighted_sum`).
     Usage: ``ssm, conv, log_decay = compose_tensors(ssm_stack, conv_stack, decay_stack, "picaso-s")``.
     """
-    n = log_decay.shape[-3]
-    weights = log_weights(log_decay.movedim(-3, -1), method).exp().float()  # [..., L, H, n]
-    composed = torch.zeros(ssm.shape[:-5] + ssm.shape[-4:], dtype=torch.float32, device=ssm.device)
-    for k in range(n):  # one pass per state, fp32 accumulation, no fp32 copy of the whole stack
-        composed = composed + ssm[..., k, :, :, :, :].float() * weights[..., k, None, None]
+    ssm_list = list(ssm.unbind(-5)) if isinstance(ssm, Tensor) else list(ssm)
+    conv_list = list(conv.unbind(-4)) if isinstance(conv, Tensor) else list(conv)
+    n = len(ssm_list)
+    weights = log_weights(log_decay.movedim(-3, -1), method).exp().float().movedim(-1, 0)  # [n, ..., L, H]
     total_log_decay = log_decay.float().sum(-3)
-    if prefix_ssm is not None:
-        composed = composed + prefix_ssm.float() * total_log_decay.exp()[..., None, None]
+    if prefix_ssm is not None:  # the prefix was read first: every document decays it
+        ssm_list.append(prefix_ssm)
+        weights = torch.cat([weights, total_log_decay.exp()[None]])
         total_log_decay = total_log_decay + prefix_log_decay.float()
+    composed = weighted_sum(ssm_list, weights, out_dtype=ssm_list[0].dtype)
     if conv_policy == "mean":
-        conv_state = conv.float().mean(-4).to(conv.dtype)
+        conv_weights = torch.full((n, *weights.shape[1:-1]), 1.0 / n, device=weights.device)  # [n, ..., L]
+        conv_state = weighted_sum(conv_list, conv_weights, out_dtype=conv_list[0].dtype)
     elif conv_policy == "last":
-        conv_state = conv[..., n - 1, :, :, :]
+        conv_state = conv_list[-1]
     else:
-        conv_state = torch.zeros_like(conv[..., 0, :, :, :])
-    return composed.to(ssm.dtype), conv_state, total_log_decay
+        conv_state = torch.zeros_like(conv_list[0])
+    return composed, conv_state, total_log_decay
 
 
 def canonical_order(states: list[State]) -> list[State]:

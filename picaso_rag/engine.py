@@ -20,6 +20,7 @@ from torch import Tensor
 from .compose import compose as compose_states
 from .errors import PicasoError, StateMismatchError
 from .generation import Sampler, SamplingParams, TextStream
+from .graphs import GraphedModel
 from .loading import Tokenizer, fingerprint_of, load_checkpoint
 from .model import Mamba2LM
 from .state import State
@@ -38,10 +39,12 @@ class Generation:
 class PicasoEngine:
     """A Mamba-2 model with its tokenizer and fingerprint, working in states."""
 
-    def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, fingerprint: str | None = None):
+    def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint or fingerprint_of(model, tokenizer)
+        # on CUDA, short prompts and decoding replay CUDA graphs (see picaso_rag.graphs)
+        self.graphs = GraphedModel(model) if cuda_graphs and model.device.type == "cuda" else None
 
     @classmethod
     def from_pretrained(
@@ -50,10 +53,11 @@ class PicasoEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         tokenizer: str | os.PathLike | Tokenizer | None = None,
+        cuda_graphs: bool = True,
     ) -> "PicasoEngine":
         """Load from a local checkpoint directory or a hub id (see :func:`load_checkpoint`)."""
         model, tok = load_checkpoint(name_or_path, device=device, dtype=dtype, tokenizer=tokenizer)
-        return cls(model, tok)
+        return cls(model, tok, cuda_graphs=cuda_graphs)
 
     @property
     def device(self) -> torch.device:
@@ -180,31 +184,42 @@ class _Stream:
     def __next__(self) -> str:
         return next(self._it)
 
-    @staticmethod
-    def _decode_step(engine: PicasoEngine, token: int, ssm: Tensor, conv: Tensor):
-        with torch.inference_mode():
-            return engine.model(torch.tensor([[token]], device=engine.device), ssm_state=ssm, conv_state=conv, logits="last")
-
     def _run(self, engine: PicasoEngine, prompt_ids: list[int], state: State | None, params: SamplingParams) -> Iterator[str]:
         if not prompt_ids:
             raise PicasoError("the prompt has no tokens; pass a non-empty query.")
         sampler, stream = Sampler(params), TextStream(engine.tokenizer.decode, params.stop)
         ssm, conv, _, _ = engine._start(state)
-        with torch.inference_mode():
-            out = engine.model(torch.tensor([prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv, logits="last")
-        finish = "length"
-        for _ in range(params.max_new_tokens):
-            token = sampler(out.logits[0, -1])
-            if token == engine.eos_token_id:
-                finish = "eos"
-                break
-            piece = stream.push(token)
-            if piece:
-                yield piece
-            if stream.stopped:
-                finish = "stop"
-                break
-            out = self._decode_step(engine, token, out.ssm_state, out.conv_state)
+        graphs = engine.graphs
+        # one stream at a time replays the graphs; a concurrent one decodes eagerly
+        if graphs is None or not graphs.can_read(len(prompt_ids)) or not graphs.lock.acquire(blocking=False):
+            graphs = None
+        try:
+            with torch.inference_mode():
+                if graphs is not None:
+                    logits = graphs.read(prompt_ids, ssm, conv)
+                else:
+                    out = engine.model(torch.tensor([prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv, logits="last")
+                    logits, ssm, conv = out.logits[0, -1], out.ssm_state, out.conv_state  # fresh: decoding updates them in place
+            finish = "length"
+            for _ in range(params.max_new_tokens):
+                token = sampler(logits)
+                if token == engine.eos_token_id:
+                    finish = "eos"
+                    break
+                piece = stream.push(token)
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    finish = "stop"
+                    break
+                with torch.inference_mode():
+                    if graphs is not None:
+                        logits = graphs.step(token)
+                    else:
+                        logits = engine.model.step(torch.tensor([token], device=engine.device), ssm, conv)[0]
+        finally:
+            if graphs is not None:
+                graphs.lock.release()
         tail = stream.flush()
         if tail:
             yield tail

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Mamba2Config
-from .kernels import add_rmsnorm, causal_conv, chunk_scan, rmsnorm, ssm_step
+from .kernels import add_rmsnorm, causal_conv, chunk_scan, conv_step, rmsnorm, ssm_step
 
 
 class ForwardOutput(NamedTuple):
@@ -63,16 +63,23 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         log_decay = A * dt.sum(dim=1)  # [b, h]; padding has dt = 0
         x = x.unflatten(-1, (cfg.nheads, cfg.headdim))
-        if l == 1:  # decoding: one recurrent step, in place on a copy of the state
-            ssm_state = ssm_state.clone()
-            B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
-            y = ssm_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)[:, None]
-        else:
-            B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
-            y, final = chunk_scan(x, dt, A, B, C, self.D, cfg.chunk_size, initial_state=ssm_state)
-            ssm_state = final.to(ssm_state.dtype)
+        B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
+        y, final = chunk_scan(x, dt, A, B, C, self.D, cfg.chunk_size, initial_state=ssm_state)
+        ssm_state = final.to(ssm_state.dtype)
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y), ssm_state, conv_state, log_decay
+
+    def step(self, u: Tensor, ssm_state: Tensor, conv_state: Tensor) -> Tensor:
+        """Decode one token: u [b, d_model]; updates ssm_state [b, H, P, N] and conv_state in place."""
+        cfg = self.cfg
+        z, xBC, dt = self.in_proj(u).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        xBC = conv_step(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)
+        x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = ssm_step(ssm_state, x.unflatten(-1, (cfg.nheads, cfg.headdim)), dt, A,
+                     B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state)), self.D,
+                     dt_bias=self.dt_bias, dt_limit=cfg.dt_limit)
+        return self.out_proj(self.norm(y.flatten(-2), z))
 
 
 class Block(nn.Module):
@@ -161,6 +168,20 @@ class Mamba2LM(nn.Module):
         else:
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         return ForwardOutput(out_logits, torch.stack(ssm_out, 1), torch.stack(conv_out, 1), torch.stack(decay_out, 1))
+
+    def step(self, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor) -> Tensor:
+        """Decode one token per row: token_ids [batch]; the states [batch, n_layer, ...] are updated
+        in place (no copies: a CUDA graph can replay this). Returns logits [batch, vocab].
+
+        Usage: ``logits = model.step(next_ids, out.ssm_state, out.conv_state)``.
+        """
+        hidden, residual = self.backbone.embedding(token_ids), None
+        eps, fp32 = self.cfg.norm_eps, self.cfg.residual_in_fp32
+        for i, block in enumerate(self.backbone.layers):
+            hidden, residual = add_rmsnorm(hidden, residual, block.norm.weight, eps, fp32)
+            hidden = block.mixer.step(hidden, ssm_state[:, i], conv_state[:, i])
+        hidden, _ = add_rmsnorm(hidden, residual, self.backbone.norm_f.weight, eps, fp32)
+        return self.lm_head(hidden)
 
 
 @torch.no_grad()

@@ -122,14 +122,26 @@ def chunk_scan(
     return y, final_state
 
 
-def ssm_step_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+def _step_size(dt: Tensor, dt_bias: Tensor | None, dt_limit: tuple[float, float]) -> Tensor:
+    """Final step size: softplus(dt + dt_bias) clamped to dt_limit; ``dt`` as is without a bias."""
+    if dt_bias is None:
+        return dt.float()
+    return F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit)
+
+
+def ssm_step_ref(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+    dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> Tensor:
     """One recurrent step, updating ``state`` in place.
 
-    state [b, h, p, n], x [b, h, p], dt [b, h], A [h], B/C [b, g, n], D [h]. Returns y [b, h, p].
+    state [b, h, p, n], x [b, h, p], dt [b, h], A [h], B/C [b, g, n], D [h]. With ``dt_bias``,
+    ``dt`` is the raw projection and the step size is softplus(dt + dt_bias) clamped to
+    ``dt_limit``; without, ``dt`` is the final step size. Returns y [b, h, p].
     """
     h = state.shape[1]
     Bh, Ch = _heads_from_groups(B, h, 1).float(), _heads_from_groups(C, h, 1).float()
-    dt = dt.float()
+    dt = _step_size(dt, dt_bias, dt_limit)
     decay = torch.exp(dt * A.float())[..., None, None]
     new_state = state.float() * decay + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
     state.copy_(new_state)
@@ -137,18 +149,92 @@ def ssm_step_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     return y.to(x.dtype)
 
 
-def ssm_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
-    """One recurrent step (see :func:`ssm_step_ref`); mamba_ssm's Triton kernel on CUDA."""
+def ssm_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+    dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> Tensor:
+    """One recurrent step (see :func:`ssm_step_ref`); mamba_ssm's Triton kernel on CUDA, which
+    also applies the bias and softplus (one launch per layer: decoding is launch-bound)."""
     if not _triton_for(x):
-        return ssm_step_ref(state, x, dt, A, B, C, D)
+        return ssm_step_ref(state, x, dt, A, B, C, D, dt_bias, dt_limit)
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
     p, n = state.shape[2], state.shape[3]
+    fused_softplus = dt_bias is not None and dt_limit == (0.0, float("inf"))
+    if not fused_softplus:
+        dt, dt_bias = _step_size(dt, dt_bias, dt_limit), None
+    if dt_bias is None:  # the kernel reads the bias's stride to detect tied headdim: give it a zero one
+        dt_bias = torch.zeros((), device=x.device, dtype=torch.float32)
     # the kernel takes per-(head, headdim) parameters; Mamba-2 ties them across headdim (stride 0)
     return selective_state_update(
-        state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(), B, C,
-        D=D[:, None].expand(-1, p), dt_bias=torch.zeros(1, device=x.device, dtype=torch.float32).expand(dt.shape[1], p),
-    )  # dt_bias: dt is final already, but the kernel reads the bias's stride to detect tied headdim
+        state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C,
+        D=D[:, None].expand(-1, p), dt_bias=dt_bias.expand(dt.shape[1], p) if dt_bias.dim() == 0 else dt_bias[:, None].expand(-1, p),
+        dt_softplus=fused_softplus,
+    )
+
+
+def conv_step_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Causal conv1d for one new token, then SiLU; shifts ``x`` into ``conv_state`` in place.
+
+    x [b, c], conv_state [b, c, w-1], weight [c, w]. Returns [b, c].
+    """
+    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # [b, c, w]
+    out = (window.float() * weight.float()).sum(-1) + (bias.float() if bias is not None else 0)
+    conv_state.copy_(window[..., 1:])
+    return F.silu(out).to(x.dtype)
+
+
+def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One-token causal conv (see :func:`conv_step_ref`); one Triton launch on CUDA."""
+    if not (_triton_for(x) and conv_state.stride(-1) == 1 and x.stride(-1) == 1 and weight.is_contiguous()):
+        return conv_step_ref(x, conv_state, weight, bias)
+    import triton
+
+    b, c = x.shape
+    width = weight.shape[1]
+    out = torch.empty_like(x)
+    block = 256
+    _conv_step_kernel()[(b, triton.cdiv(c, block))](
+        x, conv_state, weight, bias if bias is not None else weight, out, c,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1),
+        HAS_BIAS=bias is not None, WIDTH=width, BLOCK=block,
+    )
+    return out
+
+
+_conv_step_compiled = None
+
+
+def _conv_step_kernel():
+    global _conv_step_compiled
+    if _conv_step_compiled is not None:
+        return _conv_step_compiled
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv_step_kernel(x, state, weight, bias, out, n_channels, stride_x, stride_sb, stride_sc,
+                         HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        ch = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = ch < n_channels
+        state_row = state + row * stride_sb + ch * stride_sc
+        new = tl.load(x + row * stride_x + ch, mask=inside, other=0.0).to(tl.float32)
+        acc = new * tl.load(weight + ch * WIDTH + WIDTH - 1, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias + ch, mask=inside, other=0.0).to(tl.float32)
+        previous = tl.load(state_row, mask=inside, other=0.0)
+        for j in tl.static_range(WIDTH - 1):  # window = state[0..w-2], new
+            acc += previous.to(tl.float32) * tl.load(weight + ch * WIDTH + j, mask=inside, other=0.0).to(tl.float32)
+            if j < WIDTH - 2:
+                following = tl.load(state_row + j + 1, mask=inside, other=0.0)
+                tl.store(state_row + j, following, mask=inside)
+                previous = following
+        tl.store(state_row + WIDTH - 2, new.to(state.dtype.element_ty), mask=inside)
+        tl.store(out + row * n_channels + ch, (acc * tl.sigmoid(acc)).to(out.dtype.element_ty), mask=inside)
+
+    _conv_step_compiled = conv_step_kernel
+    return _conv_step_compiled
 
 
 def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor) -> tuple[Tensor, Tensor]:

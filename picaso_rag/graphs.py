@@ -1,0 +1,110 @@
+"""CUDA graphs for the two launch-bound steps of answering: reading a short prompt, and decoding.
+
+At batch 1 a Mamba-2 layer is about ten small kernels; eagerly, the CPU cannot launch them as
+fast as the GPU runs them (a 64-layer model spends longer launching than computing). A CUDA
+graph replays a whole forward with one launch. Graphs need fixed shapes and fixed addresses, so
+each one reads from and writes to its own static tensors, and the state is copied in and out
+(a few MiB, microseconds). One :class:`GraphedModel` serves one caller at a time (its lock).
+
+Usage (what :class:`~picaso_rag.engine.PicasoEngine` does on CUDA)::
+
+    graphs = GraphedModel(model)
+    with graphs.lock:
+        logits = graphs.read(prompt_ids, ssm_state, conv_state)   # [vocab]; the state is kept
+        logits = graphs.step(next_token)                          # decode, state updated in place
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .model import ForwardOutput, Mamba2LM
+
+
+class _ReadGraph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    input_ids: Tensor  # [1, n_tokens]
+    ssm_state: Tensor  # [1, L, H, P, N], the state read from
+    conv_state: Tensor
+    out: ForwardOutput  # logits of the last position and the state after the prompt
+
+
+class GraphedModel:
+    """Batch-1 CUDA graphs of ``model``: one decode step, and prompt reads keyed by length (LRU)."""
+
+    def __init__(self, model: Mamba2LM, max_read_graphs: int = 4, max_read_tokens: int = 512):
+        if model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device.")
+        self.model = model
+        self.max_read_graphs = max_read_graphs
+        self.max_read_tokens = max_read_tokens
+        self.lock = threading.Lock()
+        self.ssm_state, self.conv_state = model.empty_state(1)  # the decoding state, updated in place
+        self._token = torch.zeros(1, dtype=torch.long, device=model.device)
+        self._step: tuple[torch.cuda.CUDAGraph, Tensor] | None = None
+        self._reads: OrderedDict[int, _ReadGraph] = OrderedDict()
+
+    def can_read(self, n_tokens: int) -> bool:
+        """Short prompts only: a long one is compute-bound, and each length costs a graph."""
+        return 0 < n_tokens <= self.max_read_tokens
+
+    @torch.inference_mode()
+    def read(self, input_ids: list[int], ssm_state: Tensor | None, conv_state: Tensor | None) -> Tensor:
+        """Read ``input_ids`` from the state [1, L, ...] (None: from nothing); the state after them
+        becomes the decoding state. Returns the last position's logits [vocab]."""
+        if self._step is None:  # capture decoding first: its warm-up overwrites the decoding state
+            self._step = _capture(lambda: self.model.step(self._token, self.ssm_state, self.conv_state))
+        entry = self._read_graph(len(input_ids))
+        entry.input_ids.copy_(torch.tensor([input_ids], dtype=torch.long), non_blocking=True)
+        if ssm_state is None:
+            entry.ssm_state.zero_()
+            entry.conv_state.zero_()
+        else:
+            entry.ssm_state.copy_(ssm_state)
+            entry.conv_state.copy_(conv_state)
+        entry.graph.replay()
+        self.ssm_state.copy_(entry.out.ssm_state)
+        self.conv_state.copy_(entry.out.conv_state)
+        return entry.out.logits[0, -1]
+
+    @torch.inference_mode()
+    def step(self, token: int) -> Tensor:
+        """Feed one token to the decoding state; returns the next logits [vocab] (valid until the next call)."""
+        graph, logits = self._step  # type: ignore[misc]
+        self._token.fill_(token)
+        graph.replay()
+        return logits[0]
+
+    def _read_graph(self, n_tokens: int) -> _ReadGraph:
+        entry = self._reads.get(n_tokens)
+        if entry is not None:
+            self._reads.move_to_end(n_tokens)
+            return entry
+        while len(self._reads) >= self.max_read_graphs:
+            self._reads.popitem(last=False)  # frees that graph's memory pool
+        device = self.model.device
+        input_ids = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
+        ssm_state, conv_state = self.model.empty_state(1)
+        graph, out = _capture(lambda: self.model(input_ids, ssm_state=ssm_state, conv_state=conv_state, logits="last"))
+        entry = self._reads[n_tokens] = _ReadGraph(graph, input_ids, ssm_state, conv_state, out)
+        return entry
+
+
+def _capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture ``fn`` after two warm-up runs on a side stream (Triton compiles and autotunes
+    there, and cuBLAS picks its kernels, neither of which may happen during a capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
