@@ -88,19 +88,19 @@ def open_index(db: str | os.PathLike, llm: PicasoLLM, embed_model, show_progress
     """Chroma (PersistentClient) under ``db/chroma``, states under ``db/states``.
 
     On first use the corpus is ingested (split, states encoded, embedded, added in batches Chroma
-    accepts); later the collection is reused and only missing states (e.g. of a new model) are
-    encoded. Returns the index and whether it was created now.
+    accepts); later the collection is reused (an interrupted ingestion is completed) and only missing
+    states (e.g. of a new model) are encoded. Returns the index and whether it was created now.
     """
     client = chromadb.PersistentClient(path=str(Path(db) / "chroma"))
     collection = client.get_or_create_collection(COLLECTION)
     vector_store = ChromaVectorStore(chroma_collection=collection)
     encoder = PicasoStateEncoder(llm, show_progress=show_progress)
     created = collection.count() == 0
-    if created:
-        documents = [Document(text=p, id_=f"corpus-{i}", metadata={"source": CORPUS.name})
-                     for i, p in enumerate(corpus_paragraphs())]
-        ingest(documents, [SentenceSplitter(chunk_size=256, chunk_overlap=0), encoder, embed_model], vector_store,
-               show_progress=show_progress)
-    else:
-        encoder(vector_store.get_nodes(None))  # skips every node whose state is already stored for this model
+    documents = [Document(text=p, id_=f"corpus-{i}", metadata={"source": CORPUS.name})
+                 for i, p in enumerate(corpus_paragraphs())]
+    # resumes an ingestion that was interrupted (e.g. killed); documents already in Chroma are skipped
+    ingest(documents, [SentenceSplitter(chunk_size=256, chunk_overlap=0), encoder, embed_model], vector_store,
+           show_progress=show_progress)
+    if not created:
+        encoder(vector_store.get_nodes(None))  # states of a new model; skips every node whose state is stored
     return VectorStoreIndex.from_vector_store(vector_store, embed_model=embed_model), created

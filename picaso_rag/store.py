@@ -125,7 +125,10 @@ class StateStore:
         return sorted(p for p in self._root.iterdir() if p.is_dir()) if self._root.is_dir() else []
 
     def _lock(self, node_id: str) -> FileLock:
-        stripe = self._key(node_id)[:2]
+        return self._stripe_lock(self._key(node_id)[:2])
+
+    def _stripe_lock(self, stripe: str) -> FileLock:
+        """The lock of every node whose key starts with ``stripe`` (also the name of their directory)."""
         lock = self._locks.get(stripe)
         if lock is None:
             lock_dir = self.directory / ".locks"
@@ -233,6 +236,23 @@ class StateStore:
                 node_id = _read_header(path).get("node_id")
                 if node_id:
                     yield node_id
+
+    def remove_temp_files(self) -> int:
+        """Remove the temporary files of writes that never finished (a process killed mid-write).
+
+        Each directory is cleaned under its writers' lock, so a write in progress in another thread
+        or process is never touched. Returns the number of files removed.
+        """
+        removed = 0
+        for model_dir in self._model_dirs():
+            for stripe_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                if not any(stripe_dir.glob(".*.tmp")):
+                    continue
+                with self._stripe_lock(stripe_dir.name):
+                    for tmp in stripe_dir.glob(".*.tmp"):
+                        tmp.unlink(missing_ok=True)
+                        removed += 1
+        return removed
 
     def prune(self, keep: set[str] | list[str]) -> int:
         """Delete the states of every node id not in ``keep`` (e.g. the ids still in the vector store).

@@ -18,6 +18,7 @@ from .base import COMPOSE_METHODS, CONCAT, PicasoLLM
 from .handoff import DocumentRef
 from .ingestion import (
     CHROMA_MAX_BATCH,
+    DOC_NODES_KEY,
     METADATA_KEY,
     PicasoStateEncoder,
     add_nodes,
@@ -25,6 +26,7 @@ from .ingestion import (
     delete_ref_doc,
     ingest,
     prune_states,
+    stable_node_id,
 )
 from .metadata import METADATA_KEY as RESPONSE_METADATA_KEY
 from .postprocessor import PicasoNodePostprocessor, node_llm_text
@@ -33,6 +35,7 @@ __all__ = [
     "CHROMA_MAX_BATCH",
     "COMPOSE_METHODS",
     "CONCAT",
+    "DOC_NODES_KEY",
     "DocumentRef",
     "METADATA_KEY",
     "PicasoLLM",
@@ -45,4 +48,5 @@ __all__ = [
     "ingest",
     "node_llm_text",
     "prune_states",
+    "stable_node_id",
 ]

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.ingestion import IngestionPipeline
+from llama_index.core.node_parser import NodeParser
+from llama_index.core.node_parser.node_utils import default_id_func
 from llama_index.core.schema import BaseNode, Document, TransformComponent
 from llama_index.core.vector_stores.types import BasePydanticVectorStore, MetadataFilter, MetadataFilters
 from tqdm.auto import tqdm
@@ -30,6 +32,7 @@ from .postprocessor import node_llm_text
 logger = logging.getLogger("llama_index.llms.picaso")
 
 METADATA_KEY = "picaso_key"
+DOC_NODES_KEY = "picaso_doc_nodes"  # on every node ingest() adds: how many nodes its document has
 CHROMA_MAX_BATCH = 5461  # records per add accepted by Chroma's local (SQLite) client
 
 
@@ -61,6 +64,10 @@ class PicasoStateEncoder(TransformComponent):
     @classmethod
     def class_name(cls) -> str:
         return "PicasoStateEncoder"
+
+    @property
+    def state_store(self) -> StateStore:
+        return self._llm.state_store  # type: ignore[return-value]
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         store: StateStore = self._llm.state_store  # type: ignore[assignment]
@@ -120,20 +127,95 @@ def add_nodes(vector_store: BasePydanticVectorStore, nodes: Sequence[BaseNode], 
     return ids
 
 
+def stable_node_id(i: int, doc: BaseNode) -> str:
+    """Node id ``<document id>#<chunk index>``: a document split again gets the same node ids, so a
+    re-run of :func:`ingest` finds the states it already wrote (a node parser's ``id_func``)."""
+    return f"{doc.node_id}#{i}"
+
+
+def _with_stable_ids(transformation: TransformComponent) -> TransformComponent:
+    """A node parser with LlamaIndex's default (random uuid) ids, copied to use :func:`stable_node_id`."""
+    if isinstance(transformation, NodeParser) and transformation.id_func is default_id_func:
+        return transformation.model_copy(update={"id_func": stable_node_id})
+    return transformation
+
+
+def _ingested(vector_store: BasePydanticVectorStore, doc_ids: list[str]) -> tuple[set[str], list[str]]:
+    """(documents whose every node is in the vector store, ids of the records of documents only partly there).
+
+    A document is complete when it holds as many records as its nodes say it has
+    (:data:`DOC_NODES_KEY`, written by :func:`ingest` on every node); records without that count
+    were added otherwise and are taken as complete.
+    """
+    collection = getattr(vector_store, "_collection", None)
+    if collection is None or not hasattr(collection, "get"):
+        raise PicasoError(f"ingest(resume=True) looks up what is already ingested through Chroma; with "
+                          f"{type(vector_store).__name__} pass resume=False.")
+    found = collection.get(where={"document_id": {"$in": doc_ids}}, include=["metadatas"])
+    records: dict[str, list[tuple[str, Any]]] = {}
+    for node_id, metadata in zip(found["ids"], found["metadatas"]):
+        records.setdefault(metadata.get("document_id"), []).append((node_id, metadata.get(DOC_NODES_KEY)))
+    complete, partial = set(), []
+    for doc_id, held in records.items():
+        counts = {count for _, count in held}
+        # no count: added by something else than ingest (e.g. VectorStoreIndex.from_documents), taken as whole
+        if counts == {None} or counts == {len(held)}:
+            complete.add(doc_id)
+        else:  # an add cut short (a document's nodes spread over several batches)
+            partial += [node_id for node_id, _ in held]
+    return complete, partial
+
+
+def _count_nodes_per_document(nodes: Sequence[BaseNode]) -> None:
+    """Write into each node how many nodes its document has (excluded from the LLM and embedding text,
+    so neither the stored state nor the embedding changes)."""
+    per_doc: dict[str | None, int] = {}
+    for node in nodes:
+        per_doc[node.ref_doc_id] = per_doc.get(node.ref_doc_id, 0) + 1
+    for node in nodes:
+        node.metadata[DOC_NODES_KEY] = per_doc[node.ref_doc_id]
+        for keys in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
+            if DOC_NODES_KEY not in keys:
+                keys.append(DOC_NODES_KEY)
+
+
 def ingest(documents: Sequence[Document], transformations: Sequence[TransformComponent],
-           vector_store: BasePydanticVectorStore, documents_per_run: int = 256, show_progress: bool = True) -> list[BaseNode]:
+           vector_store: BasePydanticVectorStore, documents_per_run: int = 256, show_progress: bool = True,
+           resume: bool = True) -> list[BaseNode]:
     """Run ``transformations`` (splitter, :class:`PicasoStateEncoder`, embedding model...) over the
     documents, a group at a time, adding each group's nodes to ``vector_store`` within its batch limit.
+
+    Crash-safe and resumable (``resume=True``, Chroma): a document whose nodes are all in the vector
+    store is skipped; one only partly there (an interrupted add) has its records removed and is
+    ingested again. States are written (atomically, fsynced) before their nodes reach the vector
+    store, and node ids are stable (``<document id>#<chunk>``, see :func:`stable_node_id`), so a
+    re-run after a crash reuses the states already written and leaves no orphan. Documents need
+    stable ids (``Document(id_=...)``) for this; leftover temporary files of the state store are
+    removed first. See docs/guarantees.md.
 
     Returns the nodes added. Usage: ``ingest(docs, [SentenceSplitter(), encoder, embed_model], vector_store)``.
     """
     if documents_per_run < 1:
         raise PicasoError(f"documents_per_run must be >= 1, got {documents_per_run}.")
-    pipeline = IngestionPipeline(transformations=list(transformations))
+    transformations = [_with_stable_ids(t) for t in transformations]
+    for t in transformations:
+        if isinstance(t, PicasoStateEncoder):
+            t.state_store.remove_temp_files()  # what a killed writer left (never another live writer's)
+    pipeline = IngestionPipeline(transformations=transformations)
     added: list[BaseNode] = []
     groups = range(0, len(documents), documents_per_run)
     for start in tqdm(groups, desc="Ingesting", unit="group", disable=not show_progress or len(groups) < 2):
-        nodes = pipeline.run(documents=list(documents[start:start + documents_per_run]), show_progress=False)
+        group = list(documents[start:start + documents_per_run])
+        if resume:
+            complete, partial = _ingested(vector_store, [d.node_id for d in group])
+            if partial:
+                logger.info("re-ingesting %d records of documents an earlier ingestion left incomplete", len(partial))
+                vector_store.delete_nodes(partial)
+            group = [d for d in group if d.node_id not in complete]
+            if not group:
+                continue
+        nodes = pipeline.run(documents=group, show_progress=False)
+        _count_nodes_per_document(nodes)
         add_nodes(vector_store, nodes)
         added += nodes
     return added
