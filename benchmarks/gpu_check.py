@@ -54,14 +54,12 @@ def run_both(fn):
 
 
 def decode_logits(engine: PicasoEngine, state, tokens: list[int]) -> torch.Tensor:
-    """Teacher-forced decoding: the logits of each single-token step (the step kernel's path)."""
-    ssm, conv = state.ssm[None].to(engine.model.dtype), state.conv[None].to(engine.model.dtype)
+    """Teacher-forced decoding: the logits of each single-token step (the step kernels' path)."""
+    ssm, conv = state.ssm[None].to(engine.model.dtype).clone(), state.conv[None].to(engine.model.dtype).clone()
     logits = []
     with torch.inference_mode():
         for t in tokens:
-            out = engine.model(torch.tensor([[t]], device="cuda"), ssm_state=ssm, conv_state=conv, logits="last")
-            ssm, conv = out.ssm_state, out.conv_state
-            logits.append(out.logits[0, -1].float())
+            logits.append(engine.model.step(torch.tensor([t], device="cuda"), ssm, conv)[0].float())
     return torch.stack(logits)
 
 

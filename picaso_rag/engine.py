@@ -191,7 +191,7 @@ class _Stream:
         ssm, conv, _, _ = engine._start(state)
         graphs = engine.graphs
         # one stream at a time replays the graphs; a concurrent one decodes eagerly
-        if graphs is None or not graphs.can_read(len(prompt_ids)) or not graphs.lock.acquire(blocking=False):
+        if graphs is None or not graphs.lock.acquire(blocking=False):
             graphs = None
         try:
             with torch.inference_mode():

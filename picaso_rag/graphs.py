@@ -49,16 +49,21 @@ class GraphedModel:
         self._step: tuple[torch.cuda.CUDAGraph, Tensor] | None = None
         self._reads: OrderedDict[int, _ReadGraph] = OrderedDict()
 
-    def can_read(self, n_tokens: int) -> bool:
-        """Short prompts only: a long one is compute-bound, and each length costs a graph."""
-        return 0 < n_tokens <= self.max_read_tokens
-
     @torch.inference_mode()
     def read(self, input_ids: list[int], ssm_state: Tensor | None, conv_state: Tensor | None) -> Tensor:
         """Read ``input_ids`` from the state [1, L, ...] (None: from nothing); the state after them
-        becomes the decoding state. Returns the last position's logits [vocab]."""
+        becomes the decoding state. Returns the last position's logits [vocab].
+
+        Prompts longer than ``max_read_tokens`` are read eagerly: they are compute-bound, and each
+        length would cost a graph."""
         if self._step is None:  # capture decoding first: its warm-up overwrites the decoding state
             self._step = _capture(lambda: self.model.step(self._token, self.ssm_state, self.conv_state))
+        if len(input_ids) > self.max_read_tokens:
+            out = self.model(torch.tensor([input_ids], device=self.model.device), ssm_state=ssm_state,
+                             conv_state=conv_state, logits="last")
+            self.ssm_state.copy_(out.ssm_state)
+            self.conv_state.copy_(out.conv_state)
+            return out.logits[0, -1]
         entry = self._read_graph(len(input_ids))
         entry.input_ids.copy_(torch.tensor([input_ids], dtype=torch.long), non_blocking=True)
         if ssm_state is None:

@@ -187,13 +187,14 @@ class Mamba2LM(nn.Module):
 @torch.no_grad()
 def init_weights(model: Mamba2LM, seed: int = 0, std: float = 0.02) -> Mamba2LM:
     """Random initialisation as in mamba_ssm (dt in [1e-3, 0.1], A in [1, 16]). For tests and training."""
-    gen = torch.Generator().manual_seed(seed)
+    device = model.device  # generate where the weights are: a 2.7B model initialises in seconds on a GPU
+    gen = torch.Generator(device=device).manual_seed(seed)
     cfg = model.cfg
     for name, p in model.named_parameters():
         if name.endswith("A_log"):
-            p.copy_(torch.log(torch.empty(p.shape).uniform_(1, 16, generator=gen)))
+            p.copy_(torch.log(torch.empty(p.shape, device=device).uniform_(1, 16, generator=gen)))
         elif name.endswith("dt_bias"):
-            dt = torch.exp(torch.rand(p.shape, generator=gen) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3))).clamp(min=1e-4)
+            dt = torch.exp(torch.rand(p.shape, generator=gen, device=device) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3))).clamp(min=1e-4)
             p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         elif name.endswith(".D") or "norm" in name:
             p.fill_(1.0)
@@ -201,9 +202,9 @@ def init_weights(model: Mamba2LM, seed: int = 0, std: float = 0.02) -> Mamba2LM:
             p.zero_()
         elif name.endswith("conv1d.weight"):
             bound = 1 / (cfg.d_conv ** 0.5)
-            p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=gen))
+            p.copy_(torch.empty(p.shape, device=device).uniform_(-bound, bound, generator=gen))
         else:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
     for block in model.backbone.layers:  # GPT-2 style: scale residual projections by depth
         block.mixer.out_proj.weight.div_((2 * cfg.n_layer) ** 0.5)
     return model

@@ -45,7 +45,8 @@ def weighted_sum(states: Sequence[Tensor], weights: Tensor, out_dtype: torch.dty
     first = states[0]
     rows = tuple(weights.shape[1:])
     fused = (
-        _triton_for(first) and not torch.is_grad_enabled() and len(states) == weights.shape[0]
+        _triton_for(first) and len(states) == weights.shape[0]
+        and not (torch.is_grad_enabled() and (weights.requires_grad or any(s.requires_grad for s in states)))
         and all(s.is_contiguous() and s.dtype == first.dtype and s.shape == first.shape and s.device == first.device for s in states)
         and tuple(first.shape[:len(rows)]) == rows
     )

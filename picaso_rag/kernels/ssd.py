@@ -192,7 +192,7 @@ def conv_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None
 
     b, c = x.shape
     width = weight.shape[1]
-    out = torch.empty_like(x)
+    out = torch.empty(b, c, dtype=x.dtype, device=x.device)
     block = 256
     _conv_step_kernel()[(b, triton.cdiv(c, block))](
         x, conv_state, weight, bias if bias is not None else weight, out, c,

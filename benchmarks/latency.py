@@ -1,0 +1,353 @@
+"""Time to first token and answer time, PICASO against concatenation, at the official Mamba-2 shapes.
+
+Run on the GPU machine (after ``scripts/gpu_setup.sh build``)::
+
+    PYTHONPATH=. python benchmarks/latency.py --tokenizer path/to/gpt-neox-20b-tokenizer.json \
+        --out docs/benchmarks/latency_h100.json
+    python benchmarks/latency.py --plot docs/benchmarks/latency_h100.json   # the PNGs, anywhere
+
+For each shape (random bf16 weights: speed does not depend on them), k documents of n tokens and a
+64-token query, in one process:
+- concatenation: the k documents and the query read as one prompt, then greedy decoding; with our
+  engine and with mamba_ssm's MambaLMHeadModel (forward, and ``generate(cg=True)``). The faster
+  of the two is the baseline every speed-up is taken against;
+- PICASO-S / PICASO-R with the document states (a) resident on the GPU, (b) in pinned host memory,
+  (c) in the on-disk StateStore: move, compose, read the query, decode;
+- composition alone against its bandwidth floor (k + 1) x state bytes / measured copy bandwidth;
+- document encoding tokens/s against a plain batched prefill; decode tokens/s against mamba_ssm's
+  ``generate`` with CUDA graphs.
+Times are medians of ``--repeats`` runs after a warm-up, taken with CUDA events; peak GPU memory is
+what a call allocates beyond what was already allocated (model weights, resident states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, State, StateStore, Tokenizer, init_weights
+from picaso_rag.compose import log_weights
+from picaso_rag.kernels import conv_step, conv_step_ref, triton_kernels_available, weighted_sum, weighted_sum_ref
+
+# official mamba2-* configurations: (d_model, n_layer); all have d_state 128, headdim 64, expand 2
+SHAPES = {"130m": (768, 24), "370m": (1024, 48), "780m": (1536, 48), "1.3b": (2048, 48), "2.7b": (2560, 64)}
+VOCAB = 50288  # 50277 padded to a multiple of 16, as the released checkpoints
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(median ms, peak MiB allocated beyond what was allocated before) over ``repeats`` CUDA-event-timed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return statistics.median(times), peak
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms, _ = median_ms(lambda: dst.copy_(src), 10, warmup=2)
+    return 2 * (1 << 30) / (ms / 1000)
+
+
+def on_gpu(cfg: Mamba2Config) -> Mamba2LM:
+    """A bf16 model built on the GPU directly (a 2.7B model built on the CPU takes a minute)."""
+    with torch.device("cuda"):
+        return Mamba2LM(cfg).to(torch.bfloat16)
+
+
+def mamba_ssm_model(d_model: int, n_layer: int, state_dict: dict):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    from benchmarks.gpu_check import _mamba_ssm_cfg
+
+    model = MambaLMHeadModel(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg=_mamba_ssm_cfg(),
+                                         rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                                         pad_vocab_size_multiple=16, tie_embeddings=True),
+                             device="cuda", dtype=torch.bfloat16).eval()
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def checks(tokenizer) -> dict:
+    """GPU checks of this issue's kernels and graphs against the reference paths (small model)."""
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    states = [torch.randn(24, 24, 64, 128, device="cuda", generator=g).bfloat16() for _ in range(7)]
+    weights = torch.rand(7, 24, 24, device="cuda", generator=g)
+    with torch.inference_mode():
+        fused, ref = weighted_sum(states, weights, torch.float32), weighted_sum_ref(states, weights, torch.float32)
+    out["weighted_sum_rel_err"] = ((fused - ref).norm() / ref.norm()).item()
+    x = torch.randn(3, 1792, device="cuda", generator=g).bfloat16()
+    conv_state = torch.randn(3, 1792, 3, device="cuda", generator=g).bfloat16()
+    weight, bias = torch.randn(1792, 4, device="cuda", generator=g), torch.randn(1792, device="cuda", generator=g)
+    ref_state = conv_state.clone()
+    got, want = conv_step(x, conv_state, weight, bias), conv_step_ref(x, ref_state, weight, bias)
+    out["conv_step_rel_err"] = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    out["conv_step_state_equal"] = bool(torch.equal(conv_state, ref_state))
+
+    cfg = Mamba2Config(d_model=768, n_layer=24, vocab_size=VOCAB)
+    model = init_weights(on_gpu(cfg), seed=0)
+    graphed, eager = PicasoEngine(model, tokenizer, "check"), PicasoEngine(model, tokenizer, "check", cuda_graphs=False)
+    docs = torch.randint(0, 50000, (5, 300), generator=torch.Generator().manual_seed(1)).tolist()
+    query = docs[0][:64]
+    ctx = graphed.compose(graphed.encode(docs), "picaso-s")
+    a = graphed.generate(query, state=ctx, max_new_tokens=64).token_ids
+    b = eager.generate(query, state=ctx, max_new_tokens=64).token_ids
+    long_prompt = sum(docs, [])  # longer than a read graph: eager read, graphed decoding
+    c = graphed.generate(long_prompt, max_new_tokens=32).token_ids
+    d = eager.generate(long_prompt, max_new_tokens=32).token_ids
+    out["graphs_vs_eager_greedy_tokens_equal"] = f"{sum(x == y for x, y in zip(a, b))}/{len(b)}"
+    out["graphs_vs_eager_long_prompt_tokens_equal"] = f"{sum(x == y for x, y in zip(c, d))}/{len(d)}"
+    return out
+
+
+def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save: Callable[[], None]) -> None:
+    """Fill ``result`` run by run, calling ``save`` after each (a killed run keeps what it measured)."""
+    d_model, n_layer = SHAPES[name]
+    cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+    model = init_weights(on_gpu(cfg), seed=0)
+    engine = PicasoEngine(model, tokenizer, fingerprint=f"latency-{name}")
+    theirs = mamba_ssm_model(d_model, n_layer, model.state_dict())
+    result.update({"d_model": d_model, "n_layer": n_layer, "runs": []})
+    rng = torch.Generator().manual_seed(0)
+    query = torch.randint(0, 50000, (args.query_tokens,), generator=rng).tolist()
+    reps = args.repeats
+
+    # ---- encoding against a plain batched prefill, decoding against mamba_ssm's generate
+    batch = torch.randint(0, 50000, (args.encode_batch, 512), generator=rng)
+    batch_list, batch_ids = batch.tolist(), batch.cuda()
+    with torch.inference_mode():
+        t_encode, _ = median_ms(lambda: engine.encode(batch_list, batch_size=args.encode_batch), reps)
+        t_prefill, _ = median_ms(lambda: theirs(batch_ids, num_last_tokens=1), reps)
+        t_forward, _ = median_ms(lambda: model(batch_ids, logits="none"), reps)
+    n_batch = args.encode_batch * 512
+    result["encode"] = {"batch": args.encode_batch, "doc_tokens": 512, "encode_tokens_per_s": n_batch / t_encode * 1000,
+                        "mamba_ssm_prefill_tokens_per_s": n_batch / t_prefill * 1000,
+                        "our_forward_tokens_per_s": n_batch / t_forward * 1000, "encode_vs_prefill": t_prefill / t_encode}
+    query_ids = torch.tensor([query], device="cuda")
+    new = args.answer_tokens
+    with torch.inference_mode():
+        ours_1, _ = median_ms(lambda: engine.generate(query, max_new_tokens=1), reps)
+        ours_n, _ = median_ms(lambda: engine.generate(query, max_new_tokens=new), reps)
+        theirs_1, _ = median_ms(lambda: theirs.generate(query_ids, max_length=len(query) + 1, cg=True), reps)
+        theirs_n, _ = median_ms(lambda: theirs.generate(query_ids, max_length=len(query) + new, cg=True), reps)
+    result["decode"] = {"ours_ms_per_token": (ours_n - ours_1) / (new - 1),
+                        "mamba_ssm_ms_per_token": (theirs_n - theirs_1) / (new - 1)}
+    result["decode"]["ours_tokens_per_s"] = 1000 / result["decode"]["ours_ms_per_token"]
+    result["decode"]["mamba_ssm_tokens_per_s"] = 1000 / result["decode"]["mamba_ssm_ms_per_token"]
+    print(name, "encode", result["encode"], "decode", result["decode"], flush=True)
+    save()
+
+    # ---- document states, once: on the GPU, in pinned host memory, on disk
+    bandwidth = copy_bandwidth()
+    result["copy_bandwidth_GBps"] = bandwidth / 1e9
+    k_max = max(args.ks)
+    store_dir = tempfile.TemporaryDirectory()
+    store = StateStore(store_dir.name)
+    for n_doc in args.doc_tokens:
+        docs = torch.randint(0, 50000, (k_max, n_doc), generator=rng).tolist()
+        gpu_states = engine.encode(docs, batch_size=4)
+        pinned = [State(s.ssm.cpu().pin_memory(), s.conv.cpu().pin_memory(), s.log_decay.cpu().pin_memory(),
+                        s.n_tokens, s.fingerprint) for s in gpu_states]
+        for i, s in enumerate(gpu_states):
+            store.put(f"doc-{n_doc}-{i}", s)
+        state_bytes = gpu_states[0].ssm.numel() * gpu_states[0].ssm.element_size()
+        result["state_MiB"] = gpu_states[0].nbytes / 2**20
+
+        for k in args.ks:
+            if time.monotonic() > deadline:
+                result["stopped_early"] = f"time budget reached before k={k}, n={n_doc}"
+                return
+            run = {"k": k, "doc_tokens": n_doc}
+            prompt = sum(docs[:k], []) + query
+            prompt_ids = torch.tensor([prompt], device="cuda")
+            r = max(3, reps // 2) if len(prompt) > 8000 else reps
+            with torch.inference_mode():
+                run["concat_ours_ttft_ms"], run["concat_ours_ttft_peak_MiB"] = median_ms(
+                    lambda: engine.generate(prompt, max_new_tokens=1), r)
+                run["concat_ours_answer_ms"], _ = median_ms(lambda: engine.generate(prompt, max_new_tokens=new), r)
+                run["concat_mamba_ssm_ttft_ms"], run["concat_mamba_ssm_ttft_peak_MiB"] = median_ms(
+                    lambda: int(theirs(prompt_ids, num_last_tokens=1).logits[0, -1].argmax()), r)
+                run["concat_mamba_ssm_answer_ms"], _ = median_ms(
+                    lambda: theirs.generate(prompt_ids, max_length=len(prompt) + new, cg=True), r)
+
+            def fetch(where: str) -> list:
+                if where == "gpu":
+                    return gpu_states[:k]
+                if where == "pinned":
+                    return [s.to("cuda", non_blocking=True) for s in pinned[:k]]
+                return [store.get(f"doc-{n_doc}-{i}", engine.fingerprint).state.to("cuda", non_blocking=True) for i in range(k)]
+
+            for method in args.methods:
+                for where in ("gpu", "pinned", "disk"):
+                    key = f"{method}_{where}"
+
+                    def answer(n_new: int) -> None:
+                        ctx = engine.compose(fetch(where), method)
+                        engine.generate(query, state=ctx, max_new_tokens=n_new)
+
+                    run[f"{key}_ttft_ms"], run[f"{key}_ttft_peak_MiB"] = median_ms(lambda: answer(1), reps)
+                    if method == args.methods[0] or where == "gpu":
+                        run[f"{key}_answer_ms"], _ = median_ms(lambda: answer(new), reps)
+                ssm_list = [s.ssm for s in gpu_states[:k]]
+                weights = log_weights(torch.stack([s.log_decay for s in gpu_states[:k]], -1), method).exp().float().movedim(-1, 0)
+                run[f"{method}_compose_ms"], _ = median_ms(lambda: engine.compose(gpu_states[:k], method), reps)
+                run[f"{method}_compose_kernel_ms"], _ = median_ms(lambda: weighted_sum(ssm_list, weights), reps)
+            run["compose_floor_ms"] = (k + 1) * state_bytes / bandwidth * 1000
+            baseline_ttft = min(run["concat_ours_ttft_ms"], run["concat_mamba_ssm_ttft_ms"])
+            baseline_answer = min(run["concat_ours_answer_ms"], run["concat_mamba_ssm_answer_ms"])
+            for method in args.methods:
+                for where in ("gpu", "pinned", "disk"):
+                    run[f"{method}_{where}_ttft_speedup"] = baseline_ttft / run[f"{method}_{where}_ttft_ms"]
+                    if f"{method}_{where}_answer_ms" in run:
+                        run[f"{method}_{where}_answer_speedup"] = baseline_answer / run[f"{method}_{where}_answer_ms"]
+                run[f"{method}_compose_kernel_vs_floor"] = run["compose_floor_ms"] / run[f"{method}_compose_kernel_ms"]
+            result["runs"].append(run)
+            save()
+            print(name, json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in run.items()}), flush=True)
+    store_dir.cleanup()
+
+
+def summarize(results: dict) -> dict:
+    """The issue's targets, read off the runs."""
+    out = {}
+    for shape in results["shapes"]:
+        if "encode" not in shape or "decode" not in shape:
+            continue
+        runs = shape.get("runs", [])
+        name = shape["shape"]
+        row = {"encode_vs_prefill": shape["encode"]["encode_vs_prefill"],
+               "decode_vs_mamba_ssm": shape["decode"]["mamba_ssm_ms_per_token"] / shape["decode"]["ours_ms_per_token"]}
+        for r in runs:
+            if r["k"] == 10 and r["doc_tokens"] == 512:
+                row["ttft_speedup_k10_512_gpu"] = r["picaso-s_gpu_ttft_speedup"]
+                row["ttft_speedup_k10_512_pinned"] = r["picaso-s_pinned_ttft_speedup"]
+        long_runs = [r for r in runs if r["doc_tokens"] == 2048 and r["k"] in (2, 5, 10, 20)]
+        if len(long_runs) == 4:
+            for where in ("gpu", "pinned", "disk"):
+                row[f"answer_speedup_2048_mean_{where}"] = statistics.mean(r[f"picaso-s_{where}_answer_speedup"] for r in long_runs)
+        composed = [r["picaso-s_compose_kernel_vs_floor"] for r in runs if r["k"] >= 5]
+        if composed:
+            row["compose_kernel_vs_floor_min_k5plus"] = min(composed)
+        out[name] = row
+    return out
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(path.read_text())
+    shapes = results["shapes"]
+    for metric in ("ttft", "answer"):
+        fig, axes = plt.subplots(2, len(shapes), figsize=(4 * len(shapes), 7), squeeze=False)
+        for col, shape in enumerate(shapes):
+            for row, n_doc in enumerate(sorted({r["doc_tokens"] for r in shape["runs"]})):
+                ax = axes[row][col]
+                runs = [r for r in shape["runs"] if r["doc_tokens"] == n_doc]
+                ks = [r["k"] for r in runs]
+                ax.plot(ks, [r[f"concat_mamba_ssm_{metric}_ms"] for r in runs], "k-o", label="concat (mamba_ssm)")
+                ax.plot(ks, [r[f"concat_ours_{metric}_ms"] for r in runs], "k--", label="concat (ours)")
+                for where, style in (("gpu", "C0-o"), ("pinned", "C1-s"), ("disk", "C2-^")):
+                    values = [r.get(f"picaso-s_{where}_{metric}_ms") for r in runs]
+                    if all(v is not None for v in values):
+                        ax.plot(ks, values, style, label=f"PICASO-S, states {where}")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_title(f"mamba2-{shape['shape']}, {n_doc}-token docs", fontsize=9)
+                ax.set_xlabel("k documents")
+                ax.set_ylabel(f"{'time to first token' if metric == 'ttft' else '64-token answer'} (ms)")
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{metric.upper() if metric == 'ttft' else 'Answer time'}: PICASO-S vs concatenation, {results['device']}")
+        fig.tight_layout()
+        fig.savefig(path.with_name(path.stem + f"_{metric}.png"), dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", help="tokenizer.json (any; only detokenisation uses it)")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--ks", default="1,2,5,10,20")
+    parser.add_argument("--doc-tokens", default="512,2048")
+    parser.add_argument("--query-tokens", type=int, default=64)
+    parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--methods", default="picaso-s,picaso-r")
+    parser.add_argument("--encode-batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
+    parser.add_argument("--checks", action="store_true", help="also run the GPU checks of kernels and graphs")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/latency_h100.json"))
+    parser.add_argument("--plot", type=Path, help="only draw the PNGs of an existing result file")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.doc_tokens = [int(n) for n in args.doc_tokens.split(",")]
+    args.methods = args.methods.split(",")
+
+    if not triton_kernels_available():
+        raise SystemExit("needs CUDA and mamba-ssm (scripts/gpu_setup.sh build)")
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    tokenizer.eos_token_id = None  # random weights: never stop early, as mamba_ssm's generate without eos
+    deadline = time.monotonic() + args.budget_s
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+               "args": {k: v for k, v in vars(args).items() if k not in ("out", "plot")}, "shapes": []}
+    try:
+        import mamba_ssm
+
+        results["mamba_ssm"] = mamba_ssm.__version__
+    except ImportError:
+        pass
+    if args.checks:
+        results["checks"] = checks(tokenizer)
+        print("checks", results["checks"], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.shapes.split(","):
+        if time.monotonic() > deadline:
+            break
+        result = {"shape": name}
+        results["shapes"].append(result)
+
+        def save() -> None:
+            results["summary"] = summarize(results)
+            args.out.write_text(json.dumps(results, indent=1))
+
+        try:
+            bench_shape(name, args, tokenizer, deadline, result, save)
+        except Exception:  # keep what was measured, report the failure, go on with the next shape
+            result["error"] = traceback.format_exc()
+            print(result["error"], flush=True)
+        save()
+        torch.cuda.empty_cache()
+    print(json.dumps(results.get("summary"), indent=1))
+
+
+if __name__ == "__main__":
+    main()
