@@ -282,6 +282,8 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
 
 def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Validate a safetensors file's framing, header and checksum; return (metadata, tensors)."""
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save zip, or a raw pickle stream
+        raise _Invalid("a pickle (torch.save) file, not a picaso state: refused unread (unpickling can run code)")
     if len(data) < 8:
         raise _Invalid(f"truncated: {len(data)} bytes")
     (header_len,) = struct.unpack("<Q", data[:8])

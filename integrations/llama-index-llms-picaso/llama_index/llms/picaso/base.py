@@ -154,6 +154,7 @@ class PicasoLLM(CustomLLM):
         start = time.perf_counter()
         states: list[State | None] = [None] * len(docs)
         reasons: Counter[str] = Counter()
+        rejected: list[dict] = []  # stored states found unusable (reported in the response metadata)
         cached = loaded = 0
         to_encode: dict[str, list[int]] = {}
         for i, doc in enumerate(docs):
@@ -169,6 +170,8 @@ class PicasoLLM(CustomLLM):
                     states[i], loaded = state, loaded + 1
                     continue
                 reasons[found.status.value] += 1
+                if found.status is not StoreStatus.MISSING:
+                    rejected.append({"node_id": doc.node_id, "status": found.status.value, "detail": found.detail})
                 log = logger.warning if found.status is StoreStatus.CORRUPT else logger.info
                 log("state of node %s is %s (%s): re-encoding it from the node text", doc.node_id, found.status.value, found.detail)
             else:
@@ -186,7 +189,7 @@ class PicasoLLM(CustomLLM):
                     if self._store is not None and docs[i].node_id:
                         self._store.put(docs[i].node_id, state, text=docs[i].text)
         stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
-                 "encode_reasons": dict(reasons), "load_ms": round(load_ms, 3),
+                 "encode_reasons": dict(reasons), "states_rejected": rejected, "load_ms": round(load_ms, 3),
                  "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
         return StateResolution(states, stats)  # type: ignore[arg-type]
 
@@ -252,6 +255,7 @@ class PicasoLLM(CustomLLM):
                     resolved = self.resolve_states(segment.documents)
                     stats["late_states"]["loaded"] += resolved.stats["states_loaded"]
                     stats["late_states"]["encoded"] += resolved.stats["states_encoded"]
+                    stats["late_states"].setdefault("rejected", []).extend(resolved.stats["states_rejected"])
                     compose_start = time.perf_counter()
                     state = engine.compose(resolved.states, method=method, prefix=state, conv=ticket.conv)
                     stats["compose_ms"] += (time.perf_counter() - compose_start) * 1000

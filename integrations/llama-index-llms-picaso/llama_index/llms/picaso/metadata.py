@@ -113,7 +113,8 @@ def summarize(calls: list[dict]) -> dict:
             tickets[call["ticket"]] = call.get("retrieval", {})
     if not calls:
         return {"method": "none", "k": 0, "tokens_read": 0, "document_tokens": 0, "states_loaded": 0,
-                "states_encoded": 0, "states_cached": 0, "compose_ms": 0.0, "llm_calls": 0, "calls": []}
+                "states_encoded": 0, "states_cached": 0, "states_rejected": [], "compose_ms": 0.0, "llm_calls": 0,
+                "calls": []}
     composed = [c for c in calls if c["k"]] or calls
     methods = sorted({c["method"] for c in composed})
     late = [c.get("late_states", {}) for c in calls]
@@ -125,6 +126,9 @@ def summarize(calls: list[dict]) -> dict:
         "states_loaded": sum(t.get("states_loaded", 0) for t in tickets.values()) + sum(x.get("loaded", 0) for x in late),
         "states_encoded": sum(t.get("states_encoded", 0) for t in tickets.values()) + sum(x.get("encoded", 0) for x in late),
         "states_cached": sum(t.get("states_cached", 0) for t in tickets.values()),
+        # stored states that were not used (corrupt, another model's, stale): node id, status, detail
+        "states_rejected": [r for t in tickets.values() for r in t.get("states_rejected", [])]
+                           + [r for x in late for r in x.get("rejected", [])],
         "compose_ms": round(sum(c["compose_ms"] for c in calls), 3),
         "llm_calls": len(calls),
         "calls": calls,
