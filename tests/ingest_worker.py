@@ -50,14 +50,16 @@ def expected_nodes(copies: int, variant: str = ""):
     return splitter().model_copy(update={"id_func": stable_node_id})(documents(copies, variant))
 
 
-def open_world(directory: Path, engine, collection: str = "docs") -> tuple[ChromaVectorStore, PicasoLLM]:
+def open_world(directory: Path, engine, collection: str = "docs", states: Path | None = None) -> tuple[ChromaVectorStore, PicasoLLM]:
+    """Chroma under ``directory/chroma``; the state store under ``states`` (default ``directory/states``)."""
     client = chromadb.PersistentClient(path=str(directory / "chroma"))
     vector_store = ChromaVectorStore(chroma_collection=client.get_or_create_collection(collection))
-    return vector_store, PicasoLLM(engine=engine, state_store=StateStore(directory / "states"))
+    return vector_store, PicasoLLM(engine=engine, state_store=StateStore(states or directory / "states"))
 
 
-def run_ingest(directory: Path, engine, copies: int, variant: str = "", collection: str = "docs") -> list:
-    vector_store, llm = open_world(directory, engine, collection)
+def run_ingest(directory: Path, engine, copies: int, variant: str = "", collection: str = "docs",
+               states: Path | None = None) -> list:
+    vector_store, llm = open_world(directory, engine, collection, states)
     transformations = [splitter(), PicasoStateEncoder(llm, batch_size=4, show_progress=False), embed_model()]
     return ingest(documents(copies, variant), transformations, vector_store, documents_per_run=DOCUMENTS_PER_RUN,
                   show_progress=False)
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--variant", default="")
     parser.add_argument("--collection", default="docs")
+    parser.add_argument("--states", type=Path, help="state store directory (default DIR/states)")
     parser.add_argument("--kill-in-state-write", type=int, default=0,
                         help="SIGKILL after the Nth state's temporary file is written and fsynced, before its rename")
     parser.add_argument("--kill-in-chroma-add", type=int, default=0,
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         _kill_on_call(ChromaVectorStore, "add", args.kill_in_chroma_add, in_add)
 
     engine = sensitive_engine(Tokenizer.from_file(TOKENIZER_JSON))
-    added = run_ingest(args.directory, engine, args.copies, args.variant, args.collection)
+    added = run_ingest(args.directory, engine, args.copies, args.variant, args.collection, args.states)
     (args.directory / f"done-{args.collection}").write_text(str(len(added)))
     print(f"ingested {len(added)} nodes", file=sys.stderr)
 
