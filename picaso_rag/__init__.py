@@ -12,7 +12,7 @@ from .cache import CacheStats, StateCache
 from .compose import CONV_POLICIES, METHODS, compose, log_weights
 from .config import Mamba2Config
 from .engine import Generation, PicasoEngine
-from .errors import CheckpointError, PicasoError, StateMismatchError
+from .errors import CheckpointError, PicasoError, StateMismatchError, StoreNotWritableError
 from .generation import SamplingParams
 from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint
 from .model import Mamba2LM, init_weights
@@ -36,6 +36,7 @@ __all__ = [
     "StateCache",
     "StateMismatchError",
     "StateStore",
+    "StoreNotWritableError",
     "StoreStatus",
     "StoredState",
     "Tokenizer",

@@ -11,3 +11,7 @@ class CheckpointError(PicasoError):
 
 class StateMismatchError(PicasoError):
     """A state that does not belong to the model it is used with, or states of different models mixed."""
+
+
+class StoreNotWritableError(PicasoError):
+    """The state store's directory cannot be written (read-only file system, no permission)."""

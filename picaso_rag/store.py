@@ -26,12 +26,14 @@ never loaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import struct
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -42,7 +44,7 @@ from filelock import FileLock
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .errors import PicasoError, StateMismatchError
+from .errors import PicasoError, StateMismatchError, StoreNotWritableError
 from .state import State
 
 FORMAT = "picaso-state/1"
@@ -158,10 +160,24 @@ class StateStore:
         }
         metadata["checksum"] = _checksum(tensors, metadata)
         payload = save_safetensors(tensors, metadata=metadata)
-        with self._lock(node_id):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, payload)
+        with self._writable():
+            with self._lock(node_id):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(path, payload)
         return path
+
+    @contextmanager
+    def _writable(self) -> Iterator[None]:
+        """Turn "read-only" OS errors into an error that names the fix (reading still works)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise StoreNotWritableError(
+                f"the state store {self.directory} is not writable ({exc.strerror}: {exc.filename}); make it writable, "
+                "or pass StateStore('<a writable directory>'). Stored states can still be read."
+            ) from exc
 
     def delete(self, node_id: str, fingerprint: str | None = None) -> int:
         """Delete the state(s) of ``node_id``: of one model, or of every model (default).
@@ -171,7 +187,7 @@ class StateStore:
         dirs = [self._root / self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_dirs()
         key = self._key(node_id)
         removed = 0
-        with self._lock(node_id):
+        with self._writable(), self._lock(node_id):
             for model_dir in dirs:
                 try:
                     (model_dir / key[:2] / f"{key}.safetensors").unlink()

@@ -40,7 +40,8 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from picaso_rag import METHODS, PicasoEngine, PicasoError, State, StateCache, StateStore, StoreStatus
+from picaso_rag import (METHODS, PicasoEngine, PicasoError, State, StateCache, StateStore, StoreNotWritableError,
+                        StoreStatus)
 
 from .handoff import DocumentRef, Handoff, PromptPlan
 from .metadata import install as _install_metadata
@@ -187,7 +188,10 @@ class PicasoLLM(CustomLLM):
                 for i in to_encode[digest]:  # equal texts share one encoding, each node keeps its record
                     states[i] = state
                     if self._store is not None and docs[i].node_id:
-                        self._store.put(docs[i].node_id, state, text=docs[i].text)
+                        try:
+                            self._store.put(docs[i].node_id, state, text=docs[i].text)
+                        except StoreNotWritableError as exc:  # the answer does not need the file: go on
+                            logger.warning("state of node %s not stored: %s", docs[i].node_id, exc)
         stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
                  "encode_reasons": dict(reasons), "states_rejected": rejected, "load_ms": round(load_ms, 3),
                  "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}

@@ -61,6 +61,9 @@ class PicasoNodePostprocessor(BaseNodePostprocessor):
         return self._llm
 
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
+        if query_bundle is not None and not query_bundle.query_str.strip():
+            raise PicasoError("the query is empty or whitespace; pass a question (the documents would be composed "
+                              "for nothing).")
         docs = []
         for scored in nodes:
             text = node_llm_text(scored.node)

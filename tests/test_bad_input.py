@@ -1,0 +1,337 @@
+"""Item 5 of the reliability issue: bad input, kept together. Each case gets a clear error whose
+message names the fix (matched on a phrase), or a correct answer; and no case loses or changes data:
+the Chroma collection and every state file of the shared world are byte-identical afterwards.
+
+Real components throughout: a Chroma PersistentClient with MiniLM embeddings, the tiny sensitive
+Mamba-2, stock LlamaIndex query engines (tests/llamaindex_world.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import NodeWithScore, TextNode
+from llama_index.core.vector_stores import SimpleVectorStore
+from llama_index.llms.picaso import (PicasoLLM, PicasoNodePostprocessor, PicasoStateEncoder, add_nodes, ingest,
+                                     node_llm_text)
+from llama_index.llms.picaso.handoff import DocumentRef, Ticket
+
+from picaso_rag import (CheckpointError, PicasoEngine, PicasoError, State, StateCache, StateMismatchError, StateStore,
+                        StoreNotWritableError, StoreStatus, save_checkpoint)
+
+from .llamaindex_world import build_world, corpus_documents, embed_model, sensitive_engine
+from .test_corruption import KINDS
+from .test_llamaindex import QUESTION, fresh_llm, retrieval_stats, run_query
+
+MIXED = "Zero\x00width\u200b bell\x07 tab\t中文 العربية עברית Ελληνικά кириллица 🙂 e\u0301\r\nend"
+
+
+@dataclass
+class Ctx:
+    world: Any
+    engine: PicasoEngine
+    other: PicasoEngine  # another model (same shapes, other weights)
+    clean: Any  # the answer of QUESTION with every state intact
+    tmp: Path
+
+    def store_copy(self, name: str) -> StateStore:
+        """A copy of the world's state store, for cases that write."""
+        target = self.tmp / name
+        shutil.copytree(self.world.store.directory, target)
+        return StateStore(target)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, tokenizer) -> Ctx:
+    engine = sensitive_engine(tokenizer)
+    world = build_world(tmp_path_factory.mktemp("bad_input"), engine)
+    clean = run_query(world, QUESTION, llm=fresh_llm(world))
+    return Ctx(world, engine, sensitive_engine(tokenizer, seed=3), clean, tmp_path_factory.mktemp("bad_input_scratch"))
+
+
+def snapshot(world) -> tuple:
+    """Everything the world holds: Chroma records and each state file's bytes."""
+    records = world.collection.get(include=["documents", "metadatas", "embeddings"])
+    chroma = sorted(zip(records["ids"], records["documents"], (json.dumps(m, sort_keys=True) for m in records["metadatas"]),
+                        (hashlib.sha256(e.tobytes()).hexdigest() for e in records["embeddings"])))
+    files = {p.relative_to(world.store.directory): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(world.store.directory.rglob("*")) if p.is_file() and p.suffix != ".lock"}
+    return chroma, files
+
+
+class Duplicate(BaseNodePostprocessor):
+    """Retrieval that returns every node twice."""
+
+    def _postprocess_nodes(self, nodes, query_bundle=None):
+        return nodes + [NodeWithScore(node=n.node, score=n.score) for n in nodes]
+
+
+class AddEmptyNode(BaseNodePostprocessor):
+    """Retrieval that also returns a node without text."""
+
+    def _postprocess_nodes(self, nodes, query_bundle=None):
+        return nodes + [NodeWithScore(node=TextNode(text="", id_="node-without-text"), score=0.1)]
+
+
+@contextlib.contextmanager
+def read_only(directory: Path):
+    """``directory`` read-only: by permissions, or (as root, whom permissions do not stop) a read-only bind mount."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [directory, *directory.rglob("*")] if p.is_dir()}
+        for p in modes:
+            p.chmod(0o555)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    mount = subprocess.run(f"mount --bind '{directory}' '{directory}' && mount -o remount,bind,ro '{directory}'",
+                           shell=True, capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"running as root without mount rights: cannot make a read-only directory ({mount.stderr.strip()})")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+# ------------------------------------------------------------------------------ correct answers
+def long_document(c: Ctx) -> None:
+    text = " ".join(p.text for p in corpus_documents()) * 12  # thousands of tokens, far beyond any chunk
+    n_tokens = len(c.engine.tokenize(text))
+    state = c.engine.encode([text])[0]
+    _, read_state = c.engine.read(text)  # the same text read token by token in one prefill
+    assert n_tokens > 3000 and state.n_tokens == n_tokens
+    assert torch.allclose(state.ssm, read_state.ssm, rtol=1e-3, atol=1e-5)
+    store = StateStore(c.tmp / "long")
+    store.put("long", state, text=text)
+    assert torch.equal(store.get("long", c.engine.fingerprint, text=text).state.ssm, state.ssm)
+
+
+def mixed_scripts_document(c: Ctx) -> None:
+    """Control characters and mixed scripts: stored, found in the prompt (also escaped), composed."""
+    store = StateStore(c.tmp / "mixed")
+    llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=8)
+    doc = DocumentRef.of(MIXED, "mixed-node")
+    llm.handoff.register(Ticket("picaso-s", "mean", [doc], llm.resolve_states([doc]).stats))
+    assert store.get("mixed-node", c.engine.fingerprint, text=MIXED).ok
+    prompt = f"Context: {MIXED}\nQuestion: what scripts are there?\nAnswer:"
+    figures = llm.complete(prompt, formatted=True).additional_kwargs["picaso"]
+    assert figures["k"] == 1 and figures["document_tokens"] == len(c.engine.tokenize(MIXED))
+    assert figures["tokens_read"] < len(c.engine.tokenize(prompt)) - len(c.engine.tokenize(MIXED)) + 4
+
+
+def mixed_scripts_query(c: Ctx) -> None:
+    result = run_query(c.world, f"Eiffel {MIXED}?", llm=fresh_llm(c.world))
+    assert result.text and retrieval_stats(result.response)["states_loaded"] == 3
+
+
+def top_k_larger_than_collection(c: Ctx) -> None:
+    count = c.world.collection.count()
+    result = run_query(c.world, QUESTION, k=count + 50, llm=fresh_llm(c.world))
+    assert len(result.response.source_nodes) == count
+    assert retrieval_stats(result.response)["states_loaded"] == count and result.response.metadata["picaso"]["k"] == count
+
+
+def duplicate_nodes(c: Ctx) -> None:
+    result = run_query(c.world, QUESTION, llm=fresh_llm(c.world), before=(Duplicate(),))
+    stats = retrieval_stats(result.response)
+    assert len(result.response.source_nodes) == 6 and stats["states_encoded"] == 0
+    assert stats["states_loaded"] == 3 and stats["states_cached"] == 3  # each duplicate is its node's own state
+    assert result.text
+
+
+def node_without_text(c: Ctx) -> None:
+    result = run_query(c.world, QUESTION, llm=fresh_llm(c.world), before=(AddEmptyNode(),))
+    stats = retrieval_stats(result.response)
+    assert stats["states_loaded"] == 3 and stats["states_encoded"] == 0 and result.response.metadata["picaso"]["k"] == 3
+    assert not c.world.store.get("node-without-text", c.engine.fingerprint).ok
+
+
+def encoder_on_node_without_text(c: Ctx) -> None:
+    llm = PicasoLLM(engine=c.engine, state_store=StateStore(c.tmp / "empty-node"))
+    out = PicasoStateEncoder(llm, show_progress=False)([TextNode(text="", id_="empty")])
+    assert [n.node_id for n in out] == ["empty"] and not list(llm.state_store.node_ids())
+
+
+def missing_state_directory(c: Ctx) -> None:
+    directory = c.tmp / "not" / "created" / "yet"
+    store = StateStore(directory)
+    assert store.get("x", c.engine.fingerprint).status is StoreStatus.MISSING and not list(store.node_ids())
+    llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=c.world.llm.max_new_tokens)
+    result = run_query(c.world, QUESTION, llm=llm)
+    assert result.text == c.clean.text and retrieval_stats(result.response)["encode_reasons"] == {"missing": 3}
+    assert directory.is_dir() and len(list(store.node_ids())) == 3
+
+
+def read_only_store_answers(c: Ctx) -> None:
+    """Read-only: stored states are read, a re-encoded state is used without being stored, a put names the fix."""
+    store = c.store_copy("read-only")
+    victim = c.clean.response.source_nodes[0].node.node_id
+    store.delete(victim)
+    before = sorted(p.name for p in store.directory.rglob("*.safetensors"))
+    llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=c.world.llm.max_new_tokens)
+    with read_only(store.directory):
+        result = run_query(c.world, QUESTION, llm=llm)
+        with pytest.raises(StoreNotWritableError, match="make it writable"):
+            store.put("new", c.engine.encode(["new"])[0])
+        with pytest.raises(StoreNotWritableError, match="make it writable"):
+            store.delete(c.clean.response.source_nodes[1].node.node_id)
+    assert result.text == c.clean.text
+    assert retrieval_stats(result.response)["states_loaded"] == 2 and retrieval_stats(result.response)["states_encoded"] == 1
+    assert sorted(p.name for p in store.directory.rglob("*.safetensors")) == before
+
+
+def two_models_in_one_query(c: Ctx) -> None:
+    """One retrieved node's stored state is another model's: it alone is re-encoded; same answer."""
+    store = c.store_copy("two-models")
+    victim = c.clean.response.source_nodes[2].node
+    text = node_llm_text(victim)
+    foreign = StateStore(c.tmp / "foreign").put(victim.node_id, c.other.encode([text])[0], text=text)
+    shutil.copy(foreign, store.path(victim.node_id, c.engine.fingerprint))
+    llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=c.world.llm.max_new_tokens)
+    result = run_query(c.world, QUESTION, llm=llm)
+    assert result.text == c.clean.text and retrieval_stats(result.response)["encode_reasons"] == {"other-model": 1}
+
+
+def damaged_state_file(kind: str) -> Callable[[Ctx], None]:
+    def case(c: Ctx) -> None:
+        damage, status, phrase = KINDS[kind]
+        store = c.store_copy(f"damaged-{kind}")
+        node = c.clean.response.source_nodes[0].node
+        path = store.path(node.node_id, c.engine.fingerprint)
+        path.write_bytes(damage(path.read_bytes(), path=path, marker=c.tmp / "ran", node_id=node.node_id,
+                                text=node_llm_text(node), other={"dir": c.tmp / f"other-{kind}", "engine": c.other}))
+        found = store.get(node.node_id, c.engine.fingerprint, text=node_llm_text(node))
+        assert found.status is status and phrase in found.detail
+        llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=c.world.llm.max_new_tokens)
+        assert run_query(c.world, QUESTION, llm=llm).text == c.clean.text
+        assert store.get(node.node_id, c.engine.fingerprint, text=node_llm_text(node)).ok
+        assert not (c.tmp / "ran").exists()
+    return case
+
+
+# ---------------------------------------------------------------------------------- errors
+def nan_state(c: Ctx) -> State:
+    state = c.engine.encode(["a document"])[0]
+    ssm = state.ssm.clone()
+    ssm.view(-1)[0] = float("nan")
+    return State(ssm, state.conv.clone(), state.log_decay.clone(), state.n_tokens, state.fingerprint)
+
+
+def checkpoint(c: Ctx, name: str) -> Path:
+    directory = c.tmp / name
+    save_checkpoint(c.engine.model, c.engine.tokenizer, directory)
+    return directory
+
+
+def edit_config(c: Ctx, text: str) -> Path:
+    directory = checkpoint(c, f"config-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
+    (directory / "config.json").write_text(text)
+    return directory
+
+
+def without_tokenizer(c: Ctx) -> Path:
+    directory = checkpoint(c, "no-tokenizer")
+    (directory / "tokenizer.json").unlink()
+    return directory
+
+
+def query(c: Ctx, question: str, **kwargs):
+    return run_query(c.world, question, llm=fresh_llm(c.world), **kwargs)
+
+
+ANSWERS: dict[str, Callable[[Ctx], None]] = {
+    "document far longer than any chunk": long_document,
+    "control characters and mixed scripts in a document": mixed_scripts_document,
+    "control characters and mixed scripts in a query": mixed_scripts_query,
+    "similarity_top_k larger than the collection": top_k_larger_than_collection,
+    "duplicate nodes retrieved twice": duplicate_nodes,
+    "a retrieved node without text": node_without_text,
+    "a node without text given to the encoder": encoder_on_node_without_text,
+    "missing state directory": missing_state_directory,
+    "read-only store": read_only_store_answers,
+    "states of two models in one query": two_models_in_one_query,
+    **{f"{kind} state file": damaged_state_file(kind) for kind in KINDS},
+}
+
+ERRORS: dict[str, tuple[Callable[[Ctx], Any], type, str]] = {  # case -> (call, error, phrase naming the fix)
+    "empty document": (lambda c: c.engine.encode([""]), PicasoError, "drop it before encoding"),
+    "whitespace document": (lambda c: c.engine.encode([" \n\t "]), PicasoError, "empty or whitespace; drop it"),
+    "one text instead of a list": (lambda c: c.engine.encode("a text"), PicasoError, r"wrap a single text as \[text\]"),
+    "empty query": (lambda c: query(c, ""), PicasoError, "pass a question"),
+    "whitespace query": (lambda c: query(c, "  \n\t"), PicasoError, "pass a question"),
+    "empty prompt to the LLM": (lambda c: c.world.llm.complete(""), PicasoError, "pass the text to complete"),
+    "empty query to the engine": (lambda c: c.engine.generate(""), PicasoError, "pass a non-empty query"),
+    "similarity_top_k=0": (lambda c: query(c, QUESTION, k=0), Exception, "cannot be negative, or zero"),
+    "k=0 states to compose": (lambda c: c.engine.compose([]), PicasoError, "pass at least one document state"),
+    "unknown composition method (postprocessor)": (lambda c: PicasoNodePostprocessor(c.world.llm, method="fancy"),
+                                                   PicasoError, "choose one of .*picaso-s"),
+    "unknown composition method (engine)": (lambda c: c.engine.compose(c.engine.encode(["x"]), method="fancy"),
+                                            PicasoError, "choose one of .*picaso-s"),
+    "order-dependent conv policy": (lambda c: PicasoNodePostprocessor(c.world.llm, conv="last"), PicasoError,
+                                    "use 'mean'"),
+    "states of two models composed": (lambda c: c.engine.compose(c.engine.encode(["x"]) + c.other.encode(["y"])),
+                                      StateMismatchError, "re-encode the document with this model"),
+    "NaN in a state": (lambda c: c.engine.compose([nan_state(c)]), PicasoError, "corrupt: re-encode"),
+    "NaN state stored": (lambda c: StateStore(c.tmp / "nan").put("n", nan_state(c)), PicasoError, "re-encode"),
+    "store path is a file": (lambda c: StateStore(c.world.directory / "chroma" / "chroma.sqlite3"), PicasoError,
+                             "pass a directory"),
+    "empty node id": (lambda c: c.world.store.get("", c.engine.fingerprint), PicasoError, "non-empty string"),
+    "not a fingerprint": (lambda c: c.world.store.get("n", "abc"), PicasoError, "engine.fingerprint"),
+    "one node id to delete_many": (lambda c: c.world.store.delete_many("n"), PicasoError, "delete\\(node_id\\)"),
+    "integer storage dtype": (lambda c: StateStore(c.tmp / "int", dtype=torch.int8), PicasoError, "torch.bfloat16"),
+    "non-checkpoint model directory": (lambda c: PicasoEngine.from_pretrained(c.tmp), CheckpointError,
+                                       "holds config.json and the weights"),
+    "model directory that does not exist": (lambda c: PicasoEngine.from_pretrained(c.tmp / "no" / "such"),
+                                            CheckpointError, "path of a Mamba-2 checkpoint directory"),
+    "config.json that is not JSON": (lambda c: PicasoEngine.from_pretrained(edit_config(c, "{not json")),
+                                     CheckpointError, "restore the checkpoint's config.json"),
+    "config of another architecture": (lambda c: PicasoEngine.from_pretrained(edit_config(c, '{"model_type": "llama"}')),
+                                       CheckpointError, "neither a mamba_ssm"),
+    "checkpoint without its tokenizer": (lambda c: PicasoEngine.from_pretrained(without_tokenizer(c)), CheckpointError,
+                                         "tokenizer="),
+    "LLM without a model": (lambda c: PicasoLLM(), PicasoError, "pass model="),
+    "LLM with an unknown dtype": (lambda c: PicasoLLM(model=str(checkpoint(c, "dtype")), dtype="float8"), PicasoError,
+                                  "use one of float32"),
+    "encoder without a state store": (lambda c: PicasoStateEncoder(PicasoLLM(engine=c.engine)), PicasoError,
+                                      "state_store=StateStore"),
+    "nodes without embeddings": (lambda c: add_nodes(c.world.vector_store, [TextNode(text="x", id_="x")]), PicasoError,
+                                 "put an embedding model"),
+    "documents_per_run=0": (lambda c: ingest([], [], c.world.vector_store, documents_per_run=0), PicasoError, ">= 1"),
+    "resumable ingest into a store that is not Chroma": (
+        lambda c: ingest(corpus_documents()[:1], [embed_model()], SimpleVectorStore()), PicasoError, "resume=False"),
+    "negative cache budget": (lambda c: StateCache(-1), PicasoError, "0 disables a tier"),
+}
+
+
+def test_there_are_at_least_30_cases():
+    assert len(ANSWERS) + len(ERRORS) >= 30
+
+
+@pytest.mark.parametrize("case", list(ANSWERS))
+def test_bad_input_gets_a_correct_answer(ctx, case):
+    before = snapshot(ctx.world)
+    ANSWERS[case](ctx)
+    assert snapshot(ctx.world) == before  # nothing lost, nothing changed
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_gets_an_error_naming_the_fix(ctx, case):
+    call, error, phrase = ERRORS[case]
+    before = snapshot(ctx.world)
+    with pytest.raises(error, match=phrase):
+        call(ctx)
+    assert snapshot(ctx.world) == before  # nothing lost, nothing changed
