@@ -23,6 +23,7 @@ what a call allocates beyond what was already allocated (model weights, resident
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -128,7 +129,7 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
     d_model, n_layer = SHAPES[name]
     cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
     model = init_weights(on_gpu(cfg), seed=0)
-    engine = PicasoEngine(model, tokenizer, fingerprint=f"latency-{name}")
+    engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"latency-{name}".encode()).hexdigest())
     theirs = mamba_ssm_model(d_model, n_layer, model.state_dict())
     result.update({"d_model": d_model, "n_layer": n_layer, "runs": []})
     rng = torch.Generator().manual_seed(0)
@@ -198,7 +199,8 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
                     return gpu_states[:k]
                 if where == "pinned":
                     return [s.to("cuda", non_blocking=True) for s in pinned[:k]]
-                return [store.get(f"doc-{n_doc}-{i}", engine.fingerprint).state.to("cuda", non_blocking=True) for i in range(k)]
+                found = store.get_many([f"doc-{n_doc}-{i}" for i in range(k)], engine.fingerprint)
+                return [f.state.to("cuda", non_blocking=True) for f in found]
 
             for method in args.methods:
                 for where in ("gpu", "pinned", "disk"):

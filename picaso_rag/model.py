@@ -10,6 +10,7 @@ load as they are. Per layer the state is:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -53,13 +54,18 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(cfg.d_inner, cfg.norm_eps, group_size=cfg.d_inner // cfg.ngroups)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, u: Tensor, ssm_state: Tensor, conv_state: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, u: Tensor, ssm_state: Tensor, conv_state: Tensor, mask: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Read u [b, l, d_model] from the states; ``mask``/``lengths`` None: no row is padded."""
         cfg = self.cfg
         b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
         xBC, conv_state = causal_conv(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, lengths)
         x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*cfg.dt_limit) * mask[..., None]
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if cfg.dt_limit != (0.0, math.inf):  # softplus is >= 0 already: skip a no-op clamp (one launch per layer)
+            dt = dt.clamp(*cfg.dt_limit)
+        if mask is not None:  # padding reads as dt = 0: no decay, no input
+            dt = dt * mask[..., None]
         A = -torch.exp(self.A_log.float())
         log_decay = A * dt.sum(dim=1)  # [b, h]; padding has dt = 0
         x = x.unflatten(-1, (cfg.nheads, cfg.headdim))
@@ -140,9 +146,7 @@ class Mamba2LM(nn.Module):
         ``logits``: "all" positions, "last" real position of each row, or "none" (encoding only).
         """
         b, l = input_ids.shape
-        if lengths is None:
-            lengths = torch.full((b,), l, dtype=torch.long, device=input_ids.device)
-        mask = (torch.arange(l, device=input_ids.device)[None, :] < lengths[:, None]).float()
+        mask = None if lengths is None else (torch.arange(l, device=input_ids.device)[None, :] < lengths[:, None]).float()
         zero_ssm, zero_conv = self.empty_state(b) if ssm_state is None or conv_state is None else (None, None)
         ssm_state = zero_ssm if ssm_state is None else ssm_state
         conv_state = zero_conv if conv_state is None else conv_state
@@ -161,7 +165,7 @@ class Mamba2LM(nn.Module):
         if logits == "all":
             out_logits = self.lm_head(hidden)
         elif logits == "last":
-            last = hidden[torch.arange(b, device=hidden.device), (lengths - 1).clamp(min=0)]
+            last = hidden[:, -1] if lengths is None else hidden[torch.arange(b, device=hidden.device), (lengths - 1).clamp(min=0)]
             out_logits = self.lm_head(last)[:, None]
         elif logits == "none":
             out_logits = None

@@ -110,7 +110,8 @@ def test_caso_equals_concatenation_on_exact_model(exact_engine):
 def test_picaso_equals_mean_of_concatenations_on_exact_model(exact_engine, method, orders):
     states = exact_engine.encode(TEXTS[:4])
     # PICASO-R averages the rotations of one cyclic order: the canonical (content-sorted) one
-    texts = [TEXTS[next(i for i, s in enumerate(states) if s is c)] for c in canonical_order(states)]
+    order = canonical_order(torch.stack([s.log_decay for s in states]), [s.n_tokens for s in states])
+    texts = [TEXTS[i] for i in order]
     prefix = exact_engine.encode(["Context information is below."])[0]
     got = compose(states, method, prefix=prefix)
     prefix_ids = exact_engine.tokenize("Context information is below.")

@@ -231,3 +231,28 @@ def test_bad_input_names_the_fix(tmp_path, engine, states):
         StateStore(tmp_path / "file")
     with pytest.raises(PicasoError, match="floating-point"):
         StateStore(tmp_path / "x", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_all_finite_by_exponent_bits_finds_nan_and_inf(dtype):
+    from picaso_rag.state import all_finite
+
+    t = torch.randn(1000).to(dtype)
+    assert all_finite(t) and all_finite(torch.full((3,), torch.finfo(dtype).max, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[537] = bad
+        assert not all_finite(u)
+
+
+def test_get_many_equals_get_in_order(tmp_path, engine, states):
+    store = StateStore(tmp_path)
+    for i, state in enumerate(states):
+        store.put(f"n{i}", state, text=f"text {i}")
+    ids = [f"n{i}" for i in range(len(states))] + ["missing"]
+    texts = [f"text {i}" for i in range(len(states))] + [None]
+    many = store.get_many(ids, engine.fingerprint, texts)
+    one_by_one = [store.get(n, engine.fingerprint, t) for n, t in zip(ids, texts)]
+    assert [f.status for f in many] == [f.status for f in one_by_one] == [StoreStatus.OK] * len(states) + [StoreStatus.MISSING]
+    for a, b in zip(many[:-1], one_by_one[:-1]):
+        assert torch.equal(a.state.ssm, b.state.ssm) and a.state.n_tokens == b.state.n_tokens

@@ -237,11 +237,11 @@ def _conv_step_kernel():
     return _conv_step_compiled
 
 
-def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor) -> tuple[Tensor, Tensor]:
+def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
     """Depthwise causal conv1d continuing from ``conv_state``, then SiLU.
 
     xBC [b, l, c]; conv_state [b, c, w-1] (the last w-1 inputs before this segment);
-    weight [c, w]; lengths [b] (real tokens per row; rows are right-padded).
+    weight [c, w]; lengths [b] (real tokens per row; rows are right-padded), None if no row is.
     Returns the activated output [b, l, c] and the new conv state [b, c, w-1]: the last
     w-1 inputs up to each row's own length (so padding never enters a state).
     """
@@ -251,6 +251,9 @@ def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | 
         out = (window * weight).sum(-1, keepdim=True) + (bias[:, None] if bias is not None else 0)
     else:
         out = F.conv1d(window, weight[:, None, :], bias, groups=weight.shape[0])  # valid conv: length l
-    idx = lengths.to(window.device)[:, None] + torch.arange(width - 1, device=window.device)  # [b, w-1]
-    new_conv_state = torch.gather(window, 2, idx[:, None, :].expand(-1, window.shape[1], -1))
+    if lengths is None:
+        new_conv_state = window[..., window.shape[-1] - (width - 1):]
+    else:
+        idx = lengths.to(window.device)[:, None] + torch.arange(width - 1, device=window.device)  # [b, w-1]
+        new_conv_state = torch.gather(window, 2, idx[:, None, :].expand(-1, window.shape[1], -1))
     return F.silu(out.transpose(1, 2)), new_conv_state
