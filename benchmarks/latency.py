@@ -257,6 +257,23 @@ def summarize(results: dict) -> dict:
     return out
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One result file from runs of several shapes (the per-call time limit splits a full sweep)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if len({r["device"] for r in runs}) != 1:
+        raise SystemExit("results from different devices do not merge")
+    merged = {k: v for k, v in runs[0].items() if k not in ("shapes", "summary", "args")}
+    merged["merged_from"] = [{"file": p.name, "args": r["args"]} for p, r in zip(paths, runs)]
+    shapes = {}
+    for r in runs:
+        for shape in r["shapes"]:
+            shapes[shape["shape"]] = dict(shape, repeats=r["args"]["repeats"])
+    merged["shapes"] = [shapes[name] for name in SHAPES if name in shapes]
+    merged["summary"] = summarize(merged)
+    out.write_text(json.dumps(merged, indent=1))
+    print(json.dumps(merged["summary"], indent=1))
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -306,9 +323,13 @@ def main() -> None:
     parser.add_argument("--checks", action="store_true", help="also run the GPU checks of kernels and graphs")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/latency_h100.json"))
     parser.add_argument("--plot", type=Path, help="only draw the PNGs of an existing result file")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only merge result files of one machine into --out")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
+        return
+    if args.merge:
+        merge(args.merge, args.out)
         return
     args.ks = [int(k) for k in args.ks.split(",")]
     args.doc_tokens = [int(n) for n in args.doc_tokens.split(",")]
