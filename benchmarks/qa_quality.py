@@ -8,7 +8,7 @@ Contexts: HotpotQA, the question's 10 paragraphs (in the dataset's order); SQuAD
 followed by "\\n\\n"; the prompt "Question: {q}\\nAnswer:" is read after the (composed) context.
 Scores: per-token NLL of " {answer}" after the prompt, and exact match / F1 (SQuAD's answer
 normalisation) of the greedy answer (at most 16 tokens, ends at a newline). Methods as in
-benchmarks/quality.py: none, concat, concat-shuffled (mean over 5 orders), soup, caso, picaso-s, picaso-r.
+benchmarks/quality.py: none, concat, concat-shuffled (mean, and std over 5 orders), soup, caso, picaso-s, picaso-r.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def evaluate(engine: PicasoEngine, paragraphs: list[str], questions: list[dict],
             if (k == 0) != (method == "none"):
                 continue
             start, nll, em, f1s = time.perf_counter(), [], [], []
+            nll_by_order: list[list[float]] = [[] for _ in range(N_SHUFFLES)]  # concat-shuffled: the spread over orders
             for q in tqdm(questions, desc=f"k={k} {method}", leave=False):
                 ctx = q["contexts"][:k]
                 prompt = engine.tokenize(PROMPT.format(question=q["question"]))
@@ -129,10 +130,15 @@ def evaluate(engine: PicasoEngine, paragraphs: list[str], questions: list[dict],
                     per_order_nll.append(F.cross_entropy(logits[len(prefix) + len(prompt) - 1:], torch.tensor(answer, device=logits.device)).item())
                     per_order_text.append(engine.generate(prefix + prompt, state=state, max_new_tokens=max_new_tokens, stop=["\n"]).text)
                 nll.append(statistics.mean(per_order_nll))
+                if method == "concat-shuffled":
+                    for s, value in enumerate(per_order_nll):
+                        nll_by_order[s].append(value)
                 em.append(statistics.mean(max(float(normalize(t) == normalize(a)) for a in q["answers"]) for t in per_order_text))
                 f1s.append(statistics.mean(max(f1(t, a) for a in q["answers"]) for t in per_order_text))
             results.setdefault(str(k), {})[method] = {"answer_nll": statistics.mean(nll), "exact_match": statistics.mean(em),
                                                       "f1": statistics.mean(f1s), "seconds": time.perf_counter() - start}
+            if method == "concat-shuffled":  # std over the 5 orders of the dataset-mean NLL, as benchmarks/quality.py
+                results[str(k)][method]["answer_nll_std_over_orders"] = statistics.pstdev(statistics.mean(o) for o in nll_by_order)
             r = results[str(k)][method]
             print(f"k={k:2d} {method:16s} answer nll {r['answer_nll']:.3f}  EM {r['exact_match']:.3f}  F1 {r['f1']:.3f}")
     return results
