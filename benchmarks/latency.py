@@ -274,6 +274,30 @@ def merge(paths: list[Path], out: Path) -> None:
     print(json.dumps(merged["summary"], indent=1))
 
 
+def table(path: Path) -> str:
+    """The summary table of docs/performance.md and the README, from a result file."""
+    results = json.loads(path.read_text())
+    lines = ["| shape | state (MiB) | TTFT k=10 x 512: concat | PICASO-S, states on GPU | pinned | disk | "
+             "64-token answer, 2048-token docs, mean k=2..20 (GPU) | compose kernel / floor, k>=5 | encode / prefill | decode / mamba_ssm |",
+             "|" + " --- |" * 10]
+    for shape in results["shapes"]:
+        run = next((r for r in shape["runs"] if r["k"] == 10 and r["doc_tokens"] == 512), None)
+        summary = results["summary"][shape["shape"]]
+        if run is None:
+            continue
+        concat = min(run["concat_ours_ttft_ms"], run["concat_mamba_ssm_ttft_ms"])
+        answer = summary.get("answer_speedup_2048_mean_gpu")
+        lines.append(
+            f"| mamba2-{shape['shape']} | {shape['state_MiB']:.0f} | {concat:.1f} ms | "
+            f"{run['picaso-s_gpu_ttft_ms']:.1f} ms ({run['picaso-s_gpu_ttft_speedup']:.1f}x) | "
+            f"{run['picaso-s_pinned_ttft_ms']:.1f} ms ({run['picaso-s_pinned_ttft_speedup']:.1f}x) | "
+            f"{run['picaso-s_disk_ttft_ms']:.0f} ms ({run['picaso-s_disk_ttft_speedup']:.2f}x) | "
+            f"{f'{answer:.2f}x' if answer else 'not measured (time budget)'} | "
+            f"{summary['compose_kernel_vs_floor_min_k5plus']:.0%} | {summary['encode_vs_prefill']:.0%} | "
+            f"{summary['decode_vs_mamba_ssm']:.2f}x |")
+    return "\n".join(lines)
+
+
 def plot(path: Path) -> None:
     import matplotlib
 
@@ -323,10 +347,14 @@ def main() -> None:
     parser.add_argument("--checks", action="store_true", help="also run the GPU checks of kernels and graphs")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/latency_h100.json"))
     parser.add_argument("--plot", type=Path, help="only draw the PNGs of an existing result file")
+    parser.add_argument("--table", type=Path, help="only print the summary table of an existing result file")
     parser.add_argument("--merge", type=Path, nargs="+", help="only merge result files of one machine into --out")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
+        return
+    if args.table:
+        print(table(args.table))
         return
     if args.merge:
         merge(args.merge, args.out)

@@ -252,7 +252,7 @@ def causal_conv(xBC: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | 
     else:
         out = F.conv1d(window, weight[:, None, :], bias, groups=weight.shape[0])  # valid conv: length l
     if lengths is None:
-        new_conv_state = window[..., window.shape[-1] - (width - 1):]
+        new_conv_state = window[..., window.shape[-1] - (width - 1):].clone()  # a view would keep the whole window alive
     else:
         idx = lengths.to(window.device)[:, None] + torch.arange(width - 1, device=window.device)  # [b, w-1]
         new_conv_state = torch.gather(window, 2, idx[:, None, :].expand(-1, window.shape[1], -1))
