@@ -158,17 +158,30 @@ class PicasoLLM(CustomLLM):
         rejected: list[dict] = []  # stored states found unusable (reported in the response metadata)
         cached = loaded = 0
         to_encode: dict[str, list[int]] = {}
+        misses, repeats, first_of = [], [], set()
         for i, doc in enumerate(docs):
             state = self._cache.get(doc.digest)
             if state is not None:
                 states[i], cached = state, cached + 1
-                continue
-            if self._store is not None and doc.node_id:
-                found = self._store.get(doc.node_id, self._engine.fingerprint, text=doc.text)
+            elif doc.digest in first_of:  # the same text again: served by its first occurrence below
+                repeats.append(i)
+            else:
+                first_of.add(doc.digest)
+                misses.append(i)
+        loaded_by_digest: dict[str, State] = {}
+        stored = [i for i in misses if self._store is not None and docs[i].node_id]
+        # one call for all the misses: the files are read and verified in parallel
+        found_by_index = dict(zip(stored, self._store.get_many([docs[i].node_id for i in stored], self._engine.fingerprint,
+                                                               [docs[i].text for i in stored]))) if stored else {}
+        for i in misses:
+            doc = docs[i]
+            if i in found_by_index:
+                found = found_by_index[i]
                 if found.ok:
                     state = found.state.to(self._engine.device, dtype=self._engine.model.dtype)
                     self._cache.put(doc.digest, state)
                     states[i], loaded = state, loaded + 1
+                    loaded_by_digest[doc.digest] = state
                     continue
                 reasons[found.status.value] += 1
                 if found.status is not StoreStatus.MISSING:
@@ -178,6 +191,11 @@ class PicasoLLM(CustomLLM):
             else:
                 reasons["not stored" if self._store is None else "no node id"] += 1
             to_encode.setdefault(doc.digest, []).append(i)
+        for i in repeats:  # as if read after its first occurrence: from memory, or encoded with it
+            if docs[i].digest in loaded_by_digest:
+                states[i], cached = loaded_by_digest[docs[i].digest], cached + 1
+            else:
+                to_encode.setdefault(docs[i].digest, []).append(i)
         load_ms = (time.perf_counter() - start) * 1000
         encode_start = time.perf_counter()
         if to_encode:
