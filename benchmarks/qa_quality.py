@@ -146,15 +146,21 @@ def evaluate(engine: PicasoEngine, paragraphs: list[str], questions: list[dict],
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--dataset", choices=["squad", "hotpotqa"], required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--dataset", choices=["squad", "hotpotqa"])
     parser.add_argument("--k", type=int, nargs="+", default=None, help="default: 0 10 (HotpotQA), 0 1 2 5 10 (SQuAD)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--retrieval-cache", type=Path, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, required=True, help="output prefix: writes .json and .md")
+    parser.add_argument("--out", type=Path, help="output prefix: writes .json, .md and .png")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing result .json")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return {}
+    if not (args.model and args.dataset and args.out):
+        parser.error("--model, --dataset and --out are required (or --plot RESULT.json)")
     engine = PicasoEngine.from_pretrained(args.model, device=args.device)
     if args.dataset == "hotpotqa":
         paragraphs, questions = hotpotqa(args.limit)
@@ -175,8 +181,37 @@ def main(argv: list[str] | None = None) -> dict:
         for m, r in row.items():
             lines.append(f"| {k} | {m} | {r['answer_nll']:.3f} | {r['exact_match']:.3f} | {r['f1']:.3f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(report, args.out.with_suffix(".png"))
     print("\n".join(lines))
     return report
+
+
+def plot(report: dict, path: Path) -> None:
+    """Answer NLL of each method, one group of bars per k; the no-context score as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    ks = [k for k in results if k != "0"]
+    methods = [m for m in METHODS if m != "none" and any(m in results[k] for k in ks)]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(methods) * max(1, len(ks)) / 2, 3.6))
+    width = 0.8 / max(1, len(ks))
+    for j, k in enumerate(ks):
+        values = [results[k].get(m, {}).get("answer_nll", float("nan")) for m in methods]
+        ax.bar([i + j * width for i in range(len(methods))], values, width, label=f"k={k}")
+    if "0" in results:
+        ax.axhline(results["0"]["none"]["answer_nll"], color="k", ls="--", lw=1, label="no context")
+    ax.set_xticks([i + width * (len(ks) - 1) / 2 for i in range(len(methods))], methods, fontsize=8)
+    values = [r["answer_nll"] for row in results.values() for r in row.values()]
+    ax.set_ylim(min(values) - 0.3, max(values) + 0.2)
+    ax.set_ylabel("answer NLL (nats/token)")
+    ax.set_title(f"{report['dataset']}, {report['n_questions']} questions, {Path(report['model']).name} ({report['device']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
