@@ -122,13 +122,14 @@ def compose(
             raise PicasoError(f"states on different devices ({s.device} and {ref.device}); move them with state.to(device) first.")
     if not states:
         return prefix  # type: ignore[return-value]
-    log_decay_host = torch.stack([s.log_decay for s in states]).cpu()  # [n, L, H]: one copy, one sync
+    log_decay = torch.stack([s.log_decay for s in states])  # [n, L, H]
+    log_decay_host = log_decay.cpu()  # one copy, one sync: validation and ordering run on the host
     if not (torch.isfinite(log_decay_host).all() and (log_decay_host <= 0).all()):
         raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
     if method in ORDER_INVARIANT:
         order = canonical_order(log_decay_host, [s.n_tokens for s in states])
         states = [states[i] for i in order]
-    log_decay = torch.stack([s.log_decay for s in states])
+        log_decay = log_decay[torch.tensor(order, device=log_decay.device)]
     ssm, conv_state, total_log_decay = compose_tensors(
         [s.ssm for s in states], [s.conv for s in states], log_decay, method, conv,
         prefix_ssm=prefix.ssm if prefix is not None else None,
