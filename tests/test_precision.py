@@ -1,0 +1,91 @@
+"""Storage precision (picaso_rag.precision): fp32 exact, bf16 and fp8 within their rounding, log-decays exact."""
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from picaso_rag import Mamba2Config, PicasoError, State
+from picaso_rag.precision import FP8, PRECISIONS, dequantize, precision_of, quantize, roundtrip, state_nbytes
+
+CFG = Mamba2Config(d_model=64, n_layer=3, vocab_size=128, d_state=16, headdim=16)
+
+
+def random_state(seed: int = 0) -> State:
+    g = torch.Generator().manual_seed(seed)
+    ssm = torch.randn(CFG.n_layer, CFG.nheads, CFG.headdim, CFG.d_state, generator=g)
+    # heads whose magnitudes differ by orders of magnitude, as the decays of real heads make them
+    ssm *= torch.logspace(-4, 2, CFG.nheads)[None, :, None, None]
+    ssm[1, 2] = 0.0  # an all-zero head
+    conv = torch.randn(CFG.n_layer, CFG.conv_dim, CFG.d_conv - 1, generator=g)
+    log_decay = -torch.rand(CFG.n_layer, CFG.nheads, generator=g) * 50
+    return State(ssm, conv, log_decay, 17, "ab" * 32)
+
+
+def test_fp32_is_exact_and_log_decay_always_fp32_exact():
+    state = random_state()
+    for precision in PRECISIONS:
+        tensors = quantize(state, precision)
+        assert tensors["log_decay"].dtype == torch.float32
+        assert torch.equal(tensors["log_decay"], state.log_decay)
+        back = dequantize(tensors, state.n_tokens, state.fingerprint)
+        assert torch.equal(back.log_decay, state.log_decay)
+        assert (back.n_tokens, back.fingerprint) == (state.n_tokens, state.fingerprint)
+    back = roundtrip(state, "fp32")
+    assert torch.equal(back.ssm, state.ssm) and torch.equal(back.conv, state.conv)
+
+
+def test_bf16_within_bf16_rounding():
+    state = random_state()
+    back = roundtrip(state, "bf16")
+    assert back.ssm.dtype == torch.float32  # roundtrip returns the state's own dtype
+    # bf16 keeps 8 significant bits: relative error at most 2^-8 per element
+    assert ((back.ssm - state.ssm).abs() <= state.ssm.abs() * 2**-8).all()
+    assert quantize(state, "bf16")["ssm"].dtype == torch.bfloat16
+
+
+def test_fp8_per_head_scale_keeps_every_head():
+    state = random_state()
+    tensors = quantize(state, "fp8")
+    assert tensors["ssm"].dtype == FP8 and tensors["ssm_scale"].shape == (CFG.n_layer, CFG.nheads)
+    assert tensors["conv"].dtype == torch.bfloat16
+    back = roundtrip(state, "fp8")
+    err = (back.ssm - state.ssm).flatten(2).norm(dim=2) / state.ssm.flatten(2).norm(dim=2).clamp_min(1e-30)
+    nonzero = state.ssm.flatten(2).abs().amax(2) > 0
+    # e4m3 keeps 4 significant bits: a few percent per head, whatever the head's magnitude (1e-4 .. 1e2)
+    assert err[nonzero].max() < 0.05
+    assert torch.equal(back.ssm[1, 2], torch.zeros_like(back.ssm[1, 2]))  # zero head: exact, no NaN
+    # one scale for the whole tensor would flush the smallest heads to zero: the per-head scale is needed
+    whole = (state.ssm / (state.ssm.abs().max() / 448)).to(FP8).float() * (state.ssm.abs().max() / 448)
+    assert (whole[:, 0] == 0).float().mean() > 0.9 and (back.ssm[:, 0] != 0).float().mean() > 0.9
+
+
+def test_safetensors_roundtrip_and_precision_of():
+    state = random_state()
+    for precision in PRECISIONS:
+        tensors = load(save(quantize(state, precision)))
+        assert precision_of(tensors) == precision
+        assert torch.equal(dequantize(tensors, 17, state.fingerprint).ssm, roundtrip(state, precision).ssm)
+
+
+def test_nbytes_from_config_match_the_tensors():
+    state = random_state()
+    for precision in PRECISIONS:
+        tensors = quantize(state, precision)
+        assert state_nbytes(CFG, precision) == sum(t.numel() * t.element_size() for t in tensors.values())
+    big = Mamba2Config(d_model=2560, n_layer=64, vocab_size=50288)  # mamba2-2.7b
+    assert state_nbytes(big, "bf16") / 2**20 == pytest.approx(82.0, abs=1.0)  # the figure of ../shared/docs/gpu.md
+    assert state_nbytes(big, "fp8") < 0.52 * state_nbytes(big, "bf16")
+
+
+def test_bad_input_names_the_fix():
+    state = random_state()
+    with pytest.raises(PicasoError, match="fp32, bf16, fp8"):
+        quantize(state, "int4")
+    tensors = quantize(state, "fp8")
+    del tensors["ssm_scale"]
+    with pytest.raises(PicasoError, match="Re-encode"):
+        dequantize(tensors, 17, state.fingerprint)
+    tensors = quantize(state, "fp8")
+    tensors["ssm_scale"] = tensors["ssm_scale"][:1]
+    with pytest.raises(PicasoError, match="re-encode"):
+        dequantize(tensors, 17, state.fingerprint)
