@@ -100,7 +100,50 @@ class GraphedModel:
         return entry
 
 
-def _capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+class BatchedStepGraphs:
+    """Decode-step graphs at bucketed batch sizes over the scheduler's batch tensors.
+
+    ``token_ids`` [max_batch], ``ssm_state`` / ``conv_state`` [max_batch, L, ...]: the graph of
+    bucket b steps rows [0, b) in place; rows past the active ones compute on stale states and are
+    ignored. Every bucket is captured up front (:meth:`capture_all`): a capture's warm-up steps the
+    rows, so it must not run while requests are active. The graphs share one memory pool (they
+    never run at once). Usage (what :class:`picaso_rag.scheduler.Scheduler` does on CUDA)::
+
+        graphs = BatchedStepGraphs(model, tokens, ssm, conv); graphs.capture_all()
+        logits = graphs.step(n_active)[:n_active]
+    """
+
+    def __init__(self, model: Mamba2LM, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor,
+                 buckets: tuple[int, ...] | None = None):
+        max_batch = token_ids.shape[0]
+        if buckets is None:  # powers of two, and max_batch itself
+            buckets = tuple(sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}))
+        self.model, self.buckets = model, buckets
+        self.token_ids, self.ssm_state, self.conv_state = token_ids, ssm_state, conv_state
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+
+    def bucket(self, n: int) -> int:
+        """The smallest bucket holding ``n`` rows."""
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} rows exceed the largest bucket {self.buckets[-1]}")
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for b in sorted(self.buckets, reverse=True):  # largest first: the smaller ones fit in its pool
+            self._graphs[b] = _capture(lambda b=b: self.model.step(self.token_ids[:b], self.ssm_state[:b], self.conv_state[:b]),
+                                       pool=pool)
+
+    def step(self, n: int) -> Tensor:
+        """Step rows [0, bucket(n)); returns their logits [bucket, vocab] (valid until the next replay)."""
+        graph, logits = self._graphs[self.bucket(n)]
+        graph.replay()
+        return logits
+
+
+def _capture(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
     """Capture ``fn`` after two warm-up runs on a side stream (Triton compiles and autotunes
     there, and cuBLAS picks its kernels, neither of which may happen during a capture)."""
     stream = torch.cuda.Stream()
@@ -110,6 +153,6 @@ def _capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out

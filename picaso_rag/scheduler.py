@@ -1,0 +1,387 @@
+"""Continuous batching: many requests, each read from its own (composed) state, decoded together.
+
+A request is a prompt (token ids or text), the state it is read from (a composed PICASO state, a
+document state, or None) and its own sampling parameters. One worker thread runs the loop:
+
+1. **join**: waiting requests are read in one batched forward, each row from its own initial
+   state (rows right-padded; padding never changes a state), and each gets its first token; the
+   state after its prompt is copied into a free row of the decode batch;
+2. **decode**: one :meth:`Mamba2LM.step` for every active row (on CUDA a graph replay at the
+   smallest bucketed batch size >= the rows in use);
+3. **leave**: a row that produced EOS, a stop string, its ``max_new_tokens`` or was cancelled
+   is freed at once (the last row moves into the hole, so active rows stay a prefix of the batch).
+
+Greedy tokens equal :meth:`PicasoEngine.generate`'s for every request (tests/test_scheduler.py);
+sampling uses the same per-request seeded :class:`Sampler`, so seeded samples match too.
+
+Usage::
+
+    with Scheduler(engine, max_batch=64) as scheduler:
+        request = scheduler.submit(" Question: ...\\nAnswer:", state=context, max_new_tokens=32, stop=["\\n"])
+        for piece in request:            # text pieces as they are decoded (or pass on_event=...)
+            print(piece, end="")
+        print(request.result.finish_reason)
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .engine import Generation, PicasoEngine, Tokens
+from .errors import PicasoError
+from .generation import Sampler, SamplingParams, TextStream
+from .state import State
+
+_ids = itertools.count(1)
+_END = object()
+
+
+class QueueFullError(PicasoError):
+    """The scheduler's waiting queue is full: retry later (an HTTP server answers 503)."""
+
+
+class SchedulerClosedError(PicasoError):
+    """The scheduler was closed; create a new one."""
+
+
+@dataclass
+class Timings:
+    """perf_counter() instants of one request (seconds); None until reached."""
+
+    submitted: float
+    read: float | None = None  # prompt read, first token sampled
+    first_token: float | None = None  # first text piece emitted
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per generated token (ITL = differences)
+
+
+class Request:
+    """One submitted generation. Iterate for its text pieces (blocking), or pass ``on_event`` to
+    :meth:`Scheduler.submit` to receive ``(request, piece)`` calls from the worker thread (``piece``
+    None once, at the end). ``result`` is a :class:`Generation` once ``done`` is set."""
+
+    def __init__(self, prompt_ids: list[int], state: State | None, params: SamplingParams,
+                 on_event: Callable[["Request", str | None], None] | None, decode: Callable[[list[int]], str]):
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.state = state
+        self.params = params
+        self.sampler = Sampler(params)
+        self.stream = TextStream(decode, params.stop)
+        self.timings = Timings(time.perf_counter())
+        self.result: Generation | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.text = ""
+        self._on_event = on_event
+        self._pieces: queue.SimpleQueue | None = queue.SimpleQueue() if on_event is None else None
+        self._cancelled = threading.Event()
+        self.last_token = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away): the row is freed at the next step."""
+        self._cancelled.set()
+
+    def wait(self, timeout: float | None = None) -> Generation:
+        """Block until finished; the :class:`Generation` (raises the worker's error, if any)."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[str]:
+        if self._pieces is None:
+            raise PicasoError("this request delivers its pieces to on_event; iterate only requests submitted without it.")
+        while True:
+            item = self._pieces.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    # worker side ---------------------------------------------------------------------------------
+    def _emit(self, piece: str | None) -> None:
+        if piece:
+            self.text += piece
+            if self.timings.first_token is None:
+                self.timings.first_token = time.perf_counter()
+        if piece is None or piece:
+            if self._on_event is not None:
+                try:
+                    self._on_event(self, piece)
+                except Exception:  # a consumer's failure must not stop the loop serving everyone else
+                    self._cancelled.set()
+            else:
+                self._pieces.put(_END if piece is None else piece)  # type: ignore[union-attr]
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self.done.is_set():
+            return
+        if error is None:
+            self._emit(self.stream.flush())
+        self.error = error
+        self.timings.finished = time.perf_counter()
+        self.result = Generation(text=self.text, token_ids=list(self.stream.ids), n_prompt_tokens=len(self.prompt_ids),
+                                 finish_reason=reason)
+        self.state = None  # the composed state may be large: free it as soon as it is read
+        self._emit(None)
+        self.done.set()
+
+
+class Scheduler:
+    """Continuous batching of :class:`Request`\\ s over one :class:`PicasoEngine` (see the module docstring).
+
+    ``max_batch``: rows decoded together; ``max_queue``: requests waiting to join (beyond it
+    :meth:`submit` raises :class:`QueueFullError`); ``max_read_tokens``: padded prompt tokens read in
+    one joining forward (long prompts, as in concatenation, join a few at a time so decoding rows
+    are not stalled long); ``cuda_graphs``: on CUDA, decode by replaying graphs captured at
+    ``buckets`` (powers of two up to ``max_batch``), all captured when the scheduler starts.
+    """
+
+    def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
+                 max_read_batch: int | None = None, cuda_graphs: bool = True, start: bool = True):
+        if max_batch < 1 or max_queue < 0 or max_read_tokens < 1:
+            raise PicasoError(f"max_batch must be >= 1, max_queue >= 0 and max_read_tokens >= 1; got {max_batch}, "
+                              f"{max_queue}, {max_read_tokens}.")
+        self.engine = engine
+        self.model = engine.model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_read_tokens = max_read_tokens
+        self.max_read_batch = max_read_batch or max_batch
+        # the decode batch: row i of these is the state of active[i]
+        self.ssm, self.conv = self.model.empty_state(max_batch)
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
+        self.active: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self.steps = 0  # decode steps run
+        self.rows_decoded = 0  # sum of active rows over steps (mean batch = rows_decoded / steps)
+        self.graphs = None
+        if cuda_graphs and engine.device.type == "cuda":
+            from .graphs import BatchedStepGraphs
+
+            self.graphs = BatchedStepGraphs(self.model, self.tokens, self.ssm, self.conv)
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # ----------------------------------------------------------------------------------- public
+    def start(self) -> "Scheduler":
+        """Capture the CUDA graphs (if any) and start the worker thread."""
+        if self._thread is None:
+            if self.graphs is not None:
+                self.graphs.capture_all()  # now: a capture's warm-up runs steps on the batch's rows
+                self.ssm.zero_()
+                self.conv.zero_()
+            self._thread = threading.Thread(target=self._loop, name="picaso-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, prompt: Tokens, state: State | None = None, *,
+               on_event: Callable[[Request, str | None], None] | None = None, **sampling) -> Request:
+        """Queue a generation of ``prompt`` read from ``state``; keyword arguments are
+        :class:`SamplingParams`. Raises :class:`QueueFullError` when ``max_queue`` requests wait."""
+        params = sampling.pop("params", None) or SamplingParams(**sampling)
+        prompt_ids = self.engine.tokenize(prompt)
+        if not prompt_ids:
+            raise PicasoError("the prompt has no tokens; pass a non-empty query.")
+        if state is not None:
+            self.engine._check(state)
+        request = Request(prompt_ids, state, params, on_event, self.engine.tokenizer.decode)
+        if params.max_new_tokens == 0:
+            request._finish("length")
+            return request
+        with self._cv:
+            if self._closed:
+                raise SchedulerClosedError("the scheduler is closed; create a new one.")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue}); "
+                                     "retry later.")
+            self.waiting.append(request)
+            self._cv.notify()
+        return request
+
+    def generate(self, prompt: Tokens, state: State | None = None, timeout: float | None = None, **sampling) -> Generation:
+        """Submit and wait: like :meth:`PicasoEngine.generate`, batched with whatever else runs."""
+        request = self.submit(prompt, state, on_event=lambda r, p: None, **sampling)
+        return request.wait(timeout)
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "steps": self.steps,
+                    "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
+                    "cuda_graph_buckets": list(self.graphs.buckets) if self.graphs is not None else []}
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel everything and stop the worker."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for request in list(self.waiting) + list(self.active):
+            request._finish("cancelled")
+        self.waiting.clear()
+        self.active.clear()
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- worker
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self.waiting and not self.active:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                joining = self._take_joining()
+            try:
+                self._drop_cancelled()
+                if joining:
+                    self._join(joining)
+                if self.active:
+                    self._decode()
+            except Exception as exc:  # a failed forward (e.g. out of memory) fails its requests, not the server
+                for request in joining + self.active:
+                    request._finish("error", error=exc)
+                with self._cv:
+                    self.active.clear()
+
+    def _take_joining(self) -> list[Request]:
+        """Waiting requests that fit the free rows and the read budget (at least one when a row is free)."""
+        joining: list[Request] = []
+        free = self.max_batch - len(self.active)
+        longest = 0
+        while self.waiting and len(joining) < min(free, self.max_read_batch):
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()._finish("cancelled")
+                continue
+            longest_after = max(longest, len(request.prompt_ids))
+            if joining and longest_after * (len(joining) + 1) > self.max_read_tokens:
+                break
+            joining.append(self.waiting.popleft())
+            longest = longest_after
+        return joining
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, r in enumerate(self.active) if r.cancelled]
+        if gone:
+            for i in gone:
+                self.active[i]._finish("cancelled")
+            self._release(gone)
+
+    @torch.inference_mode()
+    def _join(self, joining: list[Request]) -> None:
+        """Read the joining prompts in one forward, each row from its own state; they join the batch."""
+        engine, model = self.engine, self.model
+        k, device = len(joining), engine.device
+        lengths = [len(r.prompt_ids) for r in joining]
+        ids = torch.zeros(k, max(lengths), dtype=torch.long)
+        for row, r in enumerate(joining):
+            ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        ssm0, conv0 = model.empty_state(k)
+        for row, r in enumerate(joining):
+            if r.state is not None:
+                ssm0[row].copy_(r.state.ssm, non_blocking=True)
+                conv0[row].copy_(r.state.conv, non_blocking=True)
+            r.state = None
+        same_length = len(set(lengths)) == 1  # no padding: the exact forward engine.generate runs
+        out = model(ids.to(device), ssm_state=ssm0, conv_state=conv0,
+                    lengths=None if same_length else torch.tensor(lengths, device=device), logits="last")
+        start = len(self.active)
+        self.ssm[start:start + k].copy_(out.ssm_state)
+        self.conv[start:start + k].copy_(out.conv_state)
+        now = time.perf_counter()
+        for r in joining:
+            r.timings.read = now
+        with self._cv:
+            self.active.extend(joining)
+        self._advance(list(range(start, start + k)), out.logits[:, 0])
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        n = len(self.active)
+        self.tokens[:n].copy_(torch.tensor([r.last_token for r in self.active], dtype=torch.long), non_blocking=True)
+        if self.graphs is not None:
+            logits = self.graphs.step(n)[:n]
+        else:
+            logits = self.model.step(self.tokens[:n], self.ssm[:n], self.conv[:n])
+        self.steps += 1
+        self.rows_decoded += n
+        self._advance(list(range(n)), logits)
+
+    def _advance(self, rows: list[int], logits: Tensor) -> None:
+        """Sample one token for each of ``rows`` (logits[j] belongs to rows[j]); finished rows leave."""
+        requests = [self.active[i] for i in rows]
+        greedy = logits.argmax(-1).tolist()  # one transfer for the whole batch
+        sampled = [j for j, r in enumerate(requests) if r.params.temperature > 0]
+        if sampled:
+            on_host = logits[sampled].float().cpu()
+            for j, row_logits in zip(sampled, on_host):
+                greedy[j] = requests[j].sampler(row_logits)
+        eos = self.engine.eos_token_id
+        now = time.perf_counter()
+        finished = []
+        for i, request, token in zip(rows, requests, greedy):
+            if request.cancelled:
+                request._finish("cancelled")
+                finished.append(i)
+                continue
+            request.timings.token_times.append(now)
+            if token == eos:
+                request._finish("eos")
+                finished.append(i)
+                continue
+            request._emit(request.stream.push(token))
+            if request.stream.stopped:
+                request._finish("stop")
+                finished.append(i)
+            elif len(request.stream.ids) >= request.params.max_new_tokens:
+                request._finish("length")
+                finished.append(i)
+            else:
+                request.last_token = token
+        if finished:
+            self._release(finished)
+
+    def _release(self, rows: list[int]) -> None:
+        """Free ``rows`` of the batch: the last active rows move into the holes (states copied)."""
+        with self._cv:
+            holes = sorted(set(rows))
+            gone = set(holes)
+            n = len(self.active)
+            keep_tail = [i for i in range(n - len(holes), n) if i not in gone]  # rows past the new end that stay
+            fill = [h for h in holes if h < n - len(holes)]
+            for hole, source in zip(fill, keep_tail):
+                self.ssm[hole].copy_(self.ssm[source])
+                self.conv[hole].copy_(self.conv[source])
+                self.active[hole] = self.active[source]
+            del self.active[n - len(holes):]
+
+
+def tokens_of(engine: PicasoEngine, prompts: Sequence[Tokens]) -> list[list[int]]:
+    """Token ids of several prompts (a helper for benchmarks)."""
+    return [engine.tokenize(p) for p in prompts]
