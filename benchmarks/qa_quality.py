@@ -9,6 +9,8 @@ followed by "\\n\\n"; the prompt "Question: {q}\\nAnswer:" is read after the (co
 Scores: per-token NLL of " {answer}" after the prompt, and exact match / F1 (SQuAD's answer
 normalisation) of the greedy answer (at most 16 tokens, ends at a newline). Methods as in
 benchmarks/quality.py: none, concat, concat-shuffled (mean, and std over 5 orders), soup, caso, picaso-s, picaso-r.
+``--state-precision fp32 bf16 fp8``: composed methods also on the states as stored at each precision
+(picaso_rag.precision), reported as ``<method>@<precision>``; ``--no-generate`` scores the answer NLL only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from picaso_rag import PicasoEngine  # noqa: E402
+from picaso_rag.precision import PRECISIONS, roundtrip  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEPARATOR = "\n\n"
@@ -102,17 +105,21 @@ def f1(prediction: str, answer: str) -> float:
 
 @torch.inference_mode()
 def evaluate(engine: PicasoEngine, paragraphs: list[str], questions: list[dict], ks: list[int], methods: list[str],
-             max_new_tokens: int = 16, seed: int = 0) -> dict:
+             max_new_tokens: int = 16, seed: int = 0, state_precisions: tuple[str, ...] | list[str] = ("fp32",),
+             generate: bool = True) -> dict:
     sep = engine.tokenize(SEPARATOR)
     needed = sorted({i for q in questions for i in q["contexts"][:max(ks)]})
     doc_ids = {i: engine.tokenize(paragraphs[i]) + sep for i in needed}
     states = dict(zip(needed, engine.encode([doc_ids[i] for i in needed]))) if needed else {}
+    stored = {p: states if p == "fp32" else {i: roundtrip(s, p) for i, s in states.items()} for p in state_precisions}
     rng = random.Random(seed)
     results: dict = {}
+    runs = [(m, p) for m in methods for p in (state_precisions if m in COMPOSED else ("fp32",))]
     for k in ks:
-        for method in methods:
+        for method, precision in runs:
             if (k == 0) != (method == "none"):
                 continue
+            name = method if precision == "fp32" else f"{method}@{precision}"
             start, nll, em, f1s = time.perf_counter(), [], [], []
             nll_by_order: list[list[float]] = [[] for _ in range(N_SHUFFLES)]  # concat-shuffled: the spread over orders
             for q in tqdm(questions, desc=f"k={k} {method}", leave=False):
@@ -125,22 +132,26 @@ def evaluate(engine: PicasoEngine, paragraphs: list[str], questions: list[dict],
                     if method in ("none", "concat", "concat-shuffled"):
                         prefix, state = [t for i in order for t in doc_ids[i]], None
                     else:
-                        prefix, state = [], engine.compose([states[i] for i in order], method=method)
+                        prefix, state = [], engine.compose([stored[precision][i] for i in order], method=method)
                     logits, _ = engine.read(prefix + prompt + answer[:-1], state=state)
                     per_order_nll.append(F.cross_entropy(logits[len(prefix) + len(prompt) - 1:], torch.tensor(answer, device=logits.device)).item())
-                    per_order_text.append(engine.generate(prefix + prompt, state=state, max_new_tokens=max_new_tokens, stop=["\n"]).text)
+                    if generate:
+                        per_order_text.append(engine.generate(prefix + prompt, state=state, max_new_tokens=max_new_tokens, stop=["\n"]).text)
                 nll.append(statistics.mean(per_order_nll))
                 if method == "concat-shuffled":
                     for s, value in enumerate(per_order_nll):
                         nll_by_order[s].append(value)
-                em.append(statistics.mean(max(float(normalize(t) == normalize(a)) for a in q["answers"]) for t in per_order_text))
-                f1s.append(statistics.mean(max(f1(t, a) for a in q["answers"]) for t in per_order_text))
-            results.setdefault(str(k), {})[method] = {"answer_nll": statistics.mean(nll), "exact_match": statistics.mean(em),
-                                                      "f1": statistics.mean(f1s), "seconds": time.perf_counter() - start}
+                if generate:
+                    em.append(statistics.mean(max(float(normalize(t) == normalize(a)) for a in q["answers"]) for t in per_order_text))
+                    f1s.append(statistics.mean(max(f1(t, a) for a in q["answers"]) for t in per_order_text))
+            results.setdefault(str(k), {})[name] = {"answer_nll": statistics.mean(nll),
+                                                    "exact_match": statistics.mean(em) if em else float("nan"),
+                                                    "f1": statistics.mean(f1s) if f1s else float("nan"),
+                                                    "seconds": time.perf_counter() - start}
             if method == "concat-shuffled":  # std over the 5 orders of the dataset-mean NLL, as benchmarks/quality.py
-                results[str(k)][method]["answer_nll_std_over_orders"] = statistics.pstdev(statistics.mean(o) for o in nll_by_order)
-            r = results[str(k)][method]
-            print(f"k={k:2d} {method:16s} answer nll {r['answer_nll']:.3f}  EM {r['exact_match']:.3f}  F1 {r['f1']:.3f}")
+                results[str(k)][name]["answer_nll_std_over_orders"] = statistics.pstdev(statistics.mean(o) for o in nll_by_order)
+            r = results[str(k)][name]
+            print(f"k={k:2d} {name:16s} answer nll {r['answer_nll']:.3f}  EM {r['exact_match']:.3f}  F1 {r['f1']:.3f}")
     return results
 
 
@@ -153,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--retrieval-cache", type=Path, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--state-precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                        help="storage precision(s) of the document states the composed methods read")
+    parser.add_argument("--no-generate", action="store_true", help="answer NLL only (no greedy answers, EM/F1 NaN)")
     parser.add_argument("--out", type=Path, help="output prefix: writes .json, .md and .png")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing result .json")
     args = parser.parse_args(argv)
@@ -169,10 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
         paragraphs, questions = squad(args.limit)
         ks = args.k or [0, 1, 2, 5, 10]
         retrieve(paragraphs, questions, max(ks), args.retrieval_cache)
-    results = evaluate(engine, paragraphs, questions, sorted(ks), args.methods)
+    results = evaluate(engine, paragraphs, questions, sorted(ks), args.methods, state_precisions=args.state_precision,
+                       generate=not args.no_generate)
     report = {"dataset": args.dataset, "model": str(args.model), "n_questions": len(questions), "device": str(engine.device),
               "command": " ".join(["python", "benchmarks/qa_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-              "results": results}
+              "state_precisions": args.state_precision, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"{args.dataset}, {len(questions)} questions, model `{args.model}` ({engine.device}): answer NLL (nats/token) / EM / F1", "",
@@ -195,7 +210,8 @@ def plot(report: dict, path: Path) -> None:
 
     results = report["results"]
     ks = [k for k in results if k != "0"]
-    methods = [m for m in METHODS if m != "none" and any(m in results[k] for k in ks)]
+    names = [m for k in ks for m in results[k]]  # every method, and <method>@<precision> runs after their method
+    methods = sorted(dict.fromkeys(m for m in names if m != "none"), key=lambda m: METHODS.index(m.split("@")[0]))
     fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(methods) * max(1, len(ks)) / 2, 3.6))
     width = 0.8 / max(1, len(ks))
     for j, k in enumerate(ks):

