@@ -15,3 +15,14 @@ class StateMismatchError(PicasoError):
 
 class StoreNotWritableError(PicasoError):
     """The state store's directory cannot be written (read-only file system, no permission)."""
+
+
+class StateFileError(PicasoError):
+    """A state file (bytes) that does not verify: framing, header types, sizes, checksum or MAC.
+
+    :meth:`StateStore.get` turns it into a CORRUPT status; raised by the reusable decoding functions
+    of :mod:`picaso_rag.store` (``decode_state_file``, ``read_state_header``) for other back ends."""
+
+
+class DocumentTooLongError(PicasoError):
+    """A document above the engine's ``max_document_tokens`` cap."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,3 +94,122 @@ def check_same_model(states: list[State], fingerprint: str | None = None) -> str
             "re-encode every document with the model you query with."
         )
     return prints.pop() if prints else (fingerprint or "")
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The shapes every state of one model has: what a stored state is validated against (and what
+    bounds how many bytes the store reads for it).
+
+    Usage: ``spec = StateSpec.of_config(engine.model.cfg); spec.check(state)``.
+    """
+
+    ssm: tuple[int, int, int, int]  # [n_layer, nheads, headdim, d_state]
+    conv: tuple[int, int, int]  # [n_layer, conv_dim, d_conv - 1]
+
+    @property
+    def log_decay(self) -> tuple[int, int]:
+        return self.ssm[0], self.ssm[1]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"ssm": self.ssm, "conv": self.conv, "log_decay": self.log_decay}
+
+    @property
+    def max_nbytes(self) -> int:
+        """Bytes of the largest file payload of this model's state (fp32 everywhere)."""
+        return 4 * sum(_numel(shape) for shape in self.shapes().values())
+
+    @classmethod
+    def of_config(cls, cfg: Any) -> "StateSpec":
+        """From a :class:`~picaso_rag.Mamba2Config` (n_layer, nheads, headdim, d_state, conv_dim, d_conv)."""
+        return cls((cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state), (cfg.n_layer, cfg.conv_dim, cfg.d_conv - 1))
+
+    def check(self, state: "State") -> None:
+        """Raise :class:`StateMismatchError` if ``state``'s shapes are not this model's."""
+        for name, shape in self.shapes().items():
+            found = tuple(getattr(state, name).shape)
+            if found != shape:
+                raise StateMismatchError(f"state {name} has shape {found}, this model's states have {shape}; "
+                                         "re-encode the document with this model.")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# fingerprint -> the spec of that model's states; filled by every PicasoEngine, so that a StateStore
+# of this process validates (and bounds) the states of a model it only knows by fingerprint
+_SPECS: dict[str, StateSpec] = {}
+
+
+def register_state_spec(fingerprint: str, spec: StateSpec) -> None:
+    """Record the state shapes of the model ``fingerprint`` (PicasoEngine does it for itself)."""
+    _SPECS[fingerprint] = spec
+
+
+def state_spec_for(fingerprint: str) -> StateSpec | None:
+    """The registered spec of a model's states (by full fingerprint, or its first 16 hex digits as in
+    a store's directory names), or None for a model not loaded in this process."""
+    spec = _SPECS.get(fingerprint)
+    if spec is None and len(fingerprint) == 16:
+        spec = next((s for f, s in list(_SPECS.items()) if f.startswith(fingerprint)), None)
+    return spec
+
+
+@dataclass(frozen=True)
+class HybridState(State):
+    """State of a document under a hybrid model (Mamba-2 and attention layers; picaso_rag.hybrid).
+
+    ssm, conv, log_decay  as in :class:`State`, for the SSM layers only ([n_ssm, ...])
+    keys, values          [n_attn, kv_heads, n_keys, head_dim], model dtype: every token's key and
+                          value in each attention layer (keys after RoPE); grows with the text
+    position              the position of the next token (RoPE; with parallel documents, after the
+                          longest one)
+
+    Usage: ``state = engine.encode(["some text"])[0]; state.kv_bytes_per_token``.
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keys is None or self.values is None or self.keys.dim() != 4 or self.keys.shape != self.values.shape:
+            raise StateMismatchError(
+                f"inconsistent hybrid state: keys {None if self.keys is None else tuple(self.keys.shape)}, values "
+                f"{None if self.values is None else tuple(self.values.shape)}; expected two [n_attn, kv_heads, T, head_dim]. Re-encode the document."
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    @property
+    def n_keys(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the attention layers' keys and values take per token (the part that grows with length)."""
+        n_attn, kv_heads, _, head_dim = self.keys.shape
+        return 2 * n_attn * kv_heads * head_dim * self.keys.element_size()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "HybridState":
+        moved = super().to(device, dtype, non_blocking)
+        return replace(moved, keys=self.keys.to(device=device, dtype=dtype, non_blocking=non_blocking),
+                       values=self.values.to(device=device, dtype=dtype, non_blocking=non_blocking))
+
+    def check_finite(self) -> None:
+        super().check_finite()
+        for name in ("keys", "values"):
+            if not all_finite(getattr(self, name)):
+                raise StateMismatchError(f"state {name} contains NaN or inf; the state is corrupt: re-encode the document.")
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors to serialise: State's, the keys and values, and the position (int64 [1])."""
+        return {**super().tensors(), "keys": self.keys.contiguous(), "values": self.values.contiguous(),
+                "position": torch.tensor([self.position], dtype=torch.int64)}

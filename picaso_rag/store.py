@@ -2,7 +2,7 @@
 
 Usage::
 
-    store = StateStore("./picaso_db/states")
+    store = StateStore("./picaso_db/states")            # or StateStore(..., mac=True): keyed MAC
     store.put("node-1", engine.encode(["some text"])[0], text="some text")
     found = store.get("node-1", engine.fingerprint, text="some text")
     if found.ok:
@@ -11,47 +11,81 @@ Usage::
         print(found.status, found.detail)
 
 Layout: ``<directory>/v1/<fingerprint[:16]>/<key[:2]>/<key>.safetensors`` with
-``key = sha256(node id)[:32]`` (node ids may hold any character; file names may not).
+``key = sha256(node id)[:32]`` (node ids may hold any character and any length; file names may not).
 Every file is plain safetensors (no pickle): the tensors ``ssm``, ``conv``, ``log_decay`` and
-string metadata (format, node id, full fingerprint, token count, sha256 of the text the state was
-encoded from, and a sha256 checksum over the tensor bytes and that metadata).
+string metadata (format, node id (inline up to 4 KiB) and its sha256, full fingerprint, token count,
+sha256 of the text the state was encoded from, a sha256 checksum over the tensor bytes and that
+metadata, and with ``mac`` an HMAC-SHA256 of that checksum under the store's secret key).
 
 Writes are atomic (temporary file in the same directory, fsync, ``os.replace``, fsync of the
 directory), so a reader sees the old file or the new one, never half of one. Writers of the
 same node take a file lock (``filelock``, striped over 256 lock files), so a put never
-interleaves with a delete of the same node in another thread or process. A file that does not
-verify (truncated, bit flip, unparsable header, wrong shapes, NaN) is reported as ``corrupt``,
-never loaded.
+interleaves with a delete of the same node in another thread or process.
+
+Reading is bounded and never follows links below the store's directory: each directory under it
+is opened relative to its parent with ``O_NOFOLLOW`` (a symlinked stripe or model directory is
+refused), a state file is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file (fstat),
+at most :data:`MAX_HEADER_BYTES` of header are read, and tensor bytes only after the header
+described exactly the file's size and this model's state shapes. A file that does not verify
+(truncated, bit flip, garbled or wrongly typed header, wrong shapes, NaN, missing or wrong MAC) is
+reported as ``corrupt``, never loaded, and never raises. See docs/guarantees.md (threat model).
+
+Seams for other back ends (an S3 store, a storage precision option): the file format lives in
+small functions that know nothing of the file system:
+- :func:`encode_state_file` (state -> bytes) and :func:`decode_state_file` (bytes or a stream with
+  ``.read(n)`` -> header and tensors), with the same checks as the local store;
+- :func:`read_state_header` (reads only the 8-byte length and the header: a ranged GET) and
+  :func:`parse_state_header` (header bytes -> :class:`StateHeader`, every type checked, sizes
+  bounded by a :class:`~picaso_rag.state.StateSpec` or ``max_state_bytes``);
+- :func:`state_from_file` (header + tensors -> a validated :class:`State`) and :func:`load_mac_key`.
+A back end then only maps (node id, fingerprint) to an object name (:func:`state_key`) and decides
+statuses exactly as :meth:`StateStore.get` does.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
+import logging
 import os
+import re
+import secrets
+import stat
 import struct
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 from filelock import FileLock
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .errors import PicasoError, StateMismatchError, StoreNotWritableError
-from .state import State
+from .errors import PicasoError, StateFileError, StateMismatchError, StoreNotWritableError
+from .state import State, StateSpec, state_spec_for
+
+logger = logging.getLogger("picaso_rag.store")
 
 FORMAT = "picaso-state/1"
 _LAYOUT = "v1"
 _TENSORS = ("ssm", "conv", "log_decay")
-_MAX_HEADER = 1 << 20  # a state's header is well under 1 KiB; more than 1 MiB means garbage
+_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2}
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+MAX_HEADER_BYTES = 64 * 1024  # a state's header is under 1 KiB (4 KiB inline node id at most, escaped x6)
+MAX_INLINE_NODE_ID_BYTES = 4096  # longer ids are recorded (and checked) by their sha256 only
+DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound for a model whose state shapes this process does not know
+_STATE_FILE = re.compile(r"[0-9a-f]{32}\.safetensors")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAC_DOMAIN = b"picaso-state-mac/1\0"
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_O_CREATE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
 
 
 class StoreStatus(str, Enum):
@@ -60,8 +94,8 @@ class StoreStatus(str, Enum):
     OK = "ok"
     MISSING = "missing"  # no record of this node for any model
     OTHER_MODEL = "other-model"  # records exist, but made by another model (fingerprint)
-    CORRUPT = "corrupt"  # a file exists but does not verify (truncated, checksum, header, values)
-    STALE = "stale"  # a valid state, but encoded from another text than the node's current one
+    CORRUPT = "corrupt"  # a file exists but does not verify (truncated, checksum, MAC, header, values)
+    STALE = "stale"  # a valid state, but encoded from another text than the node's current one (or from an unknown text)
 
 
 @dataclass(frozen=True)
@@ -78,9 +112,381 @@ class StoredState:
         return self.status is StoreStatus.OK
 
 
+@dataclass(frozen=True)
+class StoreEntry:
+    """One file of the store, as listed by :meth:`StateStore.entries` (headers only are read).
+
+    ``status`` is OK when the header verifies (the tensors are checked by :meth:`StateStore.get`),
+    CORRUPT otherwise (``detail`` says why). ``node_id`` is None for ids longer than
+    :data:`MAX_INLINE_NODE_ID_BYTES` (their sha256 is in ``node_id_sha256``) and for corrupt files.
+    """
+
+    path: Path
+    model: str  # the model directory (first 16 hex digits of the fingerprint)
+    status: StoreStatus
+    node_id: str | None = None
+    node_id_sha256: str | None = None
+    detail: str = ""
+
+
 def text_sha256(text: str) -> str:
-    """Hex sha256 of a text (UTF-8): how a state records the exact text it was encoded from."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Hex sha256 of a text (UTF-8; lone surrogates kept as their own code units, never an error):
+    how a state records the exact text it was encoded from."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def node_id_sha256(node_id: str) -> str:
+    """Hex sha256 of a node id (UTF-8, surrogates kept): names its file and identifies long ids."""
+    return hashlib.sha256(node_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def state_key(node_id: str) -> str:
+    """The file (object) name stem of a node's state: ``sha256(node id)[:32]``."""
+    if not isinstance(node_id, str) or not node_id:
+        raise PicasoError(f"node id must be a non-empty string, got {_short_repr(node_id)}.")
+    return node_id_sha256(node_id)[:32]
+
+
+# ================================================================ the file format (no file system)
+class _Reader(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class StateHeader:
+    """A state file's verified header: metadata (str -> str) and each tensor's dtype, shape and byte range."""
+
+    header_len: int
+    metadata: dict[str, str]
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> (dtype, shape, start, end)
+    data_len: int
+
+    @property
+    def file_size(self) -> int:
+        return 8 + self.header_len + self.data_len
+
+    @property
+    def node_id(self) -> str | None:
+        return self.metadata.get("node_id")
+
+    @property
+    def node_id_sha256(self) -> str:
+        recorded = self.metadata.get("node_id_sha256")
+        return recorded if recorded else node_id_sha256(self.metadata["node_id"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata["fingerprint"]
+
+    def holds(self, node_id: str) -> bool:
+        """Whether this header is the state of ``node_id`` (by the inline id or, for long ids, its sha256)."""
+        if self.node_id is not None and self.node_id != node_id:
+            return False
+        return self.node_id_sha256 == node_id_sha256(node_id)
+
+    def describe_node(self) -> str:
+        return repr(self.node_id) if self.node_id is not None else f"with id sha256 {self.node_id_sha256[:16]}..."
+
+
+def state_header_length(prefix: bytes) -> int:
+    """The header length announced by a file's first 8 bytes; raises :class:`StateFileError`."""
+    if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":  # torch.save zip, or a raw pickle stream
+        raise StateFileError("a pickle (torch.save) file, not a picaso state: refused unread (unpickling can run code)")
+    if len(prefix) < 8:
+        raise StateFileError(f"truncated: {len(prefix)} bytes, not even the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len < 2 or header_len > MAX_HEADER_BYTES:
+        raise StateFileError(f"truncated or garbled header (header length {header_len}, at most {MAX_HEADER_BYTES} allowed)")
+    return header_len
+
+
+def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
+                       max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> StateHeader:
+    """Parse and check a header: JSON object, exactly the three tensors with known dtypes, shapes of
+    non-negative ints (``spec``'s exact shapes if given, else a total under ``max_state_bytes``),
+    contiguous byte ranges that match, string metadata with the format tag and well-formed fields.
+    Raises :class:`StateFileError` for anything else (never TypeError, KeyError...)."""
+    header_len = len(header_bytes)
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise StateFileError(f"header is not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(header, dict):
+        raise StateFileError(f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise StateFileError(f"not a picaso state file (no '{FORMAT}' format tag)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise StateFileError("header metadata holds a value that is not a string")
+    names = set(header) - {"__metadata__"}
+    if names != set(_TENSORS):
+        raise StateFileError(f"expected tensors {_TENSORS}, found {sorted(names)[:8]}")
+    _check_metadata(metadata)
+
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name in _TENSORS:
+        info = header[name]
+        if not isinstance(info, dict):
+            raise StateFileError(f"tensor {name}: entry is a {type(info).__name__}, not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise StateFileError(f"tensor {name}: dtype {_short_repr(dtype)} is not one of {sorted(_DTYPES)}")
+        if name == "log_decay" and dtype != "F32":
+            raise StateFileError(f"tensor log_decay: dtype {dtype}, log-decays are stored in F32")
+        if (not isinstance(shape, list) or len(shape) != _RANKS[name]
+                or not all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
+            raise StateFileError(f"tensor {name}: shape {_short_repr(shape)} is not {_RANKS[name]} non-negative ints")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and 0 <= o < (1 << 62) for o in offsets)):
+            raise StateFileError(f"tensor {name}: data_offsets {_short_repr(offsets)} is not a pair of non-negative ints")
+        if spec is not None and tuple(shape) != spec.shapes()[name]:
+            raise StateFileError(f"tensor {name}: shape {tuple(shape)}, this model's states have {spec.shapes()[name]}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * _ITEMSIZE[dtype]:
+            raise StateFileError(f"tensor {name}: data_offsets {offsets} do not hold {numel} {dtype} values")
+        tensors[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    if tensors["ssm"][0] != tensors["conv"][0]:
+        raise StateFileError(f"ssm is {tensors['ssm'][0]} but conv is {tensors['conv'][0]}; both are stored in one dtype")
+    ranges = sorted((start, end) for _, _, start, end in tensors.values())
+    position = 0
+    for start, end in ranges:  # safetensors: the byte ranges tile the data, in order, without holes
+        if start != position:
+            raise StateFileError(f"tensor byte ranges {ranges} leave holes or overlap")
+        position = end
+    bound = spec.max_nbytes if spec is not None else max_state_bytes
+    if position > bound:
+        raise StateFileError(f"the header describes {position} bytes of tensors, more than a state's {bound}")
+    return StateHeader(header_len, dict(metadata), tensors, position)
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    fingerprint = metadata.get("fingerprint")
+    if fingerprint is None or not re.fullmatch(r"[0-9a-f]{16,128}", fingerprint):
+        raise StateFileError(f"metadata fingerprint {_short_repr(fingerprint)} is not a hex fingerprint")
+    node_id, id_hash = metadata.get("node_id"), metadata.get("node_id_sha256")
+    if not node_id and not id_hash:
+        raise StateFileError("metadata holds neither a node id nor its sha256")
+    if id_hash is not None and not _HEX64.fullmatch(id_hash):
+        raise StateFileError(f"metadata node_id_sha256 {_short_repr(id_hash)} is not a sha256")
+    if node_id and id_hash and node_id_sha256(node_id) != id_hash:
+        raise StateFileError("metadata node_id and node_id_sha256 disagree")
+    if not re.fullmatch(r"[0-9]{1,18}", metadata.get("n_tokens", "")):
+        raise StateFileError(f"metadata n_tokens {_short_repr(metadata.get('n_tokens'))} is not a non-negative integer")
+    text_digest = metadata.get("text_sha256", "")
+    if text_digest and not _HEX64.fullmatch(text_digest):
+        raise StateFileError(f"metadata text_sha256 {_short_repr(text_digest)} is not a sha256")
+    if not _HEX64.fullmatch(metadata.get("checksum", "")):
+        raise StateFileError("metadata checksum is missing or not a sha256")
+    if "mac" in metadata and not _HEX64.fullmatch(metadata["mac"]):
+        raise StateFileError("metadata mac is not an HMAC-SHA256")
+
+
+def read_state_header(stream: _Reader, spec: StateSpec | None = None,
+                      max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> StateHeader:
+    """Read a file's 8-byte length and header only (at most 8 + :data:`MAX_HEADER_BYTES` bytes) from
+    ``stream`` (anything with ``.read(n)``) and parse them (see :func:`parse_state_header`)."""
+    prefix = _read_upto(stream, 8)
+    header_len = state_header_length(prefix)
+    header_bytes = _read_upto(stream, header_len)
+    if len(header_bytes) != header_len:
+        raise StateFileError(f"truncated in the header: {8 + len(header_bytes)} bytes, the header alone is {8 + header_len}")
+    return parse_state_header(header_bytes, spec, max_state_bytes)
+
+
+def read_state_tensors(stream: _Reader, header: StateHeader, mac_key: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Read exactly the header's tensor bytes after it, verify the checksum (and the MAC with ``mac_key``)."""
+    data = _read_upto(stream, header.data_len)
+    if len(data) != header.data_len:
+        raise StateFileError(f"truncated in the tensors: {8 + header.header_len + len(data)} bytes, the header describes {header.file_size}")
+    if stream.read(1):
+        raise StateFileError(f"appended bytes: the file is longer than the {header.file_size} bytes its header describes")
+    tensors = {}
+    for name, (dtype, shape, start, end) in header.tensors.items():
+        # a copy per tensor (bytearray): aligned, writable, independent of the other tensors
+        tensors[name] = (torch.frombuffer(bytearray(memoryview(data)[start:end]), dtype=_DTYPES[dtype]).reshape(shape)
+                        if end > start else torch.empty(shape, dtype=_DTYPES[dtype]))
+    checksum = _checksum(tensors, header.metadata)
+    if not hmac.compare_digest(checksum, header.metadata["checksum"]):
+        raise StateFileError("checksum mismatch: the file's bytes changed after it was written")
+    if mac_key is not None:
+        if "mac" not in header.metadata:
+            raise StateFileError("no MAC: the file was not written with this store's key (forged, copied in, or "
+                                 "written before mac was enabled)")
+        if not hmac.compare_digest(_mac(mac_key, checksum), header.metadata["mac"]):
+            raise StateFileError("MAC mismatch: the file was not written with this store's key (forged or copied in)")
+    return tensors
+
+
+def decode_state_file(source: bytes | _Reader, spec: StateSpec | None = None, mac_key: bytes | None = None,
+                      max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> tuple[StateHeader, dict[str, torch.Tensor]]:
+    """A whole state file, from bytes or a stream: header and tensors, every check of the store applied.
+
+    Usage: ``header, tensors = decode_state_file(body, spec=StateSpec.of_config(cfg), mac_key=key)``.
+    """
+    stream = _BytesReader(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    header = read_state_header(stream, spec, max_state_bytes)
+    return header, read_state_tensors(stream, header, mac_key)
+
+
+def state_from_file(header: StateHeader, tensors: dict[str, torch.Tensor], spec: StateSpec | None = None) -> State:
+    """The :class:`State` of a decoded file; raises :class:`StateFileError` for inconsistent shapes,
+    another model's shapes (``spec``), NaN/inf or a positive log-decay."""
+    try:
+        state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(header.metadata["n_tokens"]), header.fingerprint)
+        if spec is not None:
+            spec.check(state)
+        state.check_finite()
+    except StateMismatchError as exc:
+        raise StateFileError(f"invalid state: {exc}") from None
+    return state
+
+
+def encode_state_file(state: State, node_id: str, text: str | None = None, dtype: torch.dtype | None = None,
+                      mac_key: bytes | None = None) -> bytes:
+    """The bytes of a state file (plain safetensors). ``text``: what the state was encoded from (its
+    sha256 is recorded); ``dtype``: storage dtype of ssm/conv; ``mac_key``: add an HMAC-SHA256.
+
+    Usage: ``payload = encode_state_file(state, "node-1", text=text, mac_key=load_mac_key(path))``.
+    """
+    state_key(node_id)  # the same check (non-empty string) as every store call
+    state.check_finite()  # never write a state that could not be read back
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
+    if dtype is not None:
+        tensors["ssm"], tensors["conv"] = tensors["ssm"].to(dtype), tensors["conv"].to(dtype)
+    metadata = {"format": FORMAT}
+    if len(node_id.encode("utf-8", "surrogatepass")) <= MAX_INLINE_NODE_ID_BYTES:
+        metadata["node_id"] = node_id
+    metadata.update({
+        "node_id_sha256": node_id_sha256(node_id),
+        "fingerprint": state.fingerprint,
+        "n_tokens": str(int(state.n_tokens)),
+        "text_sha256": text_sha256(text) if text is not None else "",
+        "created": f"{time.time():.3f}",
+    })
+    metadata["checksum"] = _checksum(tensors, metadata)
+    if mac_key is not None:
+        metadata["mac"] = _mac(mac_key, metadata["checksum"])
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def load_mac_key(path: str | os.PathLike, create: bool = True) -> bytes:
+    """The store's secret (32 random bytes, hex in a file of mode 0600), created on first use.
+
+    Refused with an error naming the fix when the file is a symlink, not a regular file, readable by
+    group or others, or not 64 hex digits. Usage: ``key = load_mac_key("./picaso_db/states.mac-key")``.
+    """
+    path = Path(path).expanduser()
+    for _ in range(50):
+        try:
+            fd = os.open(path, _O_READ)
+        except FileNotFoundError:
+            if not create:
+                raise PicasoError(f"no MAC key at {path}; create the store once with mac=True (or copy its key there).") from None
+            _create_mac_key(path)
+            continue
+        except OSError as exc:
+            raise PicasoError(f"cannot open the MAC key {path} ({exc.strerror}); it must be a regular file, not a symlink.") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise PicasoError(f"the MAC key {path} is not a regular file; remove it (a new key is then created).")
+            if info.st_mode & 0o077:
+                raise PicasoError(f"the MAC key {path} is readable or writable by others (mode {oct(info.st_mode & 0o777)}); "
+                                  f"run chmod 600 '{path}'.")
+            content = os.read(fd, 256).strip()
+        finally:
+            os.close(fd)
+        if re.fullmatch(rb"[0-9a-f]{64}", content):
+            return bytes.fromhex(content.decode())
+        if content:
+            raise PicasoError(f"the MAC key {path} is not 64 hex digits; restore it from a backup (or delete it: every "
+                              "state then reads as corrupt and is re-encoded).")
+        time.sleep(0.02)  # pragma: no cover - another process is between create and link
+    raise PicasoError(f"the MAC key {path} stays empty; delete it and open the store again.")
+
+
+def _create_mac_key(path: Path) -> None:
+    """Write a new key to a private temporary file, then link it into place: atomic, first one wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, _O_CREATE, 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process created it first: use theirs
+    finally:
+        os.unlink(tmp)
+
+
+def _mac(key: bytes, checksum: str) -> str:
+    """HMAC-SHA256 over the file's checksum, itself a sha256 over the whole metadata (node id and its
+    sha256, fingerprint, n_tokens, text digest) and every tensor's name, dtype, shape and bytes."""
+    return hmac.new(key, _MAC_DOMAIN + bytes.fromhex(checksum), hashlib.sha256).hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata (without checksum and mac) and every tensor's dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in metadata.items() if k not in ("checksum", "mac")}, sort_keys=True).encode())
+    for name in _TENSORS:
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
+    return h.hexdigest()
+
+
+class _BytesReader:
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self._data, self._pos = memoryview(data), 0
+
+    def read(self, n: int) -> bytes:
+        piece = bytes(self._data[self._pos:self._pos + n])
+        self._pos += len(piece)
+        return piece
+
+
+class _FdReader:
+    """Reads a file descriptor (never more than asked)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.fd, n)
+
+
+def _read_upto(stream: _Reader, n: int) -> bytes:
+    """Up to ``n`` bytes (fewer only at the end of the stream)."""
+    parts, got = [], 0
+    while got < n:
+        piece = stream.read(min(n - got, 1 << 24))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+# ============================================================================ the local store
+class _UnsafePath(Exception):
+    """A directory below the store's root that is a symlink (or not a directory)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} is a symlink or not a directory; picaso-rag never reads or writes through links "
+                         f"below the store's directory: remove it (rm '{path}')")
+        self.path = path
 
 
 class StateStore:
@@ -88,35 +494,61 @@ class StateStore:
 
     ``dtype``: cast ssm/conv to this dtype when writing (e.g. ``torch.bfloat16`` halves fp32 files);
     log_decay always stays fp32. ``lock_timeout``: seconds to wait for another writer of the same node.
+    ``mac``: False (checksum only: fine for a store that only you can write, or shared read-only),
+    True (HMAC-SHA256 with a secret in ``<directory>.mac-key``, created 0600 on first use) or the
+    path of a key file; with a key, a file not written with it is CORRUPT. ``max_state_bytes``:
+    most tensor bytes read for a model whose shapes this process does not know (an engine of the
+    model registers its exact shapes: see :class:`~picaso_rag.state.StateSpec`).
 
-    Usage: ``store = StateStore("./picaso_db/states"); store.put(node_id, state, text=text)``.
+    Usage: ``store = StateStore("./picaso_db/states", mac=True); store.put(node_id, state, text=text)``.
     """
 
-    def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None, lock_timeout: float = 60.0):
+    def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None, lock_timeout: float = 60.0,
+                 mac: bool | str | os.PathLike = False, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
         self.directory = Path(directory).expanduser()
         if self.directory.exists() and not self.directory.is_dir():
             raise PicasoError(f"{self.directory} exists and is not a directory; pass a directory for the state store.")
-        if dtype is not None and not dtype.is_floating_point:
-            raise PicasoError(f"storage dtype must be a floating-point dtype (e.g. torch.bfloat16), got {dtype}.")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values()):
+            raise PicasoError(f"storage dtype must be a floating-point dtype (e.g. torch.bfloat16, float16, float32), got {dtype}.")
+        if type(max_state_bytes) is not int or max_state_bytes < 1:
+            raise PicasoError(f"max_state_bytes must be a positive int, got {max_state_bytes!r}.")
         self.dtype = dtype
         self.lock_timeout = lock_timeout
+        self.max_state_bytes = max_state_bytes
         self._root = self.directory / _LAYOUT
         self._locks: dict[str, FileLock] = {}
+        self.mac_key_path: Path | None = None
+        self._mac_key: bytes | None = None
+        if mac is True:
+            self.mac_key_path = self.directory.with_name(self.directory.name + ".mac-key")
+        elif mac is not False and mac is not None:
+            if not isinstance(mac, (str, os.PathLike)):
+                raise PicasoError(f"mac must be True, False or the path of a key file, got {mac!r}.")
+            self.mac_key_path = Path(mac).expanduser()
+        if self.mac_key_path is not None:
+            try:
+                self._mac_key = load_mac_key(self.mac_key_path)
+            except OSError as exc:
+                raise StoreNotWritableError(f"cannot create the MAC key {self.mac_key_path} ({exc.strerror}); create it "
+                                            "where you can write, or pass mac='<path of an existing key file>'.") from exc
 
     def __repr__(self) -> str:
-        return f"StateStore({str(self.directory)!r})"
+        return f"StateStore({str(self.directory)!r}{', mac=True' if self._mac_key else ''})"
+
+    @property
+    def mac(self) -> bool:
+        """Whether files are written with, and must carry, this store's HMAC."""
+        return self._mac_key is not None
 
     # --------------------------------------------------------------------------------- paths
     @staticmethod
     def _key(node_id: str) -> str:
-        if not isinstance(node_id, str) or not node_id:
-            raise PicasoError(f"node id must be a non-empty string, got {node_id!r}.")
-        return hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:32]
+        return state_key(node_id)
 
     @staticmethod
     def _check_fingerprint(fingerprint: str) -> str:
         if not isinstance(fingerprint, str) or len(fingerprint) < 16 or not all(c in "0123456789abcdef" for c in fingerprint):
-            raise PicasoError(f"fingerprint must be the hex string of engine.fingerprint, got {fingerprint!r}.")
+            raise PicasoError(f"fingerprint must be the hex string of engine.fingerprint, got {_short_repr(fingerprint)}.")
         return fingerprint
 
     def path(self, node_id: str, fingerprint: str) -> Path:
@@ -124,8 +556,57 @@ class StateStore:
         key = self._key(node_id)
         return self._root / self._check_fingerprint(fingerprint)[:16] / key[:2] / f"{key}.safetensors"
 
-    def _model_dirs(self) -> list[Path]:
-        return sorted(p for p in self._root.iterdir() if p.is_dir()) if self._root.is_dir() else []
+    def _open_dir(self, *parts: str, create: bool = False) -> int:
+        """A descriptor of ``<directory>/<parts...>``, each part opened relative to its parent without
+        following links: raises FileNotFoundError, or _UnsafePath for a symlink or a non-directory.
+        The store's own directory may be a link (the operator's choice); nothing below it may."""
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        done = self.directory
+        try:
+            for part in parts:
+                done = done / part
+                try:
+                    child = self._open_child_dir(part, fd, done)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    child = self._open_child_dir(part, fd, done)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _open_child_dir(part: str, fd: int, done: Path) -> int:
+        try:
+            return os.open(part, _O_DIR, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise _UnsafePath(done) from None
+            raise
+
+    def _real_subdirs(self, fd: int) -> list[str]:
+        """Names of the real directories (not symlinks) in the directory ``fd``."""
+        with os.scandir(fd) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+
+    def _model_names(self) -> list[str]:
+        try:
+            fd = self._open_dir(_LAYOUT)
+        except (FileNotFoundError, _UnsafePath):
+            return []
+        try:
+            return [name for name in self._real_subdirs(fd) if re.fullmatch(r"[0-9a-f]{16}", name)]
+        finally:
+            os.close(fd)
 
     def _lock(self, node_id: str) -> FileLock:
         return self._stripe_lock(self._key(node_id)[:2])
@@ -134,9 +615,9 @@ class StateStore:
         """The lock of every node whose key starts with ``stripe`` (also the name of their directory)."""
         lock = self._locks.get(stripe)
         if lock is None:
-            lock_dir = self.directory / ".locks"
-            lock_dir.mkdir(parents=True, exist_ok=True)
-            lock = self._locks.setdefault(stripe, FileLock(str(lock_dir / f"{stripe}.lock"), timeout=self.lock_timeout))
+            os.close(self._open_dir(".locks", create=True))  # a real directory, not a link out of the store
+            lock = self._locks.setdefault(stripe, FileLock(str(self.directory / ".locks" / f"{stripe}.lock"),
+                                                          timeout=self.lock_timeout))
         return lock
 
     # -------------------------------------------------------------------------------- writing
@@ -144,35 +625,38 @@ class StateStore:
         """Write the state of ``node_id`` (replacing any previous one of the same model), atomically.
 
         ``text``: the exact text the state was encoded from; :meth:`get` can then tell a stale state
-        (the node's text changed) from a valid one. Returns the file's path.
+        (the node's text changed) from a valid one. A state put without its text is reported STALE
+        to every ``get`` that passes a text (it cannot be checked). Returns the file's path.
+        Raises :class:`StoreNotWritableError` (nothing written) on a read-only store, a full disk, or a
+        symlinked directory below the store's directory.
         """
-        state.check_finite()  # never write a state that could not be read back
         path = self.path(node_id, state.fingerprint)
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
-        if self.dtype is not None:
-            tensors["ssm"], tensors["conv"] = tensors["ssm"].to(self.dtype), tensors["conv"].to(self.dtype)
-        metadata = {
-            "format": FORMAT,
-            "node_id": node_id,
-            "fingerprint": state.fingerprint,
-            "n_tokens": str(int(state.n_tokens)),
-            "text_sha256": text_sha256(text) if text is not None else "",
-            "created": f"{time.time():.3f}",
-        }
-        metadata["checksum"] = _checksum(tensors, metadata)
-        payload = save_safetensors(tensors, metadata=metadata)
+        payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key)
+        key = self._key(node_id)
         with self._writable():
             with self._lock(node_id):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(path, payload)
+                stripe_fd = self._open_dir(_LAYOUT, state.fingerprint[:16], key[:2], create=True)
+                try:
+                    _atomic_write(stripe_fd, path.name, payload)
+                finally:
+                    os.close(stripe_fd)
         return path
 
     @contextmanager
     def _writable(self) -> Iterator[None]:
-        """Turn "read-only" OS errors into an error that names the fix (reading still works)."""
+        """Turn "read-only", "disk full" and "unsafe link" errors into an error that names the fix
+        (reading still works; callers that only need the answer can go on without the file)."""
         try:
             yield
+        except _UnsafePath as exc:
+            raise StoreNotWritableError(f"the state store {self.directory} is not safe to write: {exc}. "
+                                        "Stored states can still be read.") from None
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreNotWritableError(
+                    f"the disk of the state store {self.directory} is full ({exc.strerror}); free space, or pass "
+                    "StateStore('<a directory with free space>'). Nothing was written; stored states can still be read."
+                ) from exc
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             raise StoreNotWritableError(
@@ -185,17 +669,30 @@ class StateStore:
 
         Returns how many files were removed (0 if there were none).
         """
-        dirs = [self._root / self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_dirs()
+        models = [self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_names()
         key = self._key(node_id)
         removed = 0
         with self._writable(), self._lock(node_id):
-            for model_dir in dirs:
-                try:
-                    (model_dir / key[:2] / f"{key}.safetensors").unlink()
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+            for model in models:
+                removed += self._unlink(model, key[:2], f"{key}.safetensors")
         return removed
+
+    def _unlink(self, model: str, stripe: str, name: str) -> int:
+        """Remove one directory entry (never following links); 1 if removed, 0 if absent."""
+        try:
+            fd = self._open_dir(_LAYOUT, model, stripe)
+        except FileNotFoundError:
+            return 0
+        try:
+            os.unlink(name, dir_fd=fd)
+            return 1
+        except FileNotFoundError:
+            return 0
+        except IsADirectoryError:
+            logger.warning("%s is a directory where a state file belongs; not removed", self._root / model / stripe / name)
+            return 0
+        finally:
+            os.close(fd)
 
     def delete_many(self, node_ids: list[str] | tuple[str, ...] | set[str], fingerprint: str | None = None) -> int:
         """:meth:`delete` for each node id; returns the number of files removed."""
@@ -204,39 +701,93 @@ class StateStore:
         return sum(self.delete(node_id, fingerprint) for node_id in node_ids)
 
     # -------------------------------------------------------------------------------- reading
-    def get(self, node_id: str, fingerprint: str, text: str | None = None) -> StoredState:
+    def get(self, node_id: str, fingerprint: str, text: str | None = None, spec: StateSpec | None = None) -> StoredState:
         """Load and verify the state of ``node_id`` made by the model ``fingerprint``.
 
-        ``text``: the node's current text; a state encoded from another text is reported STALE.
-        Never raises for a bad file: the status says what was found (see :class:`StoreStatus`).
+        ``text``: the node's current text; a state encoded from another text, or put without its
+        text, is reported STALE. ``spec``: the model's state shapes (default: those registered by
+        an engine of that fingerprint in this process). Never raises for a bad file, whatever its
+        bytes, type or size: the status says what was found (see :class:`StoreStatus`).
         """
         path = self.path(node_id, fingerprint)
+        key = self._key(node_id)
+        if text is not None and not isinstance(text, str):
+            raise PicasoError(f"text must be the node's text (a str) or None, got {type(text).__name__}.")
+        spec = spec if spec is not None else state_spec_for(fingerprint)
         try:
-            data = path.read_bytes()
+            fd = self._open_state_file(fingerprint[:16], key[:2], path.name)
         except FileNotFoundError:
-            key = self._key(node_id)
-            others = [d.name for d in self._model_dirs() if d.name != fingerprint[:16] and (d / key[:2] / f"{key}.safetensors").is_file()]
+            others = [m for m in self._model_names() if m != fingerprint[:16] and self._exists(m, key)]
             if others:
                 return StoredState(StoreStatus.OTHER_MODEL, None, path, f"states of this node exist only for other models ({', '.join(others)})")
             return StoredState(StoreStatus.MISSING, None, path, "no state stored for this node")
+        except (_UnsafePath, StateFileError) as exc:
+            return StoredState(StoreStatus.CORRUPT, None, path, str(exc))
         except OSError as exc:
             return StoredState(StoreStatus.CORRUPT, None, path, f"unreadable: {exc}")
         try:
-            metadata, tensors = _parse(data)
-        except _Invalid as exc:
+            reader = _FdReader(fd)
+            header = read_state_header(reader, None, self.max_state_bytes)
+            size = os.fstat(fd).st_size
+            if size != header.file_size:
+                raise StateFileError(f"truncated or padded: the file has {size} bytes, its header describes {header.file_size}")
+            if header.fingerprint != fingerprint:
+                return StoredState(StoreStatus.OTHER_MODEL, None, path, f"made by model {header.fingerprint[:12]}, not {fingerprint[:12]}")
+            if not header.holds(node_id):
+                return StoredState(StoreStatus.CORRUPT, None, path, f"file holds node {_short_repr(header.node_id) if header.node_id is not None else header.describe_node()}, not {_short_repr(node_id)}")
+            if spec is not None:  # this model's exact shapes, before a byte of tensor data is read
+                check_header_shapes(header, spec)
+            state = state_from_file(header, read_state_tensors(reader, header, self._mac_key), spec)
+        except StateFileError as exc:
             return StoredState(StoreStatus.CORRUPT, None, path, str(exc))
-        if metadata.get("fingerprint") != fingerprint:
-            return StoredState(StoreStatus.OTHER_MODEL, None, path, f"made by model {metadata.get('fingerprint', '?')[:12]}, not {fingerprint[:12]}")
-        if metadata.get("node_id") != node_id:
-            return StoredState(StoreStatus.CORRUPT, None, path, f"file holds node {metadata.get('node_id')!r}, not {node_id!r}")
-        try:
-            state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(metadata["n_tokens"]), fingerprint)
-            state.check_finite()
-        except (StateMismatchError, ValueError, KeyError) as exc:
-            return StoredState(StoreStatus.CORRUPT, None, path, f"invalid state: {exc}")
-        if text is not None and metadata.get("text_sha256") and metadata["text_sha256"] != text_sha256(text):
-            return StoredState(StoreStatus.STALE, None, path, "encoded from another text than the node's current text")
+        except OSError as exc:
+            return StoredState(StoreStatus.CORRUPT, None, path, f"unreadable: {exc}")
+        finally:
+            os.close(fd)
+        if text is not None:
+            recorded = header.metadata.get("text_sha256", "")
+            if not recorded:
+                return StoredState(StoreStatus.STALE, None, path, "stored without its text (put(..., text=None)), so it cannot "
+                                   "be checked against the node's current text; re-encode and put(node_id, state, text=text)")
+            if recorded != text_sha256(text):
+                return StoredState(StoreStatus.STALE, None, path, "encoded from another text than the node's current text")
         return StoredState(StoreStatus.OK, state, path)
+
+    def _open_state_file(self, model: str, stripe: str, name: str) -> int:
+        """A descriptor of a regular state file, opened without following links or blocking."""
+        dir_fd = self._open_dir(_LAYOUT, model, stripe)
+        try:
+            try:
+                fd = os.open(name, _O_READ, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise StateFileError("a symlink, not a state file: refused unread (links are never followed)") from None
+                raise
+        finally:
+            os.close(dir_fd)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                        else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+                raise StateFileError(f"{kind}, not a regular file: refused unread")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _exists(self, model: str, key: str) -> bool:
+        try:
+            fd = self._open_dir(_LAYOUT, model, key[:2])
+        except (OSError, _UnsafePath):
+            return False
+        try:
+            os.stat(f"{key}.safetensors", dir_fd=fd, follow_symlinks=False)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
                  max_workers: int = 8) -> list[StoredState]:
@@ -255,19 +806,69 @@ class StateStore:
 
     def fingerprints(self) -> list[str]:
         """Short fingerprints (first 16 hex digits) of the models that have states here."""
-        return [d.name for d in self._model_dirs()]
+        return self._model_names()
+
+    def entries(self, fingerprint: str | None = None) -> Iterator[StoreEntry]:
+        """Every state file (of one model, or of all), with the status of its header; never raises
+        for a bad file (symlinks, FIFOs, devices, garbage are CORRUPT entries, never opened through)."""
+        models = [self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_names()
+        for model in models:
+            try:
+                model_fd = self._open_dir(_LAYOUT, model)
+            except (FileNotFoundError, _UnsafePath):
+                continue
+            try:
+                stripes = self._real_subdirs(model_fd)
+            finally:
+                os.close(model_fd)
+            for stripe in stripes:
+                try:
+                    stripe_fd = self._open_dir(_LAYOUT, model, stripe)
+                except (FileNotFoundError, _UnsafePath):
+                    continue
+                try:
+                    with os.scandir(stripe_fd) as found:
+                        names = sorted(e.name for e in found if _STATE_FILE.fullmatch(e.name))
+                finally:
+                    os.close(stripe_fd)
+                for name in names:
+                    yield self._entry(model, stripe, name)
+
+    def _entry(self, model: str, stripe: str, name: str) -> StoreEntry:
+        path = self._root / model / stripe / name
+        try:
+            fd = self._open_state_file(model, stripe, name)
+        except (StateFileError, _UnsafePath) as exc:
+            return StoreEntry(path, model, StoreStatus.CORRUPT, detail=str(exc))
+        except OSError as exc:
+            return StoreEntry(path, model, StoreStatus.CORRUPT, detail=f"unreadable: {exc}")
+        try:
+            header = read_state_header(_FdReader(fd), state_spec_for(model), self.max_state_bytes)
+            size = os.fstat(fd).st_size
+        except StateFileError as exc:
+            return StoreEntry(path, model, StoreStatus.CORRUPT, detail=str(exc))
+        except OSError as exc:
+            return StoreEntry(path, model, StoreStatus.CORRUPT, detail=f"unreadable: {exc}")
+        finally:
+            os.close(fd)
+        id_hash = header.node_id_sha256
+        if size != header.file_size:
+            detail = f"truncated or padded: the file has {size} bytes, its header describes {header.file_size}"
+        elif header.fingerprint[:16] != model or id_hash[:32] != name[:32]:
+            detail = "misplaced: the file's header names another node or model than its path"
+        else:
+            return StoreEntry(path, model, StoreStatus.OK, header.node_id, id_hash)
+        return StoreEntry(path, model, StoreStatus.CORRUPT, header.node_id, id_hash, detail)
 
     def node_ids(self, fingerprint: str | None = None) -> Iterator[str]:
         """Node ids that have a state file (of one model, or any model; each id once per model dir).
 
-        Reads only each file's header. Files whose header does not parse are skipped.
+        Reads only each file's header. Corrupt files, and ids longer than
+        :data:`MAX_INLINE_NODE_ID_BYTES` (recorded by their sha256), are not listed: see :meth:`entries`.
         """
-        dirs = [self._root / self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_dirs()
-        for model_dir in dirs:
-            for path in sorted(model_dir.glob("*/*.safetensors")):
-                node_id = _read_header(path).get("node_id")
-                if node_id:
-                    yield node_id
+        for entry in self.entries(fingerprint):
+            if entry.status is StoreStatus.OK and entry.node_id:
+                yield entry.node_id
 
     def remove_temp_files(self) -> int:
         """Remove the temporary files of writes that never finished (a process killed mid-write).
@@ -276,104 +877,90 @@ class StateStore:
         or process is never touched. Returns the number of files removed.
         """
         removed = 0
-        for model_dir in self._model_dirs():
-            for stripe_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-                if not any(stripe_dir.glob(".*.tmp")):
+        for model in self._model_names():
+            try:
+                model_fd = self._open_dir(_LAYOUT, model)
+            except (FileNotFoundError, _UnsafePath):
+                continue
+            try:
+                stripes = self._real_subdirs(model_fd)
+            finally:
+                os.close(model_fd)
+            for stripe in stripes:
+                if not re.fullmatch(r"[0-9a-f]{2}", stripe):
                     continue
-                with self._stripe_lock(stripe_dir.name):
-                    for tmp in stripe_dir.glob(".*.tmp"):
-                        tmp.unlink(missing_ok=True)
-                        removed += 1
+                with self._writable(), self._stripe_lock(stripe):
+                    try:
+                        fd = self._open_dir(_LAYOUT, model, stripe)
+                    except (FileNotFoundError, _UnsafePath):
+                        continue
+                    try:
+                        with os.scandir(fd) as found:
+                            temps = [e.name for e in found if e.name.startswith(".") and e.name.endswith(".tmp")]
+                        for name in temps:
+                            try:
+                                os.unlink(name, dir_fd=fd)
+                                removed += 1
+                            except (FileNotFoundError, IsADirectoryError):
+                                pass
+                    finally:
+                        os.close(fd)
         return removed
 
     def prune(self, keep: set[str] | list[str]) -> int:
-        """Delete the states of every node id not in ``keep`` (e.g. the ids still in the vector store).
+        """Delete every state file that is not a valid state of a node id in ``keep`` (e.g. the ids
+        still in the vector store): states of other nodes, of any length of id, and files whose
+        header does not verify (garbage, links, special files: the entry is removed, never followed).
 
         Returns the number of files removed.
         """
-        keep = set(keep)
-        stale = {node_id for node_id in self.node_ids() if node_id not in keep}
-        return self.delete_many(stale)
+        keep_hashes = {node_id_sha256(self._checked_id(n)) for n in keep}
+        removed = 0
+        for entry in list(self.entries()):
+            if entry.status is StoreStatus.OK and entry.node_id_sha256 in keep_hashes:
+                continue
+            stripe, name = entry.path.parent.name, entry.path.name
+            with self._writable(), self._stripe_lock(stripe):
+                again = self._entry(entry.model, stripe, name)  # a writer may have replaced it meanwhile
+                if again.status is StoreStatus.OK and again.node_id_sha256 in keep_hashes:
+                    continue
+                removed += self._unlink(entry.model, stripe, name)
+        return removed
+
+    @staticmethod
+    def _checked_id(node_id: str) -> str:
+        state_key(node_id)
+        return node_id
 
 
-# ------------------------------------------------------------------------------------ helpers
-class _Invalid(Exception):
-    pass
+def check_header_shapes(header: StateHeader, spec: StateSpec) -> None:
+    """Check a parsed header against a model's exact shapes (raises :class:`StateFileError`)."""
+    for name, (_, shape, _, _) in header.tensors.items():
+        if shape != spec.shapes()[name]:
+            raise StateFileError(f"tensor {name}: shape {shape}, this model's states have {spec.shapes()[name]}")
 
 
-def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """sha256 over the metadata (without the checksum) and every tensor's dtype, shape and raw bytes."""
-    h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True).encode())
-    for name in _TENSORS:
-        t = tensors[name].contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
-    return h.hexdigest()
-
-
-def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Validate a safetensors file's framing, header and checksum; return (metadata, tensors)."""
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save zip, or a raw pickle stream
-        raise _Invalid("a pickle (torch.save) file, not a picaso state: refused unread (unpickling can run code)")
-    if len(data) < 8:
-        raise _Invalid(f"truncated: {len(data)} bytes")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > _MAX_HEADER or 8 + header_len > len(data):
-        raise _Invalid(f"truncated or garbled header (header length {header_len}, file {len(data)} bytes)")
+def _atomic_write(dir_fd: int, name: str, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file in the directory ``dir_fd``, fsync it, rename it over
+    ``name``, fsync the directory. On any failure (a full disk...) the temporary file is removed."""
+    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, _O_CREATE, 0o600, dir_fd=dir_fd)
     try:
-        header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _Invalid(f"header is not valid JSON ({exc})") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise _Invalid(f"not a picaso state file (no '{FORMAT}' format tag)")
-    if set(header) - {"__metadata__"} != set(_TENSORS):
-        raise _Invalid(f"expected tensors {_TENSORS}, found {sorted(set(header) - {'__metadata__'})}")
-    data_len = max(int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__")
-    if len(data) != 8 + header_len + data_len:
-        raise _Invalid(f"truncated: {len(data)} bytes, the header describes {8 + header_len + data_len}")
-    try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise _Invalid(f"tensors do not parse ({exc})") from None
-    if _checksum(tensors, metadata) != metadata.get("checksum"):
-        raise _Invalid("checksum mismatch: the file's bytes changed after it was written")
-    return metadata, tensors
-
-
-def _read_header(path: Path) -> dict[str, str]:
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > _MAX_HEADER:
-                return {}
-            header = json.loads(f.read(header_len))
-        return header.get("__metadata__") or {}
-    except (OSError, struct.error, ValueError, AttributeError):
-        return {}
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync it, rename over ``path``, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            view, written = memoryview(payload), 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise
-    try:  # make the rename itself durable; not possible on every platform (e.g. Windows)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    try:  # make the rename itself durable; not possible on every platform
+        os.fsync(dir_fd)
     except OSError:
         pass
