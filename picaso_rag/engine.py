@@ -10,6 +10,8 @@ Usage::
 
 from __future__ import annotations
 
+import logging
+import operator
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -18,14 +20,38 @@ import torch
 from torch import Tensor
 
 from .compose import compose as compose_states
-from .errors import PicasoError, StateMismatchError
+from .config import Mamba2Config
+from .errors import DocumentTooLongError, PicasoError, StateMismatchError
 from .generation import Sampler, SamplingParams, TextStream
 from .graphs import GraphedModel
 from .loading import Tokenizer, fingerprint_of, load_checkpoint
 from .model import Mamba2LM
-from .state import State
+from .state import State, StateSpec, register_state_spec
 
 Tokens = str | Sequence[int]
+logger = logging.getLogger("picaso_rag")
+
+# Defaults of the engine's limits (each an attribute of PicasoEngine, settable per engine).
+MAX_DOCUMENT_TOKENS = 1 << 20  # ~4M characters of English; encoding memory stays flat (segments), time grows linearly
+CHARS_PER_TOKEN_BOUND = 16  # a text of more than 16 characters per allowed token is refused before tokenizing
+ENCODE_SEGMENT_TOKENS = 8192  # encode reads long documents in segments this long, carrying the state
+MAX_NEW_TOKENS_LIMIT = 16384
+
+
+def replace_lone_surrogates(text: str, what: str = "text") -> str:
+    """``text`` with each lone UTF-16 surrogate (a broken decode: not a character, not encodable as
+    UTF-8) replaced by U+FFFD, and each surrogate pair joined into its character; logs a warning.
+    The text is kept, not refused: one bad character never costs a whole document or ingestion."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    logger.warning("%s holds %d lone surrogate code point(s) (a broken decode upstream); each was replaced by U+FFFD. "
+                   "Decode your source with errors='replace' (or fix its encoding) to silence this.", what,
+                   sum(1 for c in fixed if c == "\ufffd") - text.count("\ufffd"))
+    return fixed
 
 
 @dataclass
@@ -39,10 +65,30 @@ class Generation:
 class PicasoEngine:
     """A Mamba-2 model with its tokenizer and fingerprint, working in states."""
 
-    def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True):
+    def __new__(cls, model: Mamba2LM, *args, **kwargs):
+        # a hybrid model (Mamba-2 and attention layers) gets the same API from HybridEngine
+        if cls is PicasoEngine and not isinstance(model, Mamba2LM):
+            from .hybrid import HybridLM
+
+            if isinstance(model, HybridLM):
+                from .hybrid_engine import HybridEngine
+
+                cls = HybridEngine
+        return super().__new__(cls)
+
+    def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True,
+                 max_document_tokens: int = MAX_DOCUMENT_TOKENS, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+                 encode_segment_tokens: int = ENCODE_SEGMENT_TOKENS):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint or fingerprint_of(model, tokenizer)
+        # limits (attributes: set them per engine): tokens of one text; new tokens of one answer;
+        # tokens encode() reads per forward (its memory is that of one segment, whatever the length)
+        self.max_document_tokens = max_document_tokens
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.encode_segment_tokens = encode_segment_tokens
+        if isinstance(model.cfg, Mamba2Config):  # lets a StateStore of this process check (and bound) stored states
+            register_state_spec(self.fingerprint, StateSpec.of_config(model.cfg))
         # on CUDA, short prompts and decoding replay CUDA graphs (see picaso_rag.graphs)
         self.graphs = GraphedModel(model) if cuda_graphs and model.device.type == "cuda" else None
 
@@ -68,11 +114,36 @@ class PicasoEngine:
         # the tokenizer knows its own vocabulary; config defaults (transformers writes 2) may not
         return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.model.cfg.eos_token_id
 
-    def tokenize(self, text: Tokens) -> list[int]:
-        """Token ids of a text (no special tokens); a list of ids passes through."""
+    def tokenize(self, text: Tokens, what: str = "the text") -> list[int]:
+        """Token ids of a text (no special tokens); a list of ids passes through (checked).
+
+        Raises :class:`PicasoError` for bytes, non-text values, out-of-vocabulary ids, and
+        :class:`DocumentTooLongError` above ``max_document_tokens``.
+        """
+        limit = self.max_document_tokens
         if isinstance(text, str):
-            return self.tokenizer.encode(text)
-        return [int(t) for t in text]
+            if len(text) > CHARS_PER_TOKEN_BOUND * limit:  # refused before tokenizing (its memory grows with the text)
+                raise DocumentTooLongError(
+                    f"{what} has {len(text):,} characters, more than {CHARS_PER_TOKEN_BOUND} per token of the cap of "
+                    f"{limit:,} tokens; split it into smaller documents, or raise engine.max_document_tokens.")
+            ids = self.tokenizer.encode(replace_lone_surrogates(text, what))
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            raise PicasoError(f"{what} is bytes, not text; decode it first, e.g. text.decode('utf-8', errors='replace').")
+        else:
+            try:
+                ids = [operator.index(t) for t in text]
+            except TypeError:
+                raise PicasoError(f"{what} must be a str or a list of int token ids, got {type(text).__name__} "
+                                  f"{_short(text)}.") from None
+            vocab = self.model.cfg.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise PicasoError(f"token id {bad} in {what} is outside the vocabulary [0, {vocab}); pass ids of this model's tokenizer.")
+        if len(ids) > limit:
+            raise DocumentTooLongError(
+                f"{what} has {len(ids):,} tokens, above the cap of {limit:,} (engine.max_document_tokens); split it into "
+                "smaller documents, or raise the cap (encoding memory stays flat, time grows linearly).")
+        return ids
 
     # ----------------------------------------------------------------------------- encoding
     @torch.inference_mode()
@@ -88,7 +159,7 @@ class PicasoEngine:
         for i, text in enumerate(texts):
             if isinstance(text, str) and not text.strip():
                 raise PicasoError(f"text {i} is empty or whitespace; drop it before encoding (an empty document has no state).")
-            ids = self.tokenize(text)
+            ids = self.tokenize(text, what=f"text {i}")
             if not ids:
                 raise PicasoError(f"text {i} has no tokens; drop it before encoding.")
             token_lists.append(ids)
@@ -100,11 +171,29 @@ class PicasoEngine:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             ids, lengths = self._pad([token_lists[i] for i in batch])
-            out = self.model(ids, lengths=lengths, logits="none")
+            ssm, conv, log_decay = self._read_in_segments(ids, lengths)
             for row, i in enumerate(batch):  # clone: a row view would keep the whole batch alive
-                states[i] = State(out.ssm_state[row].clone(), out.conv_state[row].clone(), out.log_decay[row].clone(),
+                states[i] = State(ssm[row].clone(), conv[row].clone(), log_decay[row].clone(),
                                   len(token_lists[i]), self.fingerprint)
         return states  # type: ignore[return-value]
+
+    def _read_in_segments(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The states after reading right-padded rows ``ids`` [b, l], ``encode_segment_tokens`` at a
+        time, each segment starting from the state the previous one left (the concatenation identity:
+        reading a+b equals reading b from the state of a). Memory is that of one segment, whatever l."""
+        segment = max(self.model.cfg.chunk_size, self.encode_segment_tokens // self.model.cfg.chunk_size * self.model.cfg.chunk_size)
+        if ids.shape[1] <= segment:
+            out = self.model(ids, lengths=lengths, logits="none")
+            return out.ssm_state, out.conv_state, out.log_decay
+        ssm = conv = log_decay = None
+        for start in range(0, ids.shape[1], segment):
+            piece = ids[:, start:start + segment]
+            # rows that ended before this segment read only padding: dt = 0, their state passes unchanged
+            out = self.model(piece, ssm_state=ssm, conv_state=conv, lengths=(lengths - start).clamp(0, piece.shape[1]),
+                             logits="none")
+            ssm, conv = out.ssm_state, out.conv_state
+            log_decay = out.log_decay if log_decay is None else log_decay + out.log_decay
+        return ssm, conv, log_decay  # type: ignore[return-value]
 
     def _pad(self, token_lists: list[list[int]]) -> tuple[Tensor, Tensor]:
         lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
@@ -139,7 +228,7 @@ class PicasoEngine:
         Returns fp32 logits [n_tokens, vocab] at every position and the state after the text.
         Usage: ``logits, after = engine.read(" the query", state=context)``.
         """
-        ids = self.tokenize(text)
+        ids = self.tokenize(text, what="the text to read")
         if not ids:
             raise PicasoError("nothing to read: the text has no tokens. Pass a non-empty query.")
         ssm, conv, log_decay, n_tokens = self._start(state)
@@ -168,7 +257,14 @@ class PicasoEngine:
 
     def stream(self, prompt: Tokens, state: State | None = None, **sampling) -> "_Stream":
         """Like :meth:`generate`, but an iterator of text pieces as they are produced."""
-        return _Stream(self, prompt, state, SamplingParams(**sampling))
+        try:
+            params = SamplingParams(**sampling)
+        except TypeError as exc:  # an unknown keyword
+            raise PicasoError(f"{exc}; sampling options are max_new_tokens, temperature, top_p, stop and seed.") from None
+        if params.max_new_tokens > self.max_new_tokens_limit:
+            raise PicasoError(f"max_new_tokens={params.max_new_tokens:,} is above this engine's limit of "
+                              f"{self.max_new_tokens_limit:,}; ask for fewer, or raise engine.max_new_tokens_limit.")
+        return _Stream(self, prompt, state, params)
 
 
 class _Stream:
@@ -176,7 +272,7 @@ class _Stream:
 
     def __init__(self, engine: PicasoEngine, prompt: Tokens, state: State | None, params: SamplingParams):
         self.result: dict = {}
-        self._it = self._run(engine, engine.tokenize(prompt), state, params)
+        self._it = self._run(engine, engine.tokenize(prompt, what="the prompt"), state, params)
 
     def __iter__(self) -> Iterator[str]:
         return self._it
@@ -224,3 +320,8 @@ class _Stream:
         if tail:
             yield tail
         self.result = {"token_ids": list(stream.ids), "n_prompt_tokens": len(prompt_ids), "finish_reason": finish}
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."

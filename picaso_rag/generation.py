@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -23,16 +25,55 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # every value checked for type and range: a NaN temperature or a 2**70 seed must not reach torch
+        self.max_new_tokens = _int("max_new_tokens", self.max_new_tokens, "e.g. max_new_tokens=64")
         if self.max_new_tokens < 0:
             raise PicasoError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        self.temperature = _finite("temperature", self.temperature, "use 0 for greedy decoding, or e.g. 0.7")
         if self.temperature < 0:
             raise PicasoError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        self.top_p = _finite("top_p", self.top_p, "use a value in (0, 1], e.g. 0.9")
         if not 0 < self.top_p <= 1:
             raise PicasoError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed, "use an int in [0, 2**64)")
+            if not 0 <= self.seed < 2**64:
+                raise PicasoError(f"seed must be in [0, 2**64) (torch's generator range), got {self.seed}; "
+                                  "use e.g. seed % 2**64.")
+        if self.stop is None:
+            self.stop = ()
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in self.stop):
+            raise PicasoError(f"stop must be a string or a list of strings, got {self.stop!r:.80}.")
+        self.stop = tuple(self.stop)
         if any(not s for s in self.stop):
-            raise PicasoError("stop strings must be non-empty.")
+            raise PicasoError('stop strings must be non-empty (an empty one would stop before any text); '
+                              'drop "" from stop.')
+
+
+def _int(name: str, value: object, fix: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise PicasoError(f"{name} must be an int, got {value!r}; {fix}.")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise PicasoError(f"{name} must be an int, got {type(value).__name__} {value!r:.60}; {fix}.") from None
+
+
+def _finite(name: str, value: object, fix: str) -> float:
+    if isinstance(value, (bool, str, bytes)):
+        raise PicasoError(f"{name} must be a number, got {type(value).__name__} {value!r:.60}; {fix}.")
+    if not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # numpy and 0-d torch floats
+        except (TypeError, ValueError):
+            raise PicasoError(f"{name} must be a number, got {type(value).__name__} {value!r:.60}; {fix}.") from None
+    if isinstance(value, int):
+        value = float(value)
+    if not math.isfinite(value):
+        raise PicasoError(f"{name} must be a finite number, got {value}; {fix}.")
+    return value
 
 
 class Sampler:

@@ -60,15 +60,40 @@ def _segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~causal, -torch.inf)
 
 
+REF_SCAN_BLOCK_TOKENS = 8192  # the reference scan reads at most this many tokens at once
+
+
 def chunk_scan_ref(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk_size: int,
-    initial_state: Tensor | None = None,
+    initial_state: Tensor | None = None, block_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan in fp32 (the "minimal SSD" algorithm of the Mamba-2 paper).
 
     x [b, l, h, p], dt [b, l, h], A [h], B/C [b, l, g, n], D [h], initial_state [b, h, p, n].
     Returns y [b, l, h, p] (dtype of x) and the final state [b, h, p, n] (fp32).
+
+    Long inputs are scanned in blocks of ``block_tokens`` (default :data:`REF_SCAN_BLOCK_TOKENS`,
+    rounded to whole chunks), each starting from the state the previous one left: the inter-chunk
+    segment-sum matrix is quadratic in the chunks of one block only, so memory grows linearly with l.
     """
+    block = max(chunk_size, (block_tokens or REF_SCAN_BLOCK_TOKENS) // chunk_size * chunk_size)
+    l = x.shape[1]
+    if l <= block:
+        return _chunk_scan_block(x, dt, A, B, C, D, chunk_size, initial_state)
+    ys, state = [], initial_state
+    for start in range(0, l, block):
+        end = start + block
+        y, state = _chunk_scan_block(x[:, start:end], dt[:, start:end], A, B[:, start:end], C[:, start:end], D,
+                                     chunk_size, state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def _chunk_scan_block(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk_size: int,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`chunk_scan_ref` on one block (all of its chunks at once)."""
     b, l, h, p = x.shape
     out_dtype = x.dtype
     pad = (-l) % chunk_size  # dt = 0 on the padding: the state passes through unchanged
