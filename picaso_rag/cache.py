@@ -17,18 +17,30 @@ memory (how the tests run the device tier without a GPU).
 Budgets are hard: the bytes held by a tier never exceed its budget, at any moment, from any
 thread. A state larger than a tier's budget is never put in that tier (a state larger than both
 is not cached at all; the caller still has and uses it). Every method takes one lock.
+
+Below the memory tiers, the stores (local disk, shared object store) are a cache with a fallback:
+:class:`StateResolver` looks a query's documents up in memory, then in each store, encodes every
+state still missing in one batch, and has a :class:`StateWriter` write them back in the background
+(a bounded queue: the answer never waits for a write). :class:`BudgetedStore` gives a store tier a
+byte budget with LRU eviction. See docs/scaling.md.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
+from typing import Protocol, Sequence
 
 import torch
 
 from .errors import PicasoError
 from .state import State
+from .store import StoredState, StoreStatus
+
+logger = logging.getLogger("picaso_rag.cache")
 
 
 @dataclass(frozen=True)
@@ -207,3 +219,285 @@ def _on(state: State, device: torch.device) -> bool:
 
 def _pinned(state: State) -> State:
     return replace(state, ssm=state.ssm.pin_memory(), conv=state.conv.pin_memory(), log_decay=state.log_decay.pin_memory())
+
+
+# ============================================================== the store as a cache with a fallback
+class StateBackend(Protocol):
+    """What the resolver needs of a store (:class:`~picaso_rag.store.StateStore`, the S3 store...)."""
+
+    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]: ...
+
+    def put(self, node_id: str, state: State, text: str | None = None) -> object: ...
+
+    def delete(self, node_id: str, fingerprint: str | None = None) -> int: ...
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    queued: int  # states accepted for writing
+    written: int  # (node, store) writes done
+    dropped: int  # states refused because the queue was full (they are encoded again on their next miss)
+    failed: int  # writes that raised (logged; the answer never needed them)
+    pending: int  # states waiting now
+    pending_bytes: int
+
+
+class StateWriter:
+    """Writes states to one or more stores from a background thread, through a bounded queue.
+
+    :meth:`submit` never blocks and never raises for a store's failure: a full queue drops the
+    state (it is encoded again on its next miss), a failed write is logged and counted. So a
+    query's answer never waits for the disk or the network. Bounds: ``max_pending`` states and
+    ``max_pending_bytes`` (a state of a 2.7B model is 82 MiB in bf16; queued states stay in the
+    memory they were in, GPU included, until written). Tensors move to the CPU in the writer's
+    thread.
+
+    Usage: ``writer = StateWriter(); writer.submit([store], node_id, state, text); writer.flush()``.
+    """
+
+    def __init__(self, max_pending: int = 64, max_pending_bytes: int = 1 << 30, name: str = "picaso-state-writer"):
+        if max_pending < 1 or max_pending_bytes < 1:
+            raise PicasoError(f"max_pending and max_pending_bytes must be >= 1, got {max_pending} and {max_pending_bytes}.")
+        self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
+        self._queue: deque[tuple[tuple[StateBackend, ...], str, State, str | None]] = deque()
+        self._bytes = 0
+        self._busy = 0  # items taken off the queue, not yet written
+        self._cond = threading.Condition()
+        self._closed = False
+        self._counts = dict.fromkeys(("queued", "written", "dropped", "failed"), 0)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, stores: Sequence[StateBackend], node_id: str, state: State, text: str | None = None) -> bool:
+        """Queue ``state`` for writing to each of ``stores``; False (dropped) if the queue is full or closed."""
+        stores = tuple(stores)
+        if not stores:
+            return True
+        with self._cond:
+            if (self._closed or len(self._queue) + self._busy >= self.max_pending  # the one being written counts
+                    or self._bytes + state.nbytes > self.max_pending_bytes):
+                self._counts["dropped"] += 1
+                return False
+            self._queue.append((stores, node_id, state, text))
+            self._bytes += state.nbytes
+            self._counts["queued"] += 1
+            self._cond.notify_all()
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued state is written (or failed); False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Write what is queued, then stop the thread (later submits are dropped)."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def stats(self) -> WriterStats:
+        with self._cond:
+            return WriterStats(**self._counts, pending=len(self._queue) + self._busy, pending_bytes=self._bytes)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                stores, node_id, state, text = self._queue.popleft()
+                self._busy += 1
+            try:
+                host = state if state.device.type == "cpu" else state.to("cpu")
+                for store in stores:
+                    try:
+                        store.put(node_id, host, text=text)
+                        written, failed = 1, 0
+                    except Exception as exc:  # noqa: BLE001 - a write-back never fails a query
+                        logger.warning("write-back of node %s to %r failed: %s", node_id, store, exc)
+                        written, failed = 0, 1
+                    with self._cond:
+                        self._counts["written"] += written
+                        self._counts["failed"] += failed
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._bytes -= state.nbytes
+                    self._cond.notify_all()
+
+
+class BudgetedStore:
+    """A store with a byte budget: past it, the least recently used states are deleted.
+
+    Wraps any store (the local disk tier, typically). Counted: the bytes of each state as written
+    (the file's size where the store has ``path``, else the state's tensor bytes), for the states
+    this object has written or read, and, at start, the files ``store.entries()`` lists (oldest
+    modification first). One process should own a budget (two budgets over one directory each
+    count only what they saw). Usage: ``disk = BudgetedStore(StateStore("/nvme/states"), 2 << 40)``.
+    """
+
+    def __init__(self, store: StateBackend, max_bytes: int):
+        if max_bytes < 0:
+            raise PicasoError(f"max_bytes must be >= 0, got {max_bytes}.")
+        self.store, self.max_bytes = store, max_bytes
+        self._lru: OrderedDict[tuple[str, str], int] = OrderedDict()  # (node id, fingerprint) -> bytes
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.evictions = 0
+        for node_id, fingerprint, size in _existing_files(store):
+            self._lru[(node_id, fingerprint)] = size
+            self._bytes += size
+
+    def __repr__(self) -> str:
+        return f"BudgetedStore({self.store!r}, max_bytes={self.max_bytes})"
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]:
+        found = self.store.get_many(node_ids, fingerprint, texts)
+        with self._lock:
+            for node_id, f in zip(node_ids, found):
+                if f.ok and (node_id, fingerprint) in self._lru:
+                    self._lru.move_to_end((node_id, fingerprint))
+        return found
+
+    def put(self, node_id: str, state: State, text: str | None = None) -> object:
+        size = state.nbytes
+        if size > self.max_bytes:
+            return None  # larger than the whole budget: not kept in this tier
+        result = self.store.put(node_id, state, text=text)
+        if hasattr(result, "stat"):
+            try:
+                size = result.stat().st_size
+            except OSError:
+                pass
+        key = (node_id, state.fingerprint)
+        with self._lock:
+            self._bytes += size - self._lru.pop(key, 0)
+            self._lru[key] = size
+            victims = []
+            while self._bytes > self.max_bytes and len(self._lru) > 1:
+                old, old_size = self._lru.popitem(last=False)
+                self._bytes -= old_size
+                victims.append(old)
+        for old_node, old_fingerprint in victims:
+            self.store.delete(old_node, old_fingerprint)
+            self.evictions += 1
+        return result
+
+    def delete(self, node_id: str, fingerprint: str | None = None) -> int:
+        with self._lock:
+            for key in [k for k in self._lru if k[0] == node_id and (fingerprint is None or k[1] == fingerprint)]:
+                self._bytes -= self._lru.pop(key)
+        return self.store.delete(node_id, fingerprint)
+
+
+def _existing_files(store: StateBackend) -> list[tuple[str, str, int]]:
+    """(node id, fingerprint, bytes) of a local store's files, oldest first (empty for other stores)."""
+    entries = getattr(store, "entries", None)
+    if entries is None:
+        return []
+    found = []
+    for entry in entries():
+        if getattr(entry, "node_id", None):
+            try:
+                info = entry.path.stat()
+            except OSError:
+                continue
+            found.append((info.st_mtime, entry.node_id, entry.model, info.st_size))
+    return [(node_id, model, size) for _, node_id, model, size in sorted(found)]
+
+
+@dataclass
+class Resolution:
+    """The states of a query's documents, in order, and how each was found (``stats``)."""
+
+    states: list[State]
+    stats: dict
+
+
+class StateResolver:
+    """States of retrieved documents: memory tiers, then stores in order, then encoded in one batch.
+
+    ``cache``: a :class:`StateCache` (GPU and host tiers) keyed by ``key`` (e.g. a text digest);
+    ``stores``: the store tiers, nearest first (e.g. ``[BudgetedStore(local, budget), s3_store]``);
+    ``writer``: a :class:`StateWriter`; states encoded now are written back to every store, and a
+    state found in a farther store is copied to the nearer ones, in the background: the answer
+    never waits for a write. A stored state that is another model's, corrupt or stale counts as
+    missing (re-encoded; ``stats["rejected"]`` says why).
+
+    Usage::
+
+        resolver = StateResolver(engine, StateCache(8 << 30, 64 << 30, device="cuda"),
+                                 [BudgetedStore(StateStore("/nvme/states"), 2 << 40), S3StateStore(...)],
+                                 StateWriter())
+        result = resolver.resolve([(digest, node_id, text), ...])   # result.states, result.stats
+    """
+
+    def __init__(self, engine, cache: StateCache | None = None, stores: Sequence[StateBackend] = (),
+                 writer: StateWriter | None = None, encode_batch_size: int = 16):
+        self.engine, self.cache, self.stores, self.writer = engine, cache, list(stores), writer
+        self.encode_batch_size = encode_batch_size
+
+    def resolve(self, docs: Sequence[tuple[str, str | None, str]]) -> Resolution:
+        """``docs``: (cache key, node id or None, text) per document; returns their states in order."""
+        start = time.perf_counter()
+        engine = self.engine
+        states: list[State | None] = [None] * len(docs)
+        todo: dict[str, list[int]] = {}  # cache key -> indices still without a state
+        from_memory = 0
+        for i, (key, _, _) in enumerate(docs):
+            state = self.cache.get(key) if self.cache is not None and key not in todo else None
+            if state is not None:
+                states[i], from_memory = state, from_memory + 1
+            else:
+                todo.setdefault(key, []).append(i)
+        from_store = [0] * len(self.stores)
+        rejected: list[dict] = []
+        for level, store in enumerate(self.stores):
+            asked = [key for key, idx in todo.items() if docs[idx[0]][1]]
+            if not asked:
+                break
+            found = store.get_many([docs[todo[k][0]][1] for k in asked], engine.fingerprint, [docs[todo[k][0]][2] for k in asked])
+            for key, f in zip(asked, found):
+                first = todo[key][0]
+                if not f.ok:
+                    if f.status is not StoreStatus.MISSING:
+                        rejected.append({"node_id": docs[first][1], "store": level, "status": f.status.value, "detail": f.detail})
+                    continue
+                state = f.state.to(engine.device, dtype=engine.model.dtype)
+                self._keep(key, state)
+                for i in todo.pop(key):
+                    states[i] = state
+                from_store[level] += 1
+                if self.writer is not None and level > 0:  # copy to the nearer tiers, in the background
+                    self.writer.submit(self.stores[:level], docs[first][1], f.state, docs[first][2])
+        load_ms = (time.perf_counter() - start) * 1000
+        encode_start = time.perf_counter()
+        queued = dropped = 0
+        if todo:
+            keys = list(todo)
+            fresh = engine.encode([docs[todo[k][0]][2] for k in keys], batch_size=self.encode_batch_size)
+            for key, state in zip(keys, fresh):
+                self._keep(key, state)
+                for i in todo[key]:
+                    states[i] = state
+                node_id, text = docs[todo[key][0]][1], docs[todo[key][0]][2]
+                if self.writer is not None and node_id and self.stores:
+                    if self.writer.submit(self.stores, node_id, state, text):
+                        queued += 1
+                    else:
+                        dropped += 1
+        stats = {"from_memory": from_memory, "from_store": from_store, "encoded": len(todo), "rejected": rejected,
+                 "write_back_queued": queued, "write_back_dropped": dropped, "load_ms": round(load_ms, 3),
+                 "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
+        return Resolution(states, stats)  # type: ignore[arg-type]
+
+    def _keep(self, key: str, state: State) -> None:
+        if self.cache is not None:
+            self.cache.put(key, state)
