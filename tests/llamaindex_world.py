@@ -23,7 +23,7 @@ from llama_index.core.instrumentation.events.llm import LLMCompletionStartEvent 
 from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.core.schema import MetadataMode  # noqa: E402
 from llama_index.llms.picaso import PicasoLLM, PicasoStateEncoder  # noqa: E402
-from llama_index.llms.picaso.handoff import _py_escaped  # noqa: E402
+from llama_index.llms.picaso.handoff import _py_escaped, strip_markers  # noqa: E402
 from llama_index.vector_stores.chroma import ChromaVectorStore  # noqa: E402
 
 from picaso_rag import Mamba2LM, PicasoEngine, StateStore, init_weights  # noqa: E402
@@ -126,9 +126,16 @@ def document_forms(text: str) -> list[str]:
     return list(dict.fromkeys([text, _py_escaped(text, "'"), _py_escaped(text, '"')]))
 
 
+def plain_prompt(prompt: str) -> str:
+    """What the model reads of a prompt without composed documents: the markers removed, and no
+    trailing spaces (generation starts after "Answer:", not after its space)."""
+    return strip_markers(prompt).rstrip(" ")
+
+
 def non_document_parts(prompt: str, doc_texts: list[str]) -> list[str]:
     """The prompt with every document (and the whitespace between adjacent documents) cut out:
     exactly what the model must read at query time."""
+    prompt = plain_prompt(prompt)
     marker = "\x00"
     for text in sorted(doc_texts, key=len, reverse=True):
         for form in document_forms(text):

@@ -125,9 +125,10 @@ def mixed_scripts_document(c: Ctx) -> None:
     store = StateStore(c.tmp / "mixed")
     llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=8)
     doc = DocumentRef.of(MIXED, "mixed-node")
-    llm.handoff.register(Ticket("picaso-s", "mean", [doc], llm.resolve_states([doc]).stats))
+    ticket = llm.handoff.open(Ticket("picaso-s", "mean", [doc], llm.resolve_states([doc]).stats))
     assert store.get("mixed-node", c.engine.fingerprint, text=MIXED).ok
-    prompt = f"Context: {MIXED}\nQuestion: what scripts are there?\nAnswer:"
+    open_marker, close_marker = ticket.markers(0)
+    prompt = f"Context: {open_marker}{MIXED}{close_marker}\nQuestion: what scripts are there?\nAnswer:"
     figures = llm.complete(prompt, formatted=True).additional_kwargs["picaso"]
     assert figures["k"] == 1 and figures["document_tokens"] == len(c.engine.tokenize(MIXED))
     assert figures["tokens_read"] < len(c.engine.tokenize(prompt)) - len(c.engine.tokenize(MIXED)) + 4

@@ -12,12 +12,12 @@ from typing import Any, List, Optional
 import pytest
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
-from llama_index.llms.picaso import COMPOSE_METHODS, DocumentRef, PicasoLLM, PicasoNodePostprocessor
+from llama_index.llms.picaso import COMPOSE_METHODS, DocumentRef, PicasoLLM, PicasoLLMError, PicasoNodePostprocessor
 
 from picaso_rag import StoreStatus
 
 from .llamaindex_world import (MAX_NEW_TOKENS, build_world, contains_run, model_inputs, non_document_parts, node_text,
-                               recorded_prompts, sensitive_engine)
+                               plain_prompt, recorded_prompts, sensitive_engine)
 
 QUESTION = "When was the Eiffel Tower completed?"
 QUERY_MODES = ["compact", "simple_summarize", "refine"]
@@ -126,7 +126,7 @@ def check_documents_not_read(world, result: Result) -> None:
     composed_keys = set()
     for prompt, call in zip(prompts, meta["calls"]):
         if call["k"] == 0:
-            assert call["texts_read"] == [prompt]
+            assert call["texts_read"] == [plain_prompt(prompt)]
             continue
         assert call["method"] == meta["method"]
         assert set(call["documents"]) <= source_keys
@@ -185,11 +185,12 @@ def test_tokens_read_against_concatenation(world):
     """The documents' tokens are read by concat and by nothing else; report both counts."""
     _, picaso, prompts = run_query(world, QUESTION, method="picaso-s")
     _, concat, concat_prompts = run_query(world, QUESTION, method="concat")
-    assert prompts == concat_prompts  # same pipeline, same prompt: only what the model reads differs
+    # same pipeline, same prompt (up to each retrieval's own random markers): only what the model reads differs
+    assert [plain_prompt(p) for p in prompts] == [plain_prompt(p) for p in concat_prompts]
     p, c = picaso.metadata["picaso"], concat.metadata["picaso"]
     tokenize = world.llm.engine.tokenize
     assert c["method"] == "concat" and c["k"] == 3
-    assert c["tokens_read"] == len(tokenize(concat_prompts[0]))
+    assert c["tokens_read"] == len(tokenize(plain_prompt(concat_prompts[0])))
     doc_tokens = sum(len(tokenize(node_text(s))) for s in picaso.source_nodes)
     assert p["document_tokens"] == c["document_tokens"] == doc_tokens
     read = p["tokens_read"] + p["calls"][0]["prefix_tokens_cached"]
@@ -205,7 +206,7 @@ def test_every_method(world, method):
     assert result.text.strip() and meta["method"] == method and meta["k"] == 3
     check_sources(world, result.response.source_nodes)
     if method == "concat":  # the baseline reads the whole prompt, documents included
-        assert meta["compose_ms"] == 0 and meta["calls"][0]["texts_read"] == result.prompts
+        assert meta["compose_ms"] == 0 and meta["calls"][0]["texts_read"] == [plain_prompt(p) for p in result.prompts]
         assert sum(len(row) for row in result.inputs) >= meta["tokens_read"] > meta["document_tokens"]
     else:
         check_documents_not_read(world, result)
@@ -250,17 +251,17 @@ def test_order_does_not_matter(world, mode):
 def test_condense_call_does_not_reuse_previous_states(world, style):
     first, second = run_chat(world, "condense_plus_context", style, ["Tell me about the Eiffel Tower.", "When was it finished?"])
     turn1_texts = [node_text(s) for s in first.response.source_nodes]
-    assert world.llm.handoff.tickets()  # the first turn's states are still registered...
+    assert len(world.llm.handoff)  # the first turn's ticket is still open...
     condense_prompt = second.prompts[0]
     condense = second.response.metadata["picaso"]["calls"][0]
     assert "Standalone question" in condense_prompt
     # ...but the condense call composed nothing and read its whole prompt
-    assert condense["k"] == 0 and condense["method"] == "none" and condense["texts_read"] == [condense_prompt]
+    assert condense["k"] == 0 and condense["method"] == "none" and condense["texts_read"] == [plain_prompt(condense_prompt)]
     assert not any(t in condense_prompt for t in turn1_texts)
     # and it generated exactly what the model says from that prompt with no state at all
     condensed = second.response.sources[0].raw_input["message"]
-    expected = world.llm.engine.generate(condense_prompt, max_new_tokens=MAX_NEW_TOKENS).text
-    assert condensed == expected
+    expected = world.llm.engine.generate(plain_prompt(condense_prompt), max_new_tokens=MAX_NEW_TOKENS).text
+    assert condensed == (expected if expected.strip() else "When was it finished?")  # empty: the user's message
 
 
 def test_concurrent_aqueries_do_not_mix_states(world):
@@ -356,7 +357,8 @@ def test_llm_api_without_postprocessor(world):
     assert "".join(r.delta for r in llm.stream_complete(prompt)) == expected
     messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
     chat_prompt = llm.messages_to_prompt(messages)
-    chat_expected = engine.generate(chat_prompt, max_new_tokens=MAX_NEW_TOKENS).text
+    assert chat_prompt.endswith("assistant: ")  # generation starts after the colon, not after its space
+    chat_expected = engine.generate(chat_prompt.rstrip(" "), max_new_tokens=MAX_NEW_TOKENS).text
     assert llm.chat(messages).message.content == chat_expected
     assert "".join(r.delta for r in llm.stream_chat(messages)) == chat_expected
 
@@ -379,5 +381,5 @@ def test_bad_input_names_the_fix(world):
         PicasoNodePostprocessor(world.llm, method="picaso-s", conv="last")
     with pytest.raises(PicasoError, match="model="):
         PicasoLLM()
-    with pytest.raises(PicasoError, match="empty prompt"):
+    with pytest.raises(PicasoLLMError, match="empty prompt"):  # not a ValueError: refine would swallow it
         world.llm.complete("")

@@ -1,11 +1,14 @@
-"""The text-keyed hand-off between PicasoNodePostprocessor and PicasoLLM (no model needed)."""
+"""The request-scoped hand-off between PicasoNodePostprocessor and PicasoLLM (no model needed):
+markers with an unforgeable per-retrieval token, verified text, nothing matched by text alone."""
 
 from __future__ import annotations
 
 import random
 
-from llama_index.llms.picaso.handoff import DocumentRef, Handoff, Ticket, _py_escaped
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
+from llama_index.llms.picaso.handoff import DocumentRef, Handoff, Ticket, _py_escaped, strip_markers
 from llama_index.llms.picaso.metadata import summarize
+from llama_index.llms.picaso.postprocessor import marked_node, original_node
 
 DOCS = [DocumentRef.of(t, f"n{i}") for i, t in enumerate([
     "title: Eiffel\n\nThe Eiffel Tower was completed in 1889.",
@@ -16,88 +19,118 @@ PREFIX = "Context information is below.\n---------------------\n"
 SUFFIX = "\n---------------------\nQuery: when?\nAnswer: "
 
 
-def handoff_with(*tickets: Ticket) -> Handoff:
-    handoff = Handoff()
-    for ticket in tickets:
-        handoff.register(ticket)
-    return handoff
+def marked(ticket: Ticket, i: int, text: str | None = None) -> str:
+    open_marker, close_marker = ticket.markers(i)
+    return open_marker + (ticket.documents[i].text if text is None else text) + close_marker
 
 
 def pieces(plan) -> list:
-    return [plan.text(s) if s.is_text else [d.node_id for d in s.documents] for s in plan.segments]
+    return [s.text if s.is_text else [d.node_id for d in s.documents] for s in plan.segments]
 
 
 def test_compact_prompt_is_prefix_block_suffix():
-    prompt = PREFIX + "\n\n".join(d.text for d in DOCS) + SUFFIX
-    plan = handoff_with(Ticket("picaso-s", "mean", DOCS)).plan(prompt)
+    handoff = Handoff()
+    ticket = handoff.open(Ticket("picaso-s", "mean", DOCS))
+    prompt = PREFIX + "\n\n".join(marked(ticket, i) for i in range(3)) + SUFFIX
+    plan = handoff.plan(prompt)
     assert pieces(plan) == [PREFIX, ["n0", "n1", "n2"], SUFFIX]
-    assert plan.ticket.method == "picaso-s" and not plan.ambiguous
+    assert plan.method == "picaso-s" and plan.tickets == [ticket] and not plan.read_as_text
+    assert plan.prompt == PREFIX + "\n\n".join(d.text for d in DOCS) + SUFFIX  # what concatenation reads
 
 
 def test_simple_summarize_list_repr_is_recognised():
     """llama-index-core 0.14 formats simple_summarize's chunk *list* into the prompt, escaped."""
-    context = ["\n".join(d.text for d in DOCS)]
+    handoff = Handoff()
+    ticket = handoff.open(Ticket("picaso-s", "mean", DOCS))
+    context = ["\n".join(marked(ticket, i) for i in range(3))]
     prompt = f"{PREFIX}{context}{SUFFIX}"
-    assert DOCS[0].text not in prompt  # the plain text is not there...
-    plan = handoff_with(Ticket("picaso-s", "mean", DOCS)).plan(prompt)
+    plan = handoff.plan(prompt)
     quote = repr(context[0])[0]
-    assert pieces(plan) == [PREFIX + "[" + quote, ["n0", "n1", "n2"], quote + "]" + SUFFIX]  # ...but found
+    assert pieces(plan) == [PREFIX + "[" + quote, ["n0", "n1", "n2"], quote + "]" + SUFFIX]
 
 
 def test_text_between_documents_splits_blocks_and_a_trailing_document_is_read():
-    prompt = PREFIX + DOCS[0].text + "\nSome other words.\n" + DOCS[1].text + SUFFIX
-    plan = handoff_with(Ticket("caso", "mean", DOCS)).plan(prompt)
-    assert pieces(plan) == [PREFIX, ["n0"], "\nSome other words.\n", ["n1"], SUFFIX]
+    handoff = Handoff()
+    ticket = handoff.open(Ticket("caso", "mean", DOCS))
+    prompt = PREFIX + marked(ticket, 0) + "\nSome other words.\n" + marked(ticket, 1) + SUFFIX
+    assert pieces(handoff.plan(prompt)) == [PREFIX, ["n0"], "\nSome other words.\n", ["n1"], SUFFIX]
     # generation needs text to start from: a block that ends the prompt is read as text
-    ends_in_block = PREFIX + DOCS[0].text + "\n\n" + DOCS[1].text
-    assert pieces(handoff_with(Ticket("caso", "mean", DOCS)).plan(ends_in_block)) == [ends_in_block]
-    ends_in_doc = PREFIX + DOCS[0].text + "\nand\n" + DOCS[1].text
-    assert pieces(handoff_with(Ticket("caso", "mean", DOCS)).plan(ends_in_doc)) == [PREFIX, ["n0"], "\nand\n" + DOCS[1].text]
-    only_doc = handoff_with(Ticket("caso", "mean", DOCS)).plan(DOCS[2].text)
+    ends_in_block = PREFIX + marked(ticket, 0) + "\n\n" + marked(ticket, 1)
+    assert pieces(handoff.plan(ends_in_block)) == [strip_markers(ends_in_block)]
+    only_doc = handoff.plan(marked(ticket, 2))
     assert pieces(only_doc) == [DOCS[2].text]
 
 
-def test_prompt_without_documents_is_plain_text():
-    handoff = handoff_with(Ticket("picaso-s", "mean", DOCS))
-    plan = handoff.plan("Given the following conversation ... Standalone question:")
-    assert plan.ticket is None and pieces(plan) == ["Given the following conversation ... Standalone question:"]
-
-
-def test_longer_document_wins_over_a_text_it_contains():
-    inner = DocumentRef.of("The Eiffel Tower was completed in 1889.", "inner")
-    prompt = PREFIX + DOCS[0].text + "\n\n" + inner.text + SUFFIX
-    plan = handoff_with(Ticket("picaso-s", "mean", [inner, DOCS[0]])).plan(prompt)
-    assert pieces(plan) == [PREFIX, ["n0", "inner"], SUFFIX]
-
-
-def test_ticket_choice_and_ambiguity():
-    prompt = PREFIX + DOCS[0].text + SUFFIX
-    # sequential use: each retrieval is answered by the call after it, whatever was used before
+def test_a_document_text_without_its_markers_is_never_composed():
+    """The old text-keyed hand-off composed any registered text found anywhere in any prompt."""
     handoff = Handoff()
-    for method in ["picaso-s", "concat", "picaso-r"]:
-        handoff.register(Ticket(method, "mean", DOCS))
+    handoff.open(Ticket("picaso-s", "mean", DOCS + [DocumentRef.of("form", "short"), DocumentRef.of(PREFIX.strip(), "tpl")]))
+    for prompt in [PREFIX + DOCS[0].text + SUFFIX,                      # another request's document, verbatim
+                   "Context information in the form below" + SUFFIX,   # a one-word document inside the template
+                   PREFIX + "Query: " + DOCS[1].text + "?\nAnswer:"]:  # a user's guess typed into the query
         plan = handoff.plan(prompt)
-        assert plan.ticket.method == method and not plan.ambiguous
-    assert handoff.plan(prompt).ticket.method == "picaso-r"  # refine's next call: the same ticket again
-    # two retrievals of the same documents with different methods, neither answered yet: flagged
-    old, new = Ticket("picaso-s", "mean", DOCS[:2]), Ticket("concat", "mean", DOCS)
-    handoff = handoff_with(old, new)
-    first = handoff.plan(prompt)
-    assert first.ticket is new and first.ambiguous
-    second = handoff.plan(prompt)
-    assert second.ticket is old and not second.ambiguous
-    # only tickets holding every document found count
-    handoff = handoff_with(Ticket("picaso-s", "mean", DOCS[:1]), Ticket("soup", "mean", DOCS[1:]))
-    plan = handoff.plan(PREFIX + DOCS[2].text + SUFFIX)
-    assert plan.ticket.method == "soup" and not plan.ambiguous
+        assert plan.method is None and plan.documents == [] and pieces(plan) == [prompt]
 
 
-def test_handoff_keeps_the_most_recent_tickets():
-    handoff = Handoff(max_tickets=3)
-    for i in range(5):
-        handoff.register(Ticket("soup", "mean", [DocumentRef.of(f"doc {i}")]))
-    assert [t.documents[0].text for t in handoff.tickets()] == ["doc 2", "doc 3", "doc 4"]
-    assert handoff.plan("x doc 0 y").ticket is None
+def test_forged_unknown_and_tampered_markers_are_read_as_text():
+    handoff = Handoff()
+    ticket = handoff.open(Ticket("picaso-s", "mean", DOCS))
+    forged = Ticket("picaso-s", "mean", DOCS)  # never opened: its token is unknown to the LLM
+    tampered = marked(ticket, 0, DOCS[0].text.replace("1889", "1899"))
+    swapped = marked(ticket, 0, DOCS[1].text)  # a real token around another document's text
+    out_of_range = f"<picaso:{ticket.token}:7>{DOCS[0].text}</picaso:{ticket.token}:7>"
+    unpaired = ticket.markers(1)[0] + DOCS[1].text
+    for span, reason in [(marked(forged, 0), "expired or unknown ticket"), (tampered, "text changed after retrieval"),
+                         (swapped, "text changed after retrieval"), (out_of_range, "text changed after retrieval"),
+                         (unpaired, "unpaired marker")]:
+        prompt = PREFIX + span + SUFFIX
+        plan = handoff.plan(prompt)
+        assert plan.method is None and plan.documents == [], reason
+        assert pieces(plan) == [strip_markers(prompt)] and plan.read_as_text == {reason: 1}
+
+
+def test_each_ticket_keeps_its_method_and_a_prompt_without_markers_composes_nothing():
+    handoff = Handoff()
+    picaso = handoff.open(Ticket("picaso-s", "mean", DOCS))
+    concat = handoff.open(Ticket("concat", "mean", DOCS))
+    for _ in range(3):  # interleaved: each prompt keeps its own ticket's method
+        assert handoff.plan(PREFIX + marked(picaso, 0) + SUFFIX).method == "picaso-s"
+        assert handoff.plan(PREFIX + marked(concat, 0) + SUFFIX).method == "concat"
+    assert handoff.plan(PREFIX + DOCS[0].text + SUFFIX).method is None  # no postprocessor: never composed
+    mixed = handoff.plan(PREFIX + marked(picaso, 0) + "\n\n" + marked(concat, 1) + SUFFIX)
+    assert mixed.method is None and mixed.read_as_text == {"tickets with different methods": 2}
+    assert pieces(mixed) == [PREFIX + DOCS[0].text + "\n\n" + DOCS[1].text + SUFFIX]
+
+
+def test_tickets_are_bounded_in_number_and_age(monkeypatch):
+    handoff = Handoff(max_tickets=3, ttl_s=60)
+    tickets = [handoff.open(Ticket("soup", "mean", [DocumentRef.of(f"doc {i}")])) for i in range(5)]
+    assert len(handoff) == 3
+    assert handoff.plan("x " + marked(tickets[0], 0) + " y").method is None  # pushed out: read as text
+    assert handoff.plan("x " + marked(tickets[4], 0) + " y").method == "soup"
+    import llama_index.llms.picaso.handoff as module
+    now = module.time.monotonic()
+    monkeypatch.setattr(module.time, "monotonic", lambda: now + 61)
+    assert handoff.plan("x " + marked(tickets[4], 0) + " y").method is None and len(handoff) == 0
+
+
+def test_tokens_are_random_and_unique():
+    tokens = {Ticket("soup", "mean", []).token for _ in range(1000)}
+    assert len(tokens) == 1000 and all(len(t) == 32 and int(t, 16) >= 0 for t in tokens)
+
+
+def test_marked_nodes_change_only_the_llm_text():
+    node = TextNode(text="The reef is huge.", id_="n7", metadata={"title": "Reef", "shelf": "s1"},
+                    excluded_llm_metadata_keys=["shelf"])
+    ticket = Ticket("picaso-s", "mean", [DocumentRef.of(node.get_content(metadata_mode=MetadataMode.LLM), "n7")])
+    copy = marked_node(node, *ticket.markers(0))
+    assert copy.get_content(metadata_mode=MetadataMode.LLM) == marked(ticket, 0)
+    for mode in (MetadataMode.NONE, MetadataMode.EMBED, MetadataMode.ALL):
+        assert copy.get_content(metadata_mode=mode) == node.get_content(metadata_mode=mode)
+    assert (copy.text, copy.metadata, copy.node_id, copy.hash) == (node.text, node.metadata, node.node_id, node.hash)
+    assert isinstance(copy, TextNode) and copy.class_name() == "TextNode"
+    assert ticket.token not in copy.to_json() and ticket.token not in str(NodeWithScore(node=copy).model_dump())
+    assert original_node(copy) is node and original_node(node) is node
 
 
 def test_python_escaping_matches_repr():
@@ -112,9 +145,9 @@ def test_python_escaping_matches_repr():
 
 def test_summary_counts_each_retrieval_once():
     retrieval = {"states_loaded": 2, "states_encoded": 1, "states_cached": 0}
-    calls = [dict(method="picaso-s", k=1, tokens_read=10, document_tokens=5, compose_ms=1.0, ticket=7,
+    calls = [dict(method="picaso-s", k=1, tokens_read=10, document_tokens=5, compose_ms=1.0,
                   retrieval=retrieval, late_states={"loaded": 0, "encoded": 0}) for _ in range(3)]
-    condense = dict(method="none", k=0, tokens_read=30, document_tokens=0, compose_ms=0.0, ticket=None, retrieval={},
+    condense = dict(method="none", k=0, tokens_read=30, document_tokens=0, compose_ms=0.0, retrieval={},
                     late_states={"loaded": 0, "encoded": 0})
     summary = summarize([condense] + calls)
     assert summary["method"] == "picaso-s" and summary["k"] == 1 and summary["llm_calls"] == 4

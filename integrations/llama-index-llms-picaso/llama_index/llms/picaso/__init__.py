@@ -14,7 +14,7 @@ Usage::
     response.metadata["picaso"]          # method, k, tokens read at query time, states loaded/encoded, ...
 """
 
-from .base import COMPOSE_METHODS, CONCAT, PicasoLLM
+from .base import COMPOSE_METHODS, CONCAT, PicasoLLM, PicasoLLMError
 from .handoff import DocumentRef
 from .ingestion import (
     CHROMA_MAX_BATCH,
@@ -29,7 +29,7 @@ from .ingestion import (
     stable_node_id,
 )
 from .metadata import METADATA_KEY as RESPONSE_METADATA_KEY
-from .postprocessor import PicasoNodePostprocessor, node_llm_text
+from .postprocessor import PicasoNodePostprocessor, node_llm_text, original_node
 
 __all__ = [
     "CHROMA_MAX_BATCH",
@@ -39,6 +39,7 @@ __all__ = [
     "DocumentRef",
     "METADATA_KEY",
     "PicasoLLM",
+    "PicasoLLMError",
     "PicasoNodePostprocessor",
     "PicasoStateEncoder",
     "RESPONSE_METADATA_KEY",
@@ -47,6 +48,7 @@ __all__ = [
     "delete_ref_doc",
     "ingest",
     "node_llm_text",
+    "original_node",
     "prune_states",
     "stable_node_id",
 ]

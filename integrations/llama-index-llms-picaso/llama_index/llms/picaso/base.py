@@ -6,15 +6,17 @@ Usage::
     composer = PicasoNodePostprocessor(llm=llm, method="picaso-s")
     engine = index.as_query_engine(llm=llm, node_postprocessors=[composer])
 
-Given a prompt, the LLM finds the texts of the documents its postprocessor registered (see
-``handoff.py``), replaces each block of documents by the composition of their stored states, and
-reads only the text around them (the template and the query) before generating. Without a
-postprocessor, or for prompts that hold no document, it is a plain Mamba-2 completion model.
+Given a prompt, the LLM finds the documents its postprocessor handed off for this request (marked
+spans of the prompt with an unforgeable per-retrieval token, see ``handoff.py``), replaces each
+block of documents by the composition of their stored states, and reads only the text around them
+(the template and the query) before generating. Without a postprocessor, or for prompts that hold
+no handed-off document, it is a plain Mamba-2 completion model that reads the whole prompt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -43,9 +45,9 @@ from llama_index.core.llms.custom import CustomLLM
 from picaso_rag import (METHODS, PicasoEngine, PicasoError, State, StateCache, StateStore, StoreNotWritableError,
                         StoreStatus)
 
-from .handoff import DocumentRef, Handoff, PromptPlan
+from .handoff import DocumentRef, Handoff
+from .metadata import condense_fallback, record_call
 from .metadata import install as _install_metadata
-from .metadata import record_call
 
 logger = logging.getLogger("llama_index.llms.picaso")
 
@@ -54,6 +56,15 @@ COMPOSE_METHODS: tuple[str, ...] = METHODS + (CONCAT,)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+_ALIASES = {"max_tokens": "max_new_tokens", "model_name": "model", "model_path": "model", "tokenizer_name": "tokenizer"}
+
+
+class PicasoLLMError(RuntimeError):
+    """An error inside a PicasoLLM call (its message names the fix; ``__cause__`` is the original).
+
+    Not a ValueError on purpose: LlamaIndex's refine and compact synthesizers catch ValueError and
+    TypeError and answer "Empty Response", which would hide a misconfiguration or a bad state.
+    """
 
 
 @dataclass
@@ -74,6 +85,8 @@ class PicasoLLM(CustomLLM):
     """
 
     model: str | None = Field(default=None, description="Mamba-2 checkpoint directory or hub id.")
+    tokenizer: str | None = Field(default=None, description="tokenizer.json path or tokenizer directory "
+                                                            "(default: the one in the checkpoint).")
     device: str = Field(default="cpu", description="Torch device, e.g. 'cuda'.")
     dtype: str | None = Field(default=None, description="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA).")
     max_new_tokens: int = Field(default=128, gt=0, description="Tokens generated at most per call.")
@@ -101,15 +114,23 @@ class PicasoLLM(CustomLLM):
 
     def __init__(self, model: str | None = None, *, engine: PicasoEngine | None = None,
                  state_store: StateStore | str | None = None, **kwargs: Any) -> None:
+        _check_keywords(type(self), kwargs)
+        if kwargs.get("tokenizer") is not None:
+            kwargs["tokenizer"] = str(kwargs["tokenizer"])
         super().__init__(model=str(model) if model is not None else None, **kwargs)
         if engine is None:
             if model is None:
                 raise PicasoError("PicasoLLM needs a model: pass model='<checkpoint dir or hub id>' or engine=PicasoEngine(...).")
             if self.dtype is not None and self.dtype not in _DTYPES:
                 raise PicasoError(f"unknown dtype {self.dtype!r}; use one of {', '.join(_DTYPES)}.")
-            engine = PicasoEngine.from_pretrained(model, device=self.device, dtype=_DTYPES.get(self.dtype or ""))
+            _check_device(self.device)
+            engine = PicasoEngine.from_pretrained(model, device=self.device, dtype=_DTYPES.get(self.dtype or ""),
+                                                  tokenizer=self.tokenizer)
         elif not isinstance(engine, PicasoEngine):
             raise PicasoError(f"engine must be a picaso_rag.PicasoEngine, got {type(engine).__name__}.")
+        elif self.tokenizer is not None:
+            raise PicasoError("tokenizer= applies when PicasoLLM loads the model; an engine already has its tokenizer "
+                              "(pass it to PicasoEngine.from_pretrained(..., tokenizer=...)).")
         self._engine = engine
         self._store = StateStore(state_store) if isinstance(state_store, str) else state_store
         self._handoff = Handoff()
@@ -142,6 +163,7 @@ class PicasoLLM(CustomLLM):
 
     @property
     def handoff(self) -> Handoff:
+        """The open tickets of this LLM's postprocessors (see ``handoff.py``)."""
         return self._handoff
 
     # ------------------------------------------------------------------------- document states
@@ -198,6 +220,7 @@ class PicasoLLM(CustomLLM):
                 to_encode.setdefault(docs[i].digest, []).append(i)
         load_ms = (time.perf_counter() - start) * 1000
         encode_start = time.perf_counter()
+        not_stored = 0
         if to_encode:
             first = {digest: docs[indices[0]] for digest, indices in to_encode.items()}
             fresh = self._engine.encode([d.text for d in first.values()], batch_size=self.encode_batch_size)
@@ -208,10 +231,12 @@ class PicasoLLM(CustomLLM):
                     if self._store is not None and docs[i].node_id:
                         try:
                             self._store.put(docs[i].node_id, state, text=docs[i].text)
-                        except StoreNotWritableError as exc:  # the answer does not need the file: go on
+                        except StoreNotWritableError as exc:  # full or read-only: the answer does not need the file
+                            not_stored += 1
                             logger.warning("state of node %s not stored: %s", docs[i].node_id, exc)
         stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
-                 "encode_reasons": dict(reasons), "states_rejected": rejected, "load_ms": round(load_ms, 3),
+                 "encode_reasons": dict(reasons), "states_rejected": rejected, "states_not_stored": not_stored,
+                 "load_ms": round(load_ms, 3),
                  "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
         return StateResolution(states, stats)  # type: ignore[arg-type]
 
@@ -233,39 +258,46 @@ class PicasoLLM(CustomLLM):
     def _sampling(self, kwargs: dict) -> dict:
         params = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "stop": list(self.stop), "seed": self.seed}
-        params.update({k: v for k, v in kwargs.items() if k in _SAMPLING_KEYS and v is not None})
+        for key, value in kwargs.items():
+            key = _ALIASES.get(key, key) if key == "max_tokens" else key
+            if key in _SAMPLING_KEYS and value is not None:
+                params[key] = value
         return params
 
     def _start(self, prompt: str, formatted: bool, kwargs: dict) -> "_Run":
         """Plan the prompt, compose the documents' states and prepare generation (done eagerly,
         so that streaming responses already carry their figures)."""
+        try:
+            return self._prepare(prompt, formatted, kwargs)
+        except PicasoError as exc:
+            raise PicasoLLMError(str(exc)) from exc
+
+    def _prepare(self, prompt: str, formatted: bool, kwargs: dict) -> "_Run":
         if not isinstance(prompt, str) or not prompt:
             raise PicasoError("PicasoLLM got an empty prompt; pass the text to complete.")
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
         started = time.perf_counter()
         plan = self._handoff.plan(prompt)
-        ticket = plan.ticket
-        method = ticket.method if ticket is not None else "none"
+        method = plan.method or ("mixed" if plan.tickets else "none")
         engine = self._engine
         stats: dict[str, Any] = {
             "method": method, "k": 0, "documents": [], "document_tokens": 0, "tokens_read": 0,
             "texts_read": [], "prefix_tokens_cached": 0, "compose_ms": 0.0,
-            "ticket": ticket.id if ticket is not None else None,
-            "retrieval": dict(ticket.stats) if ticket is not None else {},
-            "late_states": {"loaded": 0, "encoded": 0}, "ambiguous_method": plan.ambiguous,
+            "retrieval": plan.tickets[0].stats if len(plan.tickets) == 1 else {},
+            "late_states": {"loaded": 0, "encoded": 0, "not_stored": 0}, "read_as_text": dict(plan.read_as_text),
         }
         state: State | None = None
-        if ticket is None or method == CONCAT:
-            tail = prompt  # the ordinary way: every token of the prompt is read
-            if method == CONCAT:
+        if plan.method is None or plan.method == CONCAT:
+            tail = plan.prompt  # the ordinary way: every token of the prompt (markers removed) is read
+            if plan.method == CONCAT:
                 stats["k"] = len(plan.documents)
                 stats["documents"] = [d.key for d in plan.documents]
+                stats["document_tokens"] = sum(len(engine.tokenize(d.text)) for d in plan.documents)
         else:
-            segments = plan.segments
-            for segment in segments[:-1]:
+            for segment in plan.segments[:-1]:
                 if segment.is_text:
-                    text = plan.text(segment)
+                    text = segment.text
                     if state is None and text.strip():
                         state, hit = self._prefix_state(text)
                         stats["prefix_tokens_cached" if hit else "tokens_read"] += state.n_tokens
@@ -275,34 +307,43 @@ class PicasoLLM(CustomLLM):
                     stats["texts_read"].append(text)
                 else:
                     resolved = self.resolve_states(segment.documents)
-                    stats["late_states"]["loaded"] += resolved.stats["states_loaded"]
-                    stats["late_states"]["encoded"] += resolved.stats["states_encoded"]
-                    stats["late_states"].setdefault("rejected", []).extend(resolved.stats["states_rejected"])
+                    late = stats["late_states"]
+                    late["loaded"] += resolved.stats["states_loaded"]
+                    late["encoded"] += resolved.stats["states_encoded"]
+                    late["not_stored"] += resolved.stats["states_not_stored"]
+                    late.setdefault("rejected", []).extend(resolved.stats["states_rejected"])
                     compose_start = time.perf_counter()
-                    state = engine.compose(resolved.states, method=method, prefix=state, conv=ticket.conv)
+                    state = engine.compose(resolved.states, method=plan.method, prefix=state, conv=plan.conv)
                     stats["compose_ms"] += (time.perf_counter() - compose_start) * 1000
                     stats["k"] += len(segment.documents)
                     stats["documents"] += [d.key for d in segment.documents]
                     stats["document_tokens"] += sum(s.n_tokens for s in resolved.states)
-            tail = plan.text(segments[-1])
+            tail = plan.segments[-1].text
+        # A prompt ending in "Answer: " would make a BPE model start with a space token (the space
+        # belongs to the next word): generate after the colon instead, as the model was trained.
+        tail = tail.rstrip(" ") or tail
         tail_ids = engine.tokenize(tail)
         if not tail_ids:
             raise PicasoError("nothing to generate from: the prompt ends in text with no tokens.")
         stats["tokens_read"] += len(tail_ids)
         stats["texts_read"].append(tail)
-        if method == CONCAT:
-            stats["document_tokens"] = sum(len(engine.tokenize(d.text)) for d in plan.documents)
         stats["compose_ms"] = round(stats["compose_ms"], 3)
         stats["prepare_ms"] = round((time.perf_counter() - started) * 1000, 3)
         record_call(stats)
         return _Run(engine.stream(tail_ids, state=state, **self._sampling(kwargs)), stats)
 
+    def _finish(self, run: "_Run", text: str, condense_message: str | None) -> CompletionResponse:
+        if condense_message is not None and not text.strip():
+            # the condense step of a chat turn produced no question: retrieve for the user's own message
+            run.stats["condense_fallback"] = True
+            text = condense_message
+        return CompletionResponse(text=text, additional_kwargs={"picaso": run.stats}, raw={"usage": run.usage()})
+
     # --------------------------------------------------------------------------- LlamaIndex API
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         run = self._start(prompt, formatted, kwargs)
-        text = "".join(run)
-        return CompletionResponse(text=text, additional_kwargs={"picaso": run.stats})
+        return self._finish(run, "".join(run), condense_fallback(prompt))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -312,16 +353,19 @@ class PicasoLLM(CustomLLM):
             text = ""
             for piece in run:
                 text += piece
-                yield CompletionResponse(text=text, delta=piece, additional_kwargs={"picaso": run.stats})
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs={"picaso": run.stats},
+                                         raw={"usage": run.usage()})
 
         return gen()
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        condense_message = condense_fallback(prompt)
+
         # model work off the event loop, so that concurrent aquery calls run side by side
         def work() -> CompletionResponse:
             run = self._start(prompt, formatted, kwargs)
-            return CompletionResponse(text="".join(run), additional_kwargs={"picaso": run.stats})
+            return self._finish(run, "".join(run), condense_message)
 
         return await asyncio.to_thread(work)
 
@@ -333,7 +377,8 @@ class PicasoLLM(CustomLLM):
             text = ""
             async for piece in _aiter_in_thread(iter(run)):
                 text += piece
-                yield CompletionResponse(text=text, delta=piece, additional_kwargs={"picaso": run.stats})
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs={"picaso": run.stats},
+                                         raw={"usage": run.usage()})
 
         return gen()
 
@@ -354,18 +399,59 @@ class PicasoLLM(CustomLLM):
 
 
 class _Run:
-    """Text pieces of one generation; fills its stats when done."""
+    """Text pieces of one generation; fills its stats when done. Errors surface as PicasoLLMError."""
 
     def __init__(self, stream: Any, stats: dict):
         self._stream, self.stats = stream, stats
         self._started = time.perf_counter()
+        self._new_tokens = 0
+
+    def usage(self) -> dict:
+        """LlamaIndex's usage fields (TokenCountingHandler reads them): what the model actually read
+        (the template and query; composed documents are not read) and generated."""
+        return {"prompt_tokens": self.stats["tokens_read"], "completion_tokens": self._new_tokens,
+                "total_tokens": self.stats["tokens_read"] + self._new_tokens}
 
     def __iter__(self) -> Iterator[str]:
-        for piece in self._stream:
-            yield piece
+        try:
+            for piece in self._stream:
+                self._new_tokens += 1
+                yield piece
+        except PicasoError as exc:
+            raise PicasoLLMError(str(exc)) from exc
         result = self._stream.result
-        self.stats.update(new_tokens=len(result["token_ids"]), finish_reason=result["finish_reason"],
+        self._new_tokens = len(result["token_ids"])
+        self.stats.update(new_tokens=self._new_tokens, finish_reason=result["finish_reason"],
                           generate_ms=round((time.perf_counter() - self._started) * 1000, 3))
+
+
+def _check_keywords(cls: type, kwargs: dict) -> None:
+    """Unknown keyword arguments raise (pydantic would drop them silently: a typo such as
+    ``tokenizr=`` would then be ignored)."""
+    known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+    for key in kwargs:
+        if key in known:
+            continue
+        hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, sorted(known), n=1)), None)
+        raise PicasoError(f"PicasoLLM got an unknown argument {key!r}" + (f"; did you mean {hint!r}?" if hint else
+                          f"; known arguments: model, engine, state_store, {', '.join(sorted(cls.model_fields))}."))
+
+
+def _check_device(device: str) -> None:
+    """A device this machine has, or an error naming the fix (instead of torch's AssertionError)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PicasoError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:0'.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PicasoError(f"device={device!r} but this machine has no usable CUDA GPU (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device='cpu'.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise PicasoError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PicasoError(f"device={device!r} but MPS is not available here; use device='cpu'.")
 
 
 async def _aiter_in_thread(it: Iterator[str]) -> AsyncIterator[str]:

@@ -1,28 +1,48 @@
-"""The hand-off between the node postprocessor and the LLM, keyed by the documents' exact text.
+"""The hand-off between the node postprocessor and the LLM: request-scoped, unforgeable markers.
 
-LlamaIndex gives the LLM a prompt string, never the nodes: the synthesizer pastes each node's
-LLM text into a template (``compact`` repacks and strips them, ``refine`` calls once per chunk,
-the chat engines put them in a system message). So the postprocessor registers a *ticket*
-(method + the retrieved documents' texts) and the LLM looks for those texts in its prompt.
+LlamaIndex gives the LLM a prompt string, never the nodes: the synthesizer pastes each node's LLM
+text (``node.get_content(metadata_mode=MetadataMode.LLM)``) into a template (``compact`` repacks
+and strips them, ``refine`` calls once per chunk, the chat engines put them in a system message).
+So each postprocessor call opens a :class:`Ticket` (its method, conv policy and the retrieved
+documents' exact LLM texts) under a fresh random 128-bit token, and returns copies of the nodes
+whose *LLM text only* is wrapped in markers naming that token and the document's index::
 
-Why text and not a context variable or "the last retrieval":
-- the async postprocessor runs in another thread (its context variables never reach the LLM);
-- condense_plus_context calls the LLM for the condense step, whose prompt holds no document:
-  nothing matches, so nothing is composed (the previous turn's states cannot leak in);
-- concurrent queries: a state is looked up by the text found in *this* prompt, and a text's
-  state is the same whichever query registered it, so states cannot mix.
+    <picaso:5f0c...e1:0>The Eiffel Tower was completed in 1889.</picaso:5f0c...e1:0>
+
+``node.text``, ``node.metadata``, ``node.get_content()`` and the node id are unchanged, and the
+markers never reach a serialized node (they live in a pydantic private attribute). The LLM scans
+its prompt once for markers (O(prompt length)), looks each token up in a dict, and checks that the
+text between a pair of markers is exactly the document registered under it. Only then is that
+text replaced by the document's state; everything else (the template, the query, anything a user
+typed, a marker whose token is unknown or expired, a span whose text changed) is read as text,
+with the markers removed. Why this holds by construction:
+
+- a prompt can only name documents through tokens, and a token is only ever in the LLM text of
+  the nodes that one postprocessor call returned: another request's retrieval, a document text
+  typed into a query, or a guess cannot produce a live token (2**128 possibilities, never shown);
+- the method and conv policy travel with the token, so two postprocessors on one LLM cannot swap,
+  and a prompt without markers (an engine without the postprocessor) is never composed;
+- a prompt whose documents come from tickets with different methods is read as text.
+
+Limits: a ticket lives until ``ttl_s`` after its last use or until ``max_tickets`` newer ones
+push it out; after that its documents are read as text (never guessed). A node parser or
+synthesizer that cuts a document in the middle (a chunk larger than the context window) leaves
+unpaired markers: that document is read as text.
 """
 
 from __future__ import annotations
 
-import itertools
+import re
+import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
 
-from picaso_rag import State, text_sha256
+from picaso_rag import text_sha256
+
+_TOKEN_HEX = 32  # 128 random bits
+_MARKER = re.compile(r"<(/?)picaso:([0-9a-f]{%d}):(\d{1,6})>" % _TOKEN_HEX)
 
 
 @dataclass(frozen=True)
@@ -43,9 +63,6 @@ class DocumentRef:
         return self.digest[:16]
 
 
-_ticket_ids = itertools.count(1)
-
-
 @dataclass
 class Ticket:
     """What one postprocessor call hands to the LLM: how to compose, and which documents."""
@@ -54,21 +71,18 @@ class Ticket:
     conv: str
     documents: list[DocumentRef]
     stats: dict = field(default_factory=dict)  # states loaded / encoded at retrieval time
-    id: int = field(default_factory=lambda: next(_ticket_ids))
-    created: float = field(default_factory=time.time)
-    used: bool = False  # an LLM call composed with it (refine makes several calls per ticket)
+    token: str = field(default_factory=lambda: secrets.token_hex(_TOKEN_HEX // 2))
 
-    @property
-    def digests(self) -> frozenset[str]:
-        return frozenset(d.digest for d in self.documents)
+    def markers(self, index: int) -> tuple[str, str]:
+        """The opening and closing marker around document ``index``'s LLM text."""
+        return f"<picaso:{self.token}:{index}>", f"</picaso:{self.token}:{index}>"
 
 
 @dataclass
 class Segment:
     """A piece of the prompt: plain text (read by the model) or a block of adjacent documents."""
 
-    start: int
-    end: int
+    text: str = ""  # a block: its documents and separators as they stood in the prompt (read if it ends it)
     documents: list[DocumentRef] = field(default_factory=list)  # empty: text
 
     @property
@@ -78,83 +92,127 @@ class Segment:
 
 @dataclass
 class PromptPlan:
-    """How to run a prompt: its segments (ending with the text to generate from) and the ticket."""
+    """How to run a prompt: its segments (ending with the text to generate from), the composition
+    method and conv policy (None: nothing is composed), and why documents were read as text."""
 
-    prompt: str
+    prompt: str  # the prompt with every marker removed: what concatenation reads
     segments: list[Segment]
-    ticket: Ticket | None
-    ambiguous: bool = False  # tickets with different methods covered these documents
+    method: str | None = None
+    conv: str = "mean"
+    tickets: list[Ticket] = field(default_factory=list)  # the tickets whose documents were verified
+    documents: list[DocumentRef] = field(default_factory=list)  # every verified document, in prompt order
+    read_as_text: dict = field(default_factory=dict)  # reason -> number of marked spans read as text
 
     @property
-    def documents(self) -> list[DocumentRef]:
+    def composed(self) -> list[DocumentRef]:
         return [d for s in self.segments for d in s.documents]
-
-    def text(self, segment: Segment) -> str:
-        return self.prompt[segment.start:segment.end]
 
 
 class Handoff:
-    """The live tickets of one LLM (the most recent ``max_tickets``); thread-safe."""
+    """The open tickets of one LLM, by token; thread-safe, bounded in number and age.
 
-    def __init__(self, max_tickets: int = 256):
-        self._tickets: deque[Ticket] = deque(maxlen=max_tickets)
+    Usage::
+
+        ticket = handoff.open(Ticket("picaso-s", "mean", docs))   # the postprocessor
+        plan = handoff.plan(prompt)                                # the LLM
+    """
+
+    def __init__(self, max_tickets: int = 4096, ttl_s: float = 3600.0):
+        if max_tickets < 1 or ttl_s <= 0:
+            raise ValueError("Handoff needs max_tickets >= 1 and ttl_s > 0.")
+        self.max_tickets, self.ttl_s = max_tickets, ttl_s
+        self._tickets: OrderedDict[str, tuple[Ticket, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def register(self, ticket: Ticket) -> Ticket:
+    def open(self, ticket: Ticket) -> Ticket:
+        now = time.monotonic()
         with self._lock:
-            self._tickets.append(ticket)
+            self._tickets[ticket.token] = (ticket, now)
+            self._evict(now)
         return ticket
 
-    def tickets(self) -> list[Ticket]:
+    def __len__(self) -> int:
         with self._lock:
-            return list(self._tickets)
+            return len(self._tickets)
+
+    def _evict(self, now: float) -> None:
+        while len(self._tickets) > self.max_tickets:
+            self._tickets.popitem(last=False)
+        while self._tickets:
+            _, (_, last_used) = next(iter(self._tickets.items()))
+            if now - last_used <= self.ttl_s:
+                break
+            self._tickets.popitem(last=False)
+
+    def _lookup(self, token: str) -> Ticket | None:
+        now = time.monotonic()
+        with self._lock:
+            self._evict(now)
+            entry = self._tickets.get(token)
+            if entry is None:
+                return None
+            self._tickets[token] = (entry[0], now)  # refine calls once per chunk: keep it while in use
+            self._tickets.move_to_end(token)
+            return entry[0]
 
     def plan(self, prompt: str) -> PromptPlan:
-        """Find the registered documents in ``prompt`` and cut it into segments.
+        """Cut ``prompt`` into text and blocks of verified documents (see the module docstring).
 
         Adjacent documents separated only by whitespace form one block (the separators are not
         read: the block is replaced by the composition of its documents' states). A prompt that
         would end in a block keeps that block as text, since generation needs text to start from.
         """
-        tickets = self.tickets()
-        candidates: dict[str, DocumentRef] = {}
-        for ticket in reversed(tickets):  # newest first: its node ids win for a shared text
-            for doc in ticket.documents:
-                candidates.setdefault(doc.digest, doc)
-        hits = _find(prompt, candidates.values())
-        segments = _segments(prompt, hits)
-        found = {d.digest for s in segments for d in s.documents}
-        if not found:
-            return PromptPlan(prompt, [Segment(0, len(prompt))], None)
-        with self._lock:
-            ticket, ambiguous = _choose_ticket(tickets, found)
-            ticket.used = True
-        return PromptPlan(prompt, segments, ticket, ambiguous)
+        pieces: list[str | tuple[DocumentRef, str]] = []  # text, or (verified document, its text), in order
+        used: dict[str, Ticket] = {}
+        read_as_text: dict[str, int] = {}
+        pos, open_at = 0, None  # open_at: the last opening marker not yet closed
+        for match in _MARKER.finditer(prompt):
+            closing, token, index = match.group(1) == "/", match.group(2), int(match.group(3))
+            if not closing:
+                if open_at is not None:
+                    _count(read_as_text, "unpaired marker")
+                pieces.append(prompt[pos:match.start()])  # text, or an unclosed document's text
+                open_at, pos = match, match.end()
+                continue
+            inner = prompt[pos:match.start()]
+            doc = None
+            if open_at is not None and (open_at.group(2), open_at.group(3)) == (token, match.group(3)):
+                ticket = used.get(token) or self._lookup(token)
+                if ticket is None:
+                    _count(read_as_text, "expired or unknown ticket")
+                elif index >= len(ticket.documents) or not _same_text(inner, ticket.documents[index].text):
+                    _count(read_as_text, "text changed after retrieval")
+                else:
+                    used[token], doc = ticket, ticket.documents[index]
+            else:
+                _count(read_as_text, "unpaired marker")
+            pieces.append((doc, inner) if doc is not None else inner)
+            open_at, pos = None, match.end()
+        if open_at is not None:
+            _count(read_as_text, "unpaired marker")
+        pieces.append(prompt[pos:])
+        plain = "".join(p if isinstance(p, str) else p[1] for p in pieces)
+        documents = [p[0] for p in pieces if not isinstance(p, str)]
+        policies = {(t.method, t.conv) for t in used.values()}
+        if len(policies) > 1:  # two postprocessors' documents in one prompt: no single method applies
+            read_as_text["tickets with different methods"] = len(documents)
+            return PromptPlan(plain, [Segment(plain)], tickets=list(used.values()), documents=documents,
+                              read_as_text=read_as_text)
+        if not documents:
+            return PromptPlan(plain, [Segment(plain)], read_as_text=read_as_text)
+        method, conv = policies.pop()
+        return PromptPlan(plain, _segments(pieces), method, conv, list(used.values()), documents, read_as_text)
 
 
-def _find(prompt: str, docs: Iterable[DocumentRef]) -> list[tuple[int, int, DocumentRef]]:
-    """Non-overlapping occurrences of the documents' texts, left to right, longer first on ties.
+def _count(reasons: dict[str, int], reason: str) -> None:
+    reasons[reason] = reasons.get(reason, 0) + 1
 
-    Each text is also looked for as Python would print it inside a quoted string: llama-index-core
-    0.14's simple_summarize formats the *list* of chunks into the prompt (``['...\\n...']``,
-    upstream PR run-llama/llama_index#22392), so there the documents stand escaped.
-    """
-    hits = []
-    for doc in docs:
-        if not doc.text:
-            continue
-        for form in dict.fromkeys((doc.text, _py_escaped(doc.text, "'"), _py_escaped(doc.text, '"'))):
-            start = prompt.find(form)
-            while start != -1:
-                hits.append((start, start + len(form), doc))
-                start = prompt.find(form, start + 1)
-    hits.sort(key=lambda h: (h[0], h[0] - h[1]))
-    chosen, end = [], 0
-    for hit in hits:
-        if hit[0] >= end:
-            chosen.append(hit)
-            end = hit[1]
-    return chosen
+
+def _same_text(inner: str, text: str) -> bool:
+    """The marked span is the registered text, or that text as Python prints it inside a quoted
+    string: llama-index-core 0.14's simple_summarize formats the *list* of chunks into the prompt
+    (``['...\\n...']``, upstream PR run-llama/llama_index#22392), so there documents stand escaped."""
+    return inner == text or inner == _py_escaped(text, "'") or inner == _py_escaped(text, '"')
 
 
 def _py_escaped(text: str, quote: str) -> str:
@@ -182,6 +240,11 @@ def _py_escaped(text: str, quote: str) -> str:
 _SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
+def strip_markers(text: str) -> str:
+    """``text`` without any picaso marker (what the model reads of a prompt, in every mode)."""
+    return _MARKER.sub("", text)
+
+
 def _is_separator(gap: str) -> bool:
     """Whitespace, or whitespace as printed escaped (the simple_summarize form): joins documents."""
     for escaped in ("\\n", "\\t", "\\r"):
@@ -189,45 +252,31 @@ def _is_separator(gap: str) -> bool:
     return not gap.strip()
 
 
-def _segments(prompt: str, hits: list[tuple[int, int, DocumentRef]]) -> list[Segment]:
+def _segments(pieces: list[str | tuple[DocumentRef, str]]) -> list[Segment]:
     segments: list[Segment] = []
-    pos = 0
-    for start, end, doc in hits:
-        gap = prompt[pos:start]
-        if segments and not segments[-1].is_text and _is_separator(gap):
-            segments[-1].documents.append(doc)  # whitespace between two documents: same block
-            segments[-1].end = end
+    for piece in pieces:
+        if isinstance(piece, str):
+            if not piece:
+                continue
+            if segments and segments[-1].is_text:
+                segments[-1].text += piece
+            else:
+                segments.append(Segment(piece))
+            continue
+        doc, raw = piece
+        if segments and not segments[-1].is_text:
+            segments[-1].documents.append(doc)
+            segments[-1].text += raw
+        elif len(segments) >= 2 and _is_separator(segments[-1].text) and not segments[-2].is_text:
+            separator = segments.pop().text  # whitespace between two documents: same block, not read
+            segments[-1].documents.append(doc)
+            segments[-1].text += separator + raw
         else:
-            if gap:
-                segments.append(Segment(pos, start))
-            segments.append(Segment(start, end, [doc]))
-        pos = end
-    if pos < len(prompt):
-        segments.append(Segment(pos, len(prompt)))
+            segments.append(Segment(raw, [doc]))
     if segments and not segments[-1].is_text:  # nothing after the last block: read it as text
         last = segments.pop()
         if segments and segments[-1].is_text:
-            segments[-1].end = last.end
+            segments[-1].text += last.text
         else:
-            segments.append(Segment(last.start, last.end))
+            segments.append(Segment(last.text))
     return segments
-
-
-def _choose_ticket(tickets: list[Ticket], found: set[str]) -> tuple[Ticket, bool]:
-    """The newest ticket holding every document found, preferring one no call has used yet (each
-    retrieval is answered by the call that follows it). Ambiguous: several unused tickets hold the
-    documents with different methods (two queries with different methods on the same documents
-    at the same moment); the newest is taken."""
-    covering: list[Ticket] = []
-    best, best_cover = tickets[-1], -1
-    for ticket in reversed(tickets):  # newest first
-        cover = len(found & ticket.digests)
-        if cover == len(found):
-            covering.append(ticket)
-        if cover > best_cover:
-            best, best_cover = ticket, cover
-    if not covering:
-        return best, False
-    unused = [t for t in covering if not t.used]
-    ambiguous = len({(t.method, t.conv) for t in unused}) > 1
-    return (unused or covering)[0], ambiguous

@@ -28,6 +28,7 @@ import llama_index.core.instrumentation as instrument
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
 from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.chat_engine import CondensePlusContextChatEngine, CondenseQuestionChatEngine
 from llama_index.core.chat_engine.types import BaseChatEngine
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
@@ -43,11 +44,16 @@ _SPANS = (
 
 class _Collector:
     """The LLM calls made under one span; passes them up to the enclosing span's collector and
-    keeps the metadata of the span's result up to date (streaming calls arrive after the span)."""
+    keeps the metadata of the span's result up to date (streaming calls arrive after the span).
 
-    def __init__(self, parent: Optional["_Collector"]):
+    A chat span also remembers the user's message and whether its engine condenses the history
+    into a question (so that an empty condensed question can fall back to the message), and
+    whether anything was retrieved under it yet (the condense call comes before retrieval)."""
+
+    def __init__(self, parent: Optional["_Collector"], chat_message: str | None = None, condense_prefix: str = ""):
         self.parent = parent
         self.calls: list[dict] = []
+        self.chat_message, self.condense_prefix, self.retrieved = chat_message, condense_prefix, False
         self._targets: list[Any] = []
         self._lock = threading.Lock()
 
@@ -79,6 +85,53 @@ def record_call(stats: dict) -> None:
         collector.add([stats])
 
 
+def note_retrieval() -> None:
+    """Called by the postprocessor: documents were retrieved under the open spans."""
+    collector = _current.get()
+    while collector is not None:
+        collector.retrieved = True
+        collector = collector.parent
+
+
+def condense_fallback(prompt: str) -> str | None:
+    """The user's message, when ``prompt`` is the condense step of a chat turn: a condensing chat
+    engine's span is open, nothing was retrieved under it yet, and the prompt is its condense
+    template; else None."""
+    collector = _current.get()
+    while collector is not None:
+        if collector.chat_message is not None:
+            prefix = collector.condense_prefix
+            if prefix and not collector.retrieved and prompt.startswith(prefix):
+                return collector.chat_message
+            return None
+        collector = collector.parent
+    return None
+
+
+def _condense_prefix(engine: Any) -> str:
+    """The literal text a condensing chat engine's condense prompt starts with ('' if none)."""
+    if not isinstance(engine, (CondensePlusContextChatEngine, CondenseQuestionChatEngine)):
+        return ""
+    template = getattr(engine, "_condense_prompt_template", None) or getattr(engine, "_condense_question_prompt", None)
+    try:
+        text = template.get_template() if template is not None else ""
+    except Exception:  # noqa: BLE001 - a custom prompt type: no fallback rather than a failed chat
+        return ""
+    return text.split("{", 1)[0]
+
+
+def _unwrap_sources(result: Any) -> None:
+    """``source_nodes`` are the real nodes, not the postprocessor's marked copies."""
+    from .postprocessor import original_node  # the postprocessor imports this module
+
+    for scored in getattr(result, "source_nodes", None) or []:
+        node = getattr(scored, "node", None)
+        if node is not None:
+            original = original_node(node)
+            if original is not node:
+                scored.node = original
+
+
 def _wrap_stream(gen: Iterator[str], collector: _Collector) -> Iterator[str]:
     """compact/refine call the LLM lazily, while the caller consumes the stream, after the span
     ended: make those calls report to the span's collector."""
@@ -107,10 +160,10 @@ async def _wrap_astream(gen: AsyncIterator[str], collector: _Collector) -> Async
 
 def summarize(calls: list[dict]) -> dict:
     """One summary over the LLM calls of a response (refine makes several; chat adds condense)."""
-    tickets: dict[int, dict] = {}
+    tickets: dict[int, dict] = {}  # retrieval figures, once per ticket (refine calls several times per ticket)
     for call in calls:
-        if call.get("ticket") is not None:
-            tickets[call["ticket"]] = call.get("retrieval", {})
+        if call.get("retrieval"):
+            tickets[id(call["retrieval"])] = call["retrieval"]
     if not calls:
         return {"method": "none", "k": 0, "tokens_read": 0, "document_tokens": 0, "states_loaded": 0,
                 "states_encoded": 0, "states_cached": 0, "states_rejected": [], "compose_ms": 0.0, "llm_calls": 0,
@@ -130,6 +183,9 @@ def summarize(calls: list[dict]) -> dict:
         "states_rejected": [r for t in tickets.values() for r in t.get("states_rejected", [])]
                            + [r for x in late for r in x.get("rejected", [])],
         "compose_ms": round(sum(c["compose_ms"] for c in calls), 3),
+        "states_not_stored": sum(t.get("states_not_stored", 0) for t in tickets.values())
+                             + sum(x.get("not_stored", 0) for x in late),
+        "documents_read_as_text": sum(sum(c.get("read_as_text", {}).values()) for c in calls),
         "llm_calls": len(calls),
         "calls": calls,
     }
@@ -167,7 +223,11 @@ class PicasoSpanHandler(BaseSpanHandler[Any]):
     def span_enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,
                    parent_id: Optional[str] = None, tags: Optional[dict] = None, **kwargs: Any) -> None:
         if _is_target(id_, instance):
-            collector = _Collector(_current.get())
+            chat_message = None
+            if isinstance(instance, BaseChatEngine):
+                message = bound_args.arguments.get("message")
+                chat_message = message if isinstance(message, str) else str(getattr(message, "content", "") or "")
+            collector = _Collector(_current.get(), chat_message, _condense_prefix(instance) if chat_message else "")
             with self.lock:
                 self._open[id_] = collector
             _current.set(collector)
@@ -183,6 +243,7 @@ class PicasoSpanHandler(BaseSpanHandler[Any]):
         elif isinstance(result, AsyncStreamingResponse) and result.response_gen is not None and result.response_gen not in _wrapped:
             result.response_gen = _wrap_astream(result.response_gen, collector)
             _wrapped.add(result.response_gen)
+        _unwrap_sources(result)
         collector.attach_to(result)
 
     def span_drop(self, id_: str, bound_args: inspect.BoundArguments, instance: Any = None,

@@ -5,24 +5,28 @@ Usage::
     composer = PicasoNodePostprocessor(llm=llm, method="picaso-s")   # or picaso-r, caso, soup, concat
     engine = index.as_query_engine(llm=llm, node_postprocessors=[composer], similarity_top_k=5)
 
-It returns the nodes unchanged (``response.source_nodes`` are the real retrieved nodes) and hands
-their states and the composition method to the LLM, keyed by each node's exact LLM text (see
-``handoff.py``). Put it last among the postprocessors, so that it sees the nodes the LLM will see.
-``method="concat"`` is the ordinary baseline: the same model reads the documents' tokens.
+It opens a ticket with the LLM (the method and the nodes' exact LLM texts, under a fresh random
+token) and returns copies of the nodes whose LLM text carries the ticket's markers; their text,
+metadata and ids are the real ones, and the stock engines' ``response.source_nodes`` are the
+original nodes again (see ``handoff.py`` and ``metadata.py``). Put it last among the
+postprocessors, so that it sees the text the LLM will see. ``method="concat"`` is the ordinary
+baseline: the same model reads the documents' tokens.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, List, Optional
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
-from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 
 from picaso_rag import CONV_POLICIES, PicasoError
 
 from .base import COMPOSE_METHODS, CONCAT, PicasoLLM
 from .handoff import DocumentRef, Ticket
+from .metadata import note_retrieval
 
 
 def node_llm_text(node: Any) -> str:
@@ -61,16 +65,65 @@ class PicasoNodePostprocessor(BaseNodePostprocessor):
         return self._llm
 
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
-        if query_bundle is not None and not query_bundle.query_str.strip():
-            raise PicasoError("the query is empty or whitespace; pass a question (the documents would be composed "
-                              "for nothing).")
-        docs = []
-        for scored in nodes:
-            text = node_llm_text(scored.node)
+        # An empty query (e.g. a condensed follow-up that came back empty) is not an error here: the
+        # documents retrieved for it are handed off like any others (stock LlamaIndex answers too).
+        note_retrieval()
+        originals = [original_node(scored.node) for scored in nodes]  # a node marked by an earlier call
+        docs: list[DocumentRef] = []
+        slots: list[int | None] = []
+        for node in originals:
+            text = node_llm_text(node)
+            slots.append(len(docs) if text else None)
             if text:
-                docs.append(DocumentRef.of(text, scored.node.node_id))
+                docs.append(DocumentRef.of(text, node.node_id))
         stats: dict = {}
         if self.method != CONCAT and docs:
             stats = self._llm.resolve_states(docs).stats  # loads or encodes now, keeps them in memory
-        self._llm.handoff.register(Ticket(self.method, self.conv, docs, stats))
-        return nodes
+        ticket = self._llm.handoff.open(Ticket(self.method, self.conv, docs, stats))
+        return [NodeWithScore(node=marked_node(node, *ticket.markers(slot)) if slot is not None else node,
+                              score=scored.score)
+                for scored, node, slot in zip(nodes, originals, slots)]
+
+
+def marked_node(node: BaseNode, open_marker: str, close_marker: str) -> BaseNode:
+    """A copy of ``node`` whose LLM text (only) is wrapped in the markers; everything else equal.
+
+    The copy's class is a subclass of the node's own (``isinstance`` checks hold, ``class_name``
+    is the original's), and the markers are private attributes: never serialized.
+    """
+    cls = _marked_class(type(node))
+    values = {name: getattr(node, name) for name in type(node).model_fields}
+    values["metadata"] = dict(node.metadata)
+    values["excluded_llm_metadata_keys"] = list(node.excluded_llm_metadata_keys)
+    values["excluded_embed_metadata_keys"] = list(node.excluded_embed_metadata_keys)
+    marked = cls.model_construct(**values)
+    marked._picaso_markers = (open_marker, close_marker)
+    marked._picaso_original = node
+    return marked
+
+
+def original_node(node: BaseNode) -> BaseNode:
+    """The node a marked copy was made from (``node`` itself when it is not marked)."""
+    return node._picaso_original if isinstance(node, MarkedNode) else node  # type: ignore[attr-defined]
+
+
+class MarkedNode:
+    """Mixin of the marked copies' classes (``isinstance(node, MarkedNode)``)."""
+
+
+@functools.cache
+def _marked_class(cls: type) -> type:
+    def get_content(self: Any, metadata_mode: MetadataMode = MetadataMode.NONE) -> str:
+        content = cls.get_content(self, metadata_mode=metadata_mode)
+        if metadata_mode != MetadataMode.LLM or not self._picaso_markers:
+            return content
+        open_marker, close_marker = self._picaso_markers
+        return f"{open_marker}{content.strip()}{close_marker}"
+
+    return type(f"PicasoMarked{cls.__name__}", (cls, MarkedNode), {
+        "__module__": __name__,
+        "__annotations__": {"_picaso_markers": Optional[tuple], "_picaso_original": Optional[Any]},
+        "_picaso_markers": PrivateAttr(default=None),
+        "_picaso_original": PrivateAttr(default=None),
+        "get_content": get_content,
+    })
