@@ -10,10 +10,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 INTEGRATION := integrations/llama-index-llms-picaso
+SERVER := integrations/picaso-server
 
-$(VENV)/.installed: pyproject.toml $(INTEGRATION)/pyproject.toml
+$(VENV)/.installed: pyproject.toml $(INTEGRATION)/pyproject.toml $(SERVER)/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]" -e $(INTEGRATION)
+	$(PY) -m pip install -q -e ".[test]" -e $(INTEGRATION) -e $(SERVER)
 	touch $@

@@ -9,8 +9,9 @@ of -10,000 give finite, correct weights; they are applied with fp32 accumulation
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy.polynomial.legendre
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .errors import PicasoError
 from .kernels import weighted_sum
-from .state import State, check_same_model
+from .state import HybridState, State, check_same_model
 
 Method = Literal["caso", "picaso-s", "picaso-r", "soup"]
 METHODS: tuple[str, ...] = ("caso", "picaso-s", "picaso-r", "soup")
@@ -113,6 +114,8 @@ def compose(
     everything = states + ([prefix] if prefix is not None else [])
     if not everything:
         raise PicasoError("nothing to compose: pass at least one document state or a prefix state.")
+    if isinstance(everything[0], HybridState):  # a hybrid model's states: attention layers too
+        return compose_hybrid(states, method, prefix, conv)
     fingerprint = check_same_model(everything)
     ref = everything[0]
     for s in everything[1:]:
@@ -186,3 +189,90 @@ def canonical_order(log_decay: Tensor, n_tokens: Sequence[int]) -> list[int]:
     rows = log_decay.float().reshape(len(n_tokens), -1).contiguous().numpy()
     keys = [(rows[i].tobytes(), n_tokens[i]) for i in range(len(n_tokens))]
     return sorted(range(len(keys)), key=keys.__getitem__)
+
+
+# ------------------------------------------------------------------------------------ hybrids
+def compose_hybrid(
+    states: Sequence[HybridState],
+    method: str = "picaso-s",
+    prefix: HybridState | None = None,
+    conv: str = "mean",
+    shift_keys: Callable[[Tensor, int], Tensor] | None = None,
+) -> HybridState:
+    """Compose the states of a hybrid model (picaso_rag.hybrid): every layer order-invariantly.
+
+    SSM layers: exactly as :func:`compose` (``method``, ``conv``, ``prefix``). Attention layers: the
+    documents' keys and values, each encoded on its own, form a set; the composed state holds their
+    union, which attention reads in no particular order. For PICASO-S/R and soup the union is laid
+    out in the canonical order of the documents, so the composed state is bitwise identical for
+    every input order; for CASO, in the given order. Positions (RoPE): the documents sit in
+    parallel, each from the position after the prefix (0 without one), and reading continues after
+    the longest; with CASO they follow one another, as in a concatenation. ``shift_keys(keys,
+    delta)`` moves stored keys by ``delta`` positions (``HybridLM.shift_keys``, which engine.compose
+    passes); without it keys stay where they were encoded, which is exact only for NoPE attention.
+
+    Usage: ``ctx = compose_hybrid(engine.encode(docs), "picaso-s")`` (or ``engine.compose``).
+    """
+    if method not in METHODS:
+        raise PicasoError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}.")
+    if conv not in CONV_POLICIES:
+        raise PicasoError(f"unknown conv-state policy {conv!r}; choose one of {', '.join(CONV_POLICIES)}.")
+    if conv == "last" and method in ORDER_INVARIANT:
+        raise PicasoError(f"conv='last' depends on document order, which {method} must not; use conv='mean' or 'zero'.")
+    states = list(states)
+    everything = states + ([prefix] if prefix is not None else [])
+    if not everything:
+        raise PicasoError("nothing to compose: pass at least one document state or a prefix state.")
+    if not all(isinstance(s, HybridState) for s in everything):
+        raise PicasoError("hybrid and Mamba-2 states were mixed; encode every document with the one model you query with.")
+    fingerprint = check_same_model(everything)
+    ref = everything[0]
+    for s in everything[1:]:
+        if s.ssm.shape != ref.ssm.shape or s.conv.shape != ref.conv.shape or s.keys.shape[:2] + s.keys.shape[3:] != ref.keys.shape[:2] + ref.keys.shape[3:]:
+            raise PicasoError("state shapes differ between documents; re-encode them with one model.")
+        if s.device != ref.device:
+            raise PicasoError(f"states on different devices ({s.device} and {ref.device}); move them with state.to(device) first.")
+    if not states:
+        return prefix  # type: ignore[return-value]
+    log_decay = torch.stack([s.log_decay for s in states])  # [n, L_ssm, H]
+    log_decay_host = log_decay.cpu()
+    if not (torch.isfinite(log_decay_host).all() and (log_decay_host <= 0).all()):
+        raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
+    if method in ORDER_INVARIANT:
+        order = _hybrid_canonical_order(states, log_decay_host)
+        states = [states[i] for i in order]
+        log_decay = log_decay[torch.tensor(order, device=log_decay.device)]
+
+    if log_decay.shape[1]:  # the SSM layers, as compose() does them
+        ssm, conv_state, total_log_decay = compose_tensors(
+            [s.ssm for s in states], [s.conv for s in states], log_decay, method, conv,
+            prefix_ssm=prefix.ssm if prefix is not None else None,
+            prefix_log_decay=prefix.log_decay if prefix is not None else None,
+        )
+        if not torch.isfinite(ssm).all():
+            raise PicasoError("a state holds NaN or inf values; it is corrupt: re-encode the documents.")
+    else:  # attention only: nothing to weigh
+        ssm, conv_state, total_log_decay = ref.ssm, ref.conv, ref.log_decay
+
+    # the attention layers: a union of the documents' keys and values, placed after the prefix
+    start = prefix.position if prefix is not None else 0
+    keys, values = ([prefix.keys], [prefix.values]) if prefix is not None else ([], [])
+    offset = start
+    for s in states:
+        keys.append(shift_keys(s.keys, offset) if shift_keys is not None else s.keys)
+        values.append(s.values)
+        if method == "caso":  # one after the other, as in a concatenation
+            offset += s.position
+    position = offset if method == "caso" else start + max(s.position for s in states)
+    n_tokens = sum(s.n_tokens for s in states) + (prefix.n_tokens if prefix is not None else 0)
+    return HybridState(ssm=ssm, conv=conv_state, log_decay=total_log_decay, n_tokens=n_tokens, fingerprint=fingerprint,
+                       keys=torch.cat(keys, dim=2), values=torch.cat(values, dim=2), position=position)
+
+
+def _hybrid_canonical_order(states: Sequence[HybridState], log_decay: Tensor) -> list[int]:
+    """:func:`canonical_order` by the SSM layers' log-decays; a model without SSM layers sorts by
+    the bytes of the documents' keys (a digest: distinct texts have distinct keys)."""
+    if log_decay.shape[1]:
+        return canonical_order(log_decay, [s.n_tokens for s in states])
+    digests = [hashlib.sha256(s.keys.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest() for s in states]
+    return sorted(range(len(states)), key=lambda i: (states[i].n_tokens, digests[i]))

@@ -65,6 +65,17 @@ class Generation:
 class PicasoEngine:
     """A Mamba-2 model with its tokenizer and fingerprint, working in states."""
 
+    def __new__(cls, model: Mamba2LM, *args, **kwargs):
+        # a hybrid model (Mamba-2 and attention layers) gets the same API from HybridEngine
+        if cls is PicasoEngine and not isinstance(model, Mamba2LM):
+            from .hybrid import HybridLM
+
+            if isinstance(model, HybridLM):
+                from .hybrid_engine import HybridEngine
+
+                cls = HybridEngine
+        return super().__new__(cls)
+
     def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True,
                  max_document_tokens: int = MAX_DOCUMENT_TOKENS, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
                  encode_segment_tokens: int = ENCODE_SEGMENT_TOKENS):

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import Mamba2Config
 from .errors import CheckpointError
+from .hybrid import HybridLM
+from .hybrid_config import HybridConfig, is_hybrid_config
 from .model import Mamba2LM
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -135,13 +137,29 @@ def fingerprint_of(model: Mamba2LM, tokenizer: Tokenizer) -> str:
     return h.hexdigest()
 
 
+def _load_tokenizer(directory: Path, tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    tok_path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(
+            f"no tokenizer at {tok_path}. state-spaces checkpoints ship without one: pass "
+            "tokenizer='path/to/gpt-neox-20b-tokenizer.json' (or put tokenizer.json in the checkpoint directory)."
+        )
+    return Tokenizer.from_file(tok_path)
+
+
 def load_checkpoint(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
-) -> tuple[Mamba2LM, Tokenizer]:
+) -> tuple[Mamba2LM | HybridLM, Tokenizer]:
     """Load a Mamba-2 checkpoint (mamba_ssm or transformers layout) and its tokenizer.
+
+    Hybrids load too, as a :class:`~picaso_rag.hybrid.HybridLM`: transformers'
+    ``GraniteMoeHybridForCausalLM`` (Granite 4.0-H, dense and MoE), ``BambaForCausalLM`` and
+    this project's ``picaso_hybrid`` checkpoints (see :func:`load_hybrid_checkpoint`).
 
     ``tokenizer``: a tokenizer.json path or :class:`Tokenizer`; default: tokenizer.json in the directory.
     ``dtype``: default fp32 on CPU, bf16 on CUDA.
@@ -155,6 +173,8 @@ def load_checkpoint(
         raw_config = json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{directory / 'config.json'} is not valid JSON ({exc}); restore the checkpoint's config.json.") from exc
+    if is_hybrid_config(raw_config):  # Granite 4.0-H, Bamba, picaso_hybrid: Mamba-2 and attention layers
+        return load_hybrid_checkpoint(directory, raw_config, device, dtype, _load_tokenizer(directory, tokenizer))
     if not isinstance(raw_config, dict):
         raise CheckpointError(f"{directory / 'config.json'} is a JSON {type(raw_config).__name__}, not an object; restore the checkpoint's config.json.")
     try:
@@ -165,16 +185,7 @@ def load_checkpoint(
         raise CheckpointError(f"{directory / 'config.json'} has a missing or invalid field ({type(exc).__name__}: {exc}); "
                               "restore the checkpoint's config.json.") from None
 
-    if isinstance(tokenizer, Tokenizer):
-        tok = tokenizer
-    else:
-        tok_path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
-        if not tok_path.is_file():
-            raise CheckpointError(
-                f"no tokenizer at {tok_path}. state-spaces checkpoints ship without one: pass "
-                "tokenizer='path/to/gpt-neox-20b-tokenizer.json' (or put tokenizer.json in the checkpoint directory)."
-            )
-        tok = Tokenizer.from_file(tok_path)
+    tok = _load_tokenizer(directory, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; pass the tokenizer this model was trained with.")
 
@@ -221,4 +232,67 @@ def save_checkpoint(model: Mamba2LM, tokenizer: Tokenizer, directory: str | os.P
     atomic("model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
     atomic("config.json", lambda p: Path(p).write_text(json.dumps(model.cfg.to_mamba_ssm_dict(), indent=2)))
     atomic("tokenizer.json", tokenizer.save)
+    return directory
+
+
+# ------------------------------------------------------------------------------------ hybrids
+# transformers 5 renames Granite's MoE weights on load; checkpoints on the hub keep the original names
+_HYBRID_RENAMES = {
+    "granitemoehybrid": (("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
+                         ("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
+                         ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
+    "bamba": ((".pre_ff_layernorm.", ".post_attention_layernorm."), ("model.final_layernorm.", "model.norm.")),
+    "picaso_hybrid": (),
+}
+
+
+def load_hybrid_checkpoint(
+    directory: Path, raw_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> tuple[HybridLM, Tokenizer]:
+    """Load a hybrid checkpoint directory whose config.json is ``raw_config`` (use :func:`load_checkpoint`).
+
+    Usage: ``model, tok = load_checkpoint("./granite-4.0-h-tiny")``.
+    """
+    cfg = HybridConfig.from_dict(raw_config)
+    tok = tokenizer if tokenizer is not None else _load_tokenizer(directory, None)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; pass the tokenizer this model was trained with.")
+    weights = _read_weights(directory)
+    for old, new in _HYBRID_RENAMES[cfg.family]:
+        weights = {k.replace(old, new): v for k, v in weights.items()}
+    model = HybridLM(cfg)
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(weights), set(weights) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {directory} do not match its config.json ({cfg.family}): missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}. Is this checkpoint complete, with its own config.json?"
+        )
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise CheckpointError(f"weights in {directory} do not fit its config.json ({str(exc)[:300]}); "
+                              "restore the checkpoint's own config.json and weights.") from None
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def save_hybrid_checkpoint(model: HybridLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write a ``picaso_hybrid`` checkpoint: config.json, model.safetensors and tokenizer.json.
+
+    Usage: ``save_hybrid_checkpoint(model, tok, "models/picaso-mini-hybrid")``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        weights.pop("lm_head.weight")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(model.cfg.to_config_json(), indent=2))
+    tokenizer.save(directory / "tokenizer.json")
     return directory

@@ -29,7 +29,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -146,8 +146,8 @@ class Request:
 class Scheduler:
     """Continuous batching of :class:`Request`\\ s over one :class:`PicasoEngine` (see the module docstring).
 
-    ``max_batch``: rows decoded together; ``max_queue``: requests waiting to join (beyond it
-    :meth:`submit` raises :class:`QueueFullError`); ``max_read_tokens``: padded prompt tokens read in
+    ``max_batch``: rows decoded together; ``max_queue``: requests waiting beyond the free rows
+    (more: :meth:`submit` raises :class:`QueueFullError`); ``max_read_tokens``: padded prompt tokens read in
     one joining forward (long prompts, as in concatenation, join a few at a time so decoding rows
     are not stalled long); ``cuda_graphs``: on CUDA, decode by replaying graphs captured at
     ``buckets`` (powers of two up to ``max_batch``), all captured when the scheduler starts.
@@ -171,6 +171,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.steps = 0  # decode steps run
         self.rows_decoded = 0  # sum of active rows over steps (mean batch = rows_decoded / steps)
+        self.finished: Counter[str] = Counter()  # requests finished, by reason
         self.graphs = None
         if cuda_graphs and engine.device.type == "cuda":
             from .graphs import BatchedStepGraphs
@@ -211,7 +212,8 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise SchedulerClosedError("the scheduler is closed; create a new one.")
-            if len(self.waiting) >= self.max_queue:
+            free_rows = max(0, self.max_batch - len(self.active))  # those join at the next step: not a queue
+            if len(self.waiting) >= self.max_queue + free_rows:
                 raise QueueFullError(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue}); "
                                      "retry later.")
             self.waiting.append(request)
@@ -228,6 +230,7 @@ class Scheduler:
             return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "steps": self.steps,
                     "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
+                    "finished": dict(self.finished),
                     "cuda_graph_buckets": list(self.graphs.buckets) if self.graphs is not None else []}
 
     def close(self, timeout: float = 30.0) -> None:
@@ -277,7 +280,7 @@ class Scheduler:
         while self.waiting and len(joining) < min(free, self.max_read_batch):
             request = self.waiting[0]
             if request.cancelled:
-                self.waiting.popleft()._finish("cancelled")
+                self._end(self.waiting.popleft(), "cancelled")
                 continue
             longest_after = max(longest, len(request.prompt_ids))
             if joining and longest_after * (len(joining) + 1) > self.max_read_tokens:
@@ -290,7 +293,7 @@ class Scheduler:
         gone = [i for i, r in enumerate(self.active) if r.cancelled]
         if gone:
             for i in gone:
-                self.active[i]._finish("cancelled")
+                self._end(self.active[i], "cancelled")
             self._release(gone)
 
     @torch.inference_mode()
@@ -347,25 +350,29 @@ class Scheduler:
         finished = []
         for i, request, token in zip(rows, requests, greedy):
             if request.cancelled:
-                request._finish("cancelled")
+                self._end(request, "cancelled")
                 finished.append(i)
                 continue
             request.timings.token_times.append(now)
             if token == eos:
-                request._finish("eos")
+                self._end(request, "eos")
                 finished.append(i)
                 continue
             request._emit(request.stream.push(token))
             if request.stream.stopped:
-                request._finish("stop")
+                self._end(request, "stop")
                 finished.append(i)
             elif len(request.stream.ids) >= request.params.max_new_tokens:
-                request._finish("length")
+                self._end(request, "length")
                 finished.append(i)
             else:
                 request.last_token = token
         if finished:
             self._release(finished)
+
+    def _end(self, request: Request, reason: str) -> None:
+        self.finished[reason] += 1
+        request._finish(reason)
 
     def _release(self, rows: list[int]) -> None:
         """Free ``rows`` of the batch: the last active rows move into the holes (states copied)."""

@@ -157,3 +157,59 @@ def state_spec_for(fingerprint: str) -> StateSpec | None:
     if spec is None and len(fingerprint) == 16:
         spec = next((s for f, s in list(_SPECS.items()) if f.startswith(fingerprint)), None)
     return spec
+
+
+@dataclass(frozen=True)
+class HybridState(State):
+    """State of a document under a hybrid model (Mamba-2 and attention layers; picaso_rag.hybrid).
+
+    ssm, conv, log_decay  as in :class:`State`, for the SSM layers only ([n_ssm, ...])
+    keys, values          [n_attn, kv_heads, n_keys, head_dim], model dtype: every token's key and
+                          value in each attention layer (keys after RoPE); grows with the text
+    position              the position of the next token (RoPE; with parallel documents, after the
+                          longest one)
+
+    Usage: ``state = engine.encode(["some text"])[0]; state.kv_bytes_per_token``.
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keys is None or self.values is None or self.keys.dim() != 4 or self.keys.shape != self.values.shape:
+            raise StateMismatchError(
+                f"inconsistent hybrid state: keys {None if self.keys is None else tuple(self.keys.shape)}, values "
+                f"{None if self.values is None else tuple(self.values.shape)}; expected two [n_attn, kv_heads, T, head_dim]. Re-encode the document."
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    @property
+    def n_keys(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the attention layers' keys and values take per token (the part that grows with length)."""
+        n_attn, kv_heads, _, head_dim = self.keys.shape
+        return 2 * n_attn * kv_heads * head_dim * self.keys.element_size()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "HybridState":
+        moved = super().to(device, dtype, non_blocking)
+        return replace(moved, keys=self.keys.to(device=device, dtype=dtype, non_blocking=non_blocking),
+                       values=self.values.to(device=device, dtype=dtype, non_blocking=non_blocking))
+
+    def check_finite(self) -> None:
+        super().check_finite()
+        for name in ("keys", "values"):
+            if not all_finite(getattr(self, name)):
+                raise StateMismatchError(f"state {name} contains NaN or inf; the state is corrupt: re-encode the document.")
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors to serialise: State's, the keys and values, and the position (int64 [1])."""
+        return {**super().tensors(), "keys": self.keys.contiguous(), "values": self.values.contiguous(),
+                "position": torch.tensor([self.position], dtype=torch.int64)}

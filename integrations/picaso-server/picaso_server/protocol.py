@@ -1,0 +1,138 @@
+"""Request bodies of the OpenAI API subset the server speaks, and OpenAI-format errors.
+
+Unknown fields OpenAI clients send (``presence_penalty``, ``logprobs``...) are ignored; fields the
+server does implement are validated, and a wrong value is a 400 whose message names the fix.
+The two extension fields (``documents``, ``picaso``) come from the client's ``extra_body``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+METHODS = ("picaso-s", "picaso-r", "caso", "soup", "concat")
+MAX_SEED = 2**63 - 1
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 503: "server_overloaded", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class DocumentSpec(BaseModel):
+    """``{"id": "<node id>"}``: a stored document; ``{"text": "..."}``: an ad hoc text (encoded, cached)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(default=None, min_length=1, max_length=1024)
+    text: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "DocumentSpec":
+        if (self.id is None) == (self.text is None):
+            raise ValueError('each document is {"id": "<node id>"} or {"text": "..."}, exactly one of the two')
+        if self.text is not None and not self.text.strip():
+            raise ValueError("a document text is empty or whitespace; drop it")
+        return self
+
+
+class PicasoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal[METHODS] | None = None  # type: ignore[valid-type]
+    top_k: int | None = Field(default=None, ge=0)  # 0: no retrieval
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    documents: list[DocumentSpec] | None = None
+    picaso: PicasoOptions | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> "_Common":
+        if self.n != 1:
+            raise ValueError("n must be 1 (one choice per request); send several requests for several answers")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _last_is_user(self) -> "ChatCompletionRequest":
+        if self.messages[-1].role != "user" or not self.messages[-1].text.strip():
+            raise ValueError("the last message must be a non-empty user message (the question to answer)")
+        return self
+
+
+class CompletionRequest(_Common):
+    prompt: str = Field(min_length=1)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """A pydantic error list as one sentence naming the field and the fix."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON; send a JSON object (content-type: application/json).", None
+    if kind == "missing":
+        return f"{param} is required; add it to the request body.", param
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if param:
+        return f"{param}: {msg}; fix this field and retry.", param
+    return f"{msg}; send a JSON object with the fields of the OpenAI API.", None

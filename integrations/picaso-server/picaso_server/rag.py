@@ -1,0 +1,205 @@
+"""From a request to (prompt tokens, composed state): retrieval, states, composition, the prompt.
+
+The prompt the model reads is LlamaIndex's QA template with the documents replaced by their
+composed states::
+
+    [prefix: "Context information is below.\\n-----\\n"]  (a cached state)
+    [the retrieved documents]                               (their stored states, composed)
+    "\\n-----\\n" + system + history + "Given the context ... answer the query.\\nQuery: <q>\\nAnswer:"   (read)
+
+Only the last part is read at request time. The conversation history is the client's (the OpenAI
+protocol sends it with every request); the server keeps none, and bounds what it reads with
+``history_tokens``: the oldest turns are dropped first.
+
+Retrieval for a conversation: the last user message, condensed with the history when there is
+one, i.e. the previous user message is prepended to it (a follow-up such as "When did she write
+it?" carries its subject in the question before it). No LLM call rewrites the question: with a
+small model that costs a generation and adds noise.
+
+Usage::
+
+    rag = RagPipeline(llm, index, vector_store, ServerSettings())
+    prepared = rag.prepare_chat(request)    # -> Prepared(prompt_ids, state, sources, figures)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from llama_index.core.schema import MetadataMode
+from llama_index.llms.picaso import DocumentRef, PicasoLLM
+
+from picaso_rag import PicasoEngine, PicasoError, State
+
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DocumentSpec, Message
+
+PREFIX = "Context information is below.\n---------------------\n"
+AFTER_CONTEXT = "\n---------------------\n"
+INSTRUCTION = "Given the context information and not prior knowledge, answer the query.\n"
+
+
+@dataclass
+class ServerSettings:
+    """Every bound the server enforces (docs/serving.md lists them)."""
+
+    model_name: str = "picaso"
+    method: str = "picaso-s"
+    top_k: int = 3
+    max_top_k: int = 32
+    default_max_tokens: int = 128
+    max_tokens_limit: int = 1024
+    history_tokens: int = 1024  # tokens of system + history + question read per request, oldest turns dropped
+    max_documents: int = 32  # documents per request (extra_body documents)
+    max_document_chars: int = 32_000  # per ad hoc text
+    max_body_bytes: int = 1 << 20  # request body, refused before it is read
+    max_batch: int = 64
+    max_queue: int = 256  # requests waiting for the GPU; more in flight: 503
+    prepare_threads: int = 2  # retrieval, state loading and composition (bounded: no thread per request)
+    api_key: str | None = None
+    conv: str = "mean"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    state: State | None
+    sources: list[dict]
+    figures: dict
+
+
+class RagPipeline:
+    def __init__(self, llm: PicasoLLM, index: Any, vector_store: Any, settings: ServerSettings):
+        self.llm, self.index, self.vector_store, self.settings = llm, index, vector_store, settings
+        self.engine: PicasoEngine = llm.engine
+        self.prefix_state = self.engine.encode([PREFIX])[0]  # the template before the documents: encoded once
+
+    # ------------------------------------------------------------------------------- requests
+    def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        messages = request.messages
+        question = messages[-1].text.strip()
+        earlier_users = [m.text.strip() for m in messages[:-1] if m.role == "user" and m.text.strip()]
+        query = f"{earlier_users[-1]}\n{question}" if earlier_users else question
+        tail_ids = self._chat_tail(messages)
+        return self._prepare(request, query, tail_ids, chat=True)
+
+    def prepare_completion(self, request: CompletionRequest) -> Prepared:
+        ids = self.engine.tokenize(request.prompt)
+        if not ids:
+            raise APIError(400, "prompt has no tokens; send a non-empty prompt.", "prompt")
+        if len(ids) > self.settings.history_tokens:
+            raise APIError(400, f"prompt is {len(ids)} tokens; the server reads at most {self.settings.history_tokens} "
+                                "per request: shorten it (documents go in extra_body documents, not in the prompt).",
+                           "prompt")
+        return self._prepare(request, request.prompt, ids, chat=False)
+
+    # -------------------------------------------------------------------------------- helpers
+    def _chat_tail(self, messages: Sequence[Message]) -> list[int]:
+        """Tokens of system + history + question, within the budget (oldest turns dropped first)."""
+        tokenize, budget = self.engine.tokenize, self.settings.history_tokens
+        system = "".join(f"{m.text.strip()}\n" for m in messages if m.role in ("system", "developer") and m.text.strip())
+        turns = [f"{m.role}: {m.text.strip()}\n" for m in messages[:-1] if m.role in ("user", "assistant") and m.text.strip()]
+        end = f"{INSTRUCTION}Query: {messages[-1].text.strip()}\nAnswer:"
+        fixed = tokenize(AFTER_CONTEXT + system + end)
+        if len(fixed) > budget:
+            raise APIError(400, f"the system prompt and last user message are {len(fixed)} tokens; the server reads at "
+                                f"most {budget} per request: shorten them.", "messages")
+        kept: list[str] = []
+        used = len(fixed)
+        for turn in reversed(turns):  # newest first; stop at the first turn that does not fit
+            cost = len(tokenize(turn))
+            if used + cost > budget:
+                break
+            kept.insert(0, turn)
+            used += cost
+        return tokenize(AFTER_CONTEXT + system + "".join(kept) + end)
+
+    def _prepare(self, request: ChatCompletionRequest | CompletionRequest, query: str, tail_ids: list[int], chat: bool) -> Prepared:
+        settings = self.settings
+        options = request.picaso
+        method = (options.method if options and options.method else settings.method)
+        top_k = options.top_k if options and options.top_k is not None else settings.top_k
+        if top_k > settings.max_top_k:
+            raise APIError(400, f"picaso.top_k is {top_k}; the server retrieves at most {settings.max_top_k}: lower it.",
+                           "picaso.top_k")
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        if request.documents is not None:
+            docs, sources = self._given(request.documents)
+        elif top_k > 0:
+            docs, sources = self._retrieve(query, top_k)
+        else:
+            docs, sources = [], []
+        timings["retrieve_ms"] = (time.perf_counter() - start) * 1000
+        figures: dict[str, Any] = {"method": method if docs else "none", "k": len(docs), "document_tokens": 0,
+                                   "tokens_read": len(tail_ids), "retrieval_query": query if request.documents is None and top_k > 0 else None}
+        state: State | None = None
+        if docs and method == "concat":  # the baseline: every document token is read
+            text = PREFIX + "\n\n".join(d.text for d in docs)
+            doc_ids = self.engine.tokenize(text)
+            figures["document_tokens"] = len(doc_ids) - len(self.engine.tokenize(PREFIX))
+            tail_ids = doc_ids + tail_ids
+            figures["tokens_read"] = len(tail_ids)
+        elif docs:
+            start = time.perf_counter()
+            resolved = self.llm.resolve_states(docs)
+            timings["states_ms"] = (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            try:
+                state = self.engine.compose(resolved.states, method=method, prefix=self.prefix_state, conv=settings.conv)
+            except PicasoError as exc:
+                raise APIError(400, str(exc), "picaso.method") from exc
+            timings["compose_ms"] = (time.perf_counter() - start) * 1000
+            figures["document_tokens"] = sum(s.n_tokens for s in resolved.states)
+            figures["states"] = {k: resolved.stats[k] for k in ("states_cached", "states_loaded", "states_encoded")}
+        elif not chat:
+            pass
+        else:  # no document: the question alone, without the context block
+            tail_ids = tail_ids[len(self.engine.tokenize(AFTER_CONTEXT)):]
+            figures["tokens_read"] = len(tail_ids)
+        figures["timings_ms"] = {k: round(v, 3) for k, v in timings.items()}
+        return Prepared(tail_ids, state, sources, figures)
+
+    def _retrieve(self, query: str, top_k: int) -> tuple[list[DocumentRef], list[dict]]:
+        nodes = self.index.as_retriever(similarity_top_k=top_k).retrieve(query)
+        docs, sources = [], []
+        for scored in nodes:
+            text = scored.node.get_content(metadata_mode=MetadataMode.LLM).strip()
+            if not text:
+                continue
+            docs.append(DocumentRef.of(text, scored.node.node_id))
+            sources.append({"id": scored.node.node_id, "score": None if scored.score is None else round(float(scored.score), 6),
+                            "text": text})
+        return docs, sources
+
+    def _given(self, specs: list[DocumentSpec]) -> tuple[list[DocumentRef], list[dict]]:
+        settings = self.settings
+        if len(specs) > settings.max_documents:
+            raise APIError(400, f"{len(specs)} documents given; at most {settings.max_documents} per request: send fewer.",
+                           "documents")
+        ids = [s.id for s in specs if s.id is not None]
+        found: dict[str, Any] = {}
+        if ids:
+            found = {node.node_id: node for node in self.vector_store.get_nodes(node_ids=list(dict.fromkeys(ids)))}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise APIError(404, f"no document with id {missing[0]!r} in the collection; use the ids of the response's "
+                                "picaso.sources or of your index.", "documents", code="document_not_found")
+        docs, sources = [], []
+        for i, spec in enumerate(specs):
+            if spec.id is not None:
+                text = found[spec.id].get_content(metadata_mode=MetadataMode.LLM).strip()
+                docs.append(DocumentRef.of(text, spec.id))
+                sources.append({"id": spec.id, "score": None, "text": text})
+            else:
+                if len(spec.text) > settings.max_document_chars:
+                    raise APIError(400, f"documents[{i}].text has {len(spec.text)} characters; at most "
+                                        f"{settings.max_document_chars} per ad hoc text: split it or ingest it into the index.",
+                                   f"documents.{i}.text")
+                text = spec.text.strip()
+                ref = DocumentRef.of(text, None)  # not stored: encoded once, then served from the LLM's bounded cache
+                docs.append(ref)
+                sources.append({"id": f"text:{ref.key}", "score": None, "text": text})
+        return docs, sources

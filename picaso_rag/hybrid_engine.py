@@ -1,0 +1,164 @@
+"""HybridEngine: PicasoEngine's API (encode, compose, read, generate, stream) for hybrid models.
+
+``PicasoEngine.from_pretrained`` (and ``PicasoEngine(model, tokenizer)``) return a HybridEngine when
+the checkpoint is a hybrid (picaso_rag.hybrid), so callers never name this class; the Mamba-2 code
+path of PicasoEngine is untouched. States are :class:`~picaso_rag.state.HybridState`.
+
+Usage::
+
+    engine = PicasoEngine.from_pretrained("./granite-4.0-h-tiny")     # a HybridEngine
+    context = engine.compose(engine.encode(docs), method="picaso-s")   # SSM: PICASO; attention: union
+    print(engine.generate("Question: ...\\nAnswer:", state=context).text)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .compose import compose_hybrid
+from .engine import PicasoEngine, Tokens, _Stream
+from .errors import PicasoError, StateMismatchError
+from .generation import Sampler, SamplingParams, TextStream
+from .hybrid import HybridLM
+from .loading import Tokenizer, fingerprint_of
+from .state import HybridState
+
+
+class HybridEngine(PicasoEngine):
+    """A hybrid model (Mamba-2 and attention layers) with its tokenizer and fingerprint, working in states."""
+
+    def __init__(self, model: HybridLM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True,
+                 **limits):
+        if not isinstance(model, HybridLM):
+            raise PicasoError(f"HybridEngine needs a HybridLM, got {type(model).__name__}; use PicasoEngine for Mamba-2 models.")
+        # no CUDA graphs: they replay Mamba2LM.step, and here the keys grow by one token a step
+        super().__init__(model, tokenizer, fingerprint or fingerprint_of(model, tokenizer), cuda_graphs=False, **limits)
+
+    # ----------------------------------------------------------------------------- encoding
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[Tokens], batch_size: int = 16) -> list[HybridState]:
+        """One state per text, in order (see :meth:`PicasoEngine.encode`). Each text is read from
+        position 0: documents are encoded independently, in parallel positions."""
+        if isinstance(texts, str):
+            raise PicasoError("encode takes a list of texts; wrap a single text as [text].")
+        token_lists = []
+        for i, text in enumerate(texts):
+            if isinstance(text, str) and not text.strip():
+                raise PicasoError(f"text {i} is empty or whitespace; drop it before encoding (an empty document has no state).")
+            ids = self.tokenize(text)
+            if not ids:
+                raise PicasoError(f"text {i} has no tokens; drop it before encoding.")
+            token_lists.append(ids)
+        if batch_size < 1:
+            raise PicasoError(f"batch_size must be >= 1, got {batch_size}.")
+        order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+        states: list[HybridState | None] = [None] * len(token_lists)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, lengths = self._pad([token_lists[i] for i in batch])
+            out = self.model(ids, lengths=lengths, logits="none")
+            for row, i in enumerate(batch):  # clone: a row view would keep the whole batch alive
+                n = len(token_lists[i])
+                states[i] = HybridState(out.ssm_state[row].clone(), out.conv_state[row].clone(), out.log_decay[row].clone(),
+                                        n, self.fingerprint, keys=out.keys[row, :, :, :n].clone(),
+                                        values=out.values[row, :, :, :n].clone(), position=n)
+        return states  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------- composing
+    def compose(self, states: Sequence[HybridState], method: str = "picaso-s", prefix: HybridState | None = None,
+                conv: str = "mean") -> HybridState:
+        """Compose document states of this model (see :func:`picaso_rag.compose.compose_hybrid`)."""
+        for s in list(states) + ([prefix] if prefix is not None else []):
+            self._check(s)
+        return compose_hybrid([s.to(self.device) for s in states], method=method,
+                              prefix=prefix.to(self.device) if prefix is not None else None, conv=conv,
+                              shift_keys=self.model.shift_keys)
+
+    def _check(self, state: HybridState) -> None:
+        if state.fingerprint != self.fingerprint:
+            raise StateMismatchError(
+                f"state was made by another model (fingerprint {state.fingerprint[:12]}, this model {self.fingerprint[:12]}); "
+                "re-encode the document with this model."
+            )
+        cfg = self.model.cfg
+        if (not isinstance(state, HybridState)
+                or tuple(state.ssm.shape) != (len(cfg.ssm_layers), cfg.nheads, cfg.headdim, cfg.d_state)
+                or tuple(state.keys.shape[:2]) + tuple(state.keys.shape[3:]) != (len(cfg.attn_layers), cfg.n_kv_heads, cfg.head_dim)):
+            raise StateMismatchError(f"this {type(state).__name__} does not fit this hybrid model's layers; re-encode the document.")
+
+    # ------------------------------------------------------------------------------ reading
+    def _start(self, state: HybridState | None) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor, int]:
+        """(ssm, conv, keys, values, position, log_decay, n_tokens) with a batch dim of 1, on this device."""
+        if state is None:
+            ssm, conv, keys, values = self.model.empty_state(1)
+            return ssm, conv, keys, values, 0, torch.zeros(ssm.shape[1], ssm.shape[2], device=self.device), 0
+        self._check(state)
+        s = state.to(self.device, dtype=self.model.dtype)
+        return s.ssm[None], s.conv[None], s.keys[None], s.values[None], s.position, s.log_decay, s.n_tokens
+
+    @torch.inference_mode()
+    def read(self, text: Tokens, state: HybridState | None = None) -> tuple[Tensor, HybridState]:
+        """Read ``text`` after ``state`` (None: from nothing); its attention layers see every key of
+        the state (the union of the documents), then the text causally. Returns fp32 logits
+        [n_tokens, vocab] and the state after the text.
+
+        Usage: ``logits, after = engine.read(" the query", state=context)``.
+        """
+        ids = self.tokenize(text)
+        if not ids:
+            raise PicasoError("nothing to read: the text has no tokens. Pass a non-empty query.")
+        ssm, conv, keys, values, position, log_decay, n_tokens = self._start(state)
+        out = self.model(torch.tensor([ids], device=self.device), ssm_state=ssm, conv_state=conv, keys=keys,
+                         values=values, position=position)
+        after = HybridState(out.ssm_state[0], out.conv_state[0], log_decay + out.log_decay[0], n_tokens + len(ids),
+                            self.fingerprint, keys=torch.cat([keys[0], out.keys[0]], dim=2),
+                            values=torch.cat([values[0], out.values[0]], dim=2), position=position + len(ids))
+        return out.logits[0].float(), after
+
+    # --------------------------------------------------------------------------- generating
+    def stream(self, prompt: Tokens, state: HybridState | None = None, **sampling) -> "_HybridStream":
+        """Like :meth:`generate`, but an iterator of text pieces as they are produced."""
+        super().stream(prompt, state, **sampling)  # PicasoEngine's checks of the prompt and sampling options (runs nothing)
+        return _HybridStream(self, prompt, state, SamplingParams(**sampling))
+
+
+class _HybridStream(_Stream):
+    """_Stream's iterator for a hybrid model: decoding appends each token's keys and values."""
+
+    def _run(self, engine: HybridEngine, prompt_ids: list[int], state: HybridState | None,  # type: ignore[override]
+             params: SamplingParams) -> Iterator[str]:
+        if not prompt_ids:
+            raise PicasoError("the prompt has no tokens; pass a non-empty query.")
+        sampler, stream = Sampler(params), TextStream(engine.tokenizer.decode, params.stop)
+        ssm, conv, keys, values, position, _, _ = engine._start(state)
+        model = engine.model
+        with torch.inference_mode():
+            out = model(torch.tensor([prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv,
+                        keys=keys, values=values, position=position, logits="last")
+            # fresh tensors: decoding updates the SSM states in place
+            logits, ssm, conv = out.logits[0, -1], out.ssm_state, out.conv_state
+            keys, values = torch.cat([keys, out.keys], dim=3), torch.cat([values, out.values], dim=3)
+        position += len(prompt_ids)
+        finish = "length"
+        for _ in range(params.max_new_tokens):
+            token = sampler(logits)
+            if token == engine.eos_token_id:
+                finish = "eos"
+                break
+            piece = stream.push(token)
+            if piece:
+                yield piece
+            if stream.stopped:
+                finish = "stop"
+                break
+            with torch.inference_mode():
+                logits, keys, values = model.step(torch.tensor([token], device=engine.device), ssm, conv, keys, values, position)
+                logits = logits[0]
+            position += 1
+        tail = stream.flush()
+        if tail:
+            yield tail
+        self.result = {"token_ids": list(stream.ids), "n_prompt_tokens": len(prompt_ids), "finish_reason": finish}

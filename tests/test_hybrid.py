@@ -1,0 +1,175 @@
+"""Hybrid models (Mamba-2 + attention layers): against transformers, and composed order-invariantly.
+
+Granite 4.0-H (dense and MoE, NoPE attention) and Bamba (RoPE) as tiny random transformers models
+saved with save_pretrained, loaded from their directories; fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from picaso_rag import PicasoEngine, load_checkpoint
+from picaso_rag.compose import compose
+from picaso_rag.errors import PicasoError, StateMismatchError
+from picaso_rag.hybrid import HybridLM, init_weights
+from picaso_rag.hybrid_config import HybridConfig
+from picaso_rag.hybrid_engine import HybridEngine
+from picaso_rag.state import HybridState
+
+from .conftest import TEXTS, TOKENIZER_JSON
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 50288  # the GPT-NeoX tokenizer's 50,277 tokens, padded
+DOCS = TEXTS[:3]
+QUERY = " Which of these happens in chloroplasts? The answer is"
+MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8)
+
+
+def _granite(n_experts: int, rope: bool = False):
+    return transformers.GraniteMoeHybridConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=16, shared_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=n_experts, num_experts_per_tok=2,
+        layer_types=["mamba", "attention", "mamba"], embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.3, logits_scaling=3.0, position_embedding_type="rope" if rope else "nope",
+        tie_word_embeddings=n_experts == 0, **MAMBA), transformers.GraniteMoeHybridForCausalLM
+
+
+def _bamba():
+    return transformers.BambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1], **MAMBA), transformers.BambaForCausalLM
+
+
+FAMILIES = {"granite-dense": lambda: _granite(0), "granite-moe": lambda: _granite(4), "bamba": _bamba}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def hf_hybrid(request, tmp_path_factory):
+    """(transformers model, its save_pretrained directory) with every weight perturbed off its init."""
+    config, cls = FAMILIES[request.param]()
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    shutil.copy(TOKENIZER_JSON, directory / "tokenizer.json")
+    return model, directory
+
+
+@pytest.fixture(scope="module")
+def hybrid_engines(hf_hybrid) -> HybridEngine:
+    return PicasoEngine.from_pretrained(hf_hybrid[1])
+
+
+def test_logits_equal_transformers(hf_hybrid):
+    hf_model, directory = hf_hybrid
+    model, _ = load_checkpoint(directory)
+    assert isinstance(model, HybridLM)
+    ids = torch.randint(0, 50000, (2, 29), generator=torch.Generator().manual_seed(0))  # 29: four chunks of 8
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+    got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_equals_transformers_generate(hf_hybrid, hybrid_engines):
+    """transformers decodes with its own cache (recurrent step + growing KV cache, RoPE positions)."""
+    hf_model, _ = hf_hybrid
+    prompt = hybrid_engines.tokenize("The capital of France is")
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0, len(prompt):].tolist()
+    got = hybrid_engines.generate(prompt, max_new_tokens=8)
+    assert got.token_ids[: len(expected)] == expected[: len(got.token_ids)]
+
+
+def test_one_document_composed_equals_reading_document_then_query(hybrid_engines):
+    engine = hybrid_engines
+    expected, _ = engine.read(engine.tokenize(DOCS[2]) + engine.tokenize(QUERY))
+    state = engine.encode([DOCS[2]])
+    for method in ("picaso-s", "caso"):  # PICASO-R and soup weigh one document as PICASO-S does
+        got, _ = engine.read(QUERY, state=engine.compose(state, method=method))
+        torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
+
+
+def test_composed_state_and_answer_bitwise_identical_for_every_order(hybrid_engines):
+    engine = hybrid_engines
+    states = engine.encode(DOCS)
+    for method in ("picaso-s", "picaso-r"):
+        reference = None
+        for order in itertools.permutations(range(len(states))):
+            composed = engine.compose([states[i] for i in order], method=method)
+            logits, _ = engine.read(QUERY, state=composed)
+            answer = engine.generate(QUERY, state=composed, max_new_tokens=3).token_ids
+            result = (composed.tensors(), logits, answer)
+            if reference is None:
+                reference = result
+                continue
+            for name, tensor in result[0].items():
+                assert torch.equal(tensor, reference[0][name]), (method, order, name)
+            assert torch.equal(logits, reference[1]) and answer == reference[2], (method, order)
+
+
+def test_state_holds_every_layer_and_reports_bytes_per_token(hybrid_engines):
+    cfg = hybrid_engines.model.cfg
+    state = hybrid_engines.encode([DOCS[0]])[0]
+    assert isinstance(state, HybridState)
+    n = len(hybrid_engines.tokenize(DOCS[0]))
+    assert state.ssm.shape[0] == 2 and state.keys.shape == (1, cfg.n_kv_heads, n, cfg.head_dim) and state.position == n
+    assert state.kv_bytes_per_token == 2 * 1 * 2 * 8 * 4 == cfg.kv_bytes_per_token(bytes_per_value=4)
+    longer = hybrid_engines.encode([DOCS[0] + DOCS[1]])[0]
+    assert longer.nbytes - state.nbytes == (longer.n_keys - state.n_keys) * state.kv_bytes_per_token
+
+
+def test_batched_encoding_equals_one_at_a_time(hybrid_engines):
+    together = hybrid_engines.encode(DOCS, batch_size=3)  # padded to the longest
+    for text, state in zip(DOCS, together):
+        alone = hybrid_engines.encode([text])[0]
+        for name, tensor in alone.tensors().items():
+            torch.testing.assert_close(state.tensors()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_states_of_another_model_or_kind_are_refused(hybrid_engines, tokenizer):
+    other = PicasoEngine(init_weights(HybridLM(_attention_only(rotary_dim=0)), seed=3), tokenizer)
+    with pytest.raises(StateMismatchError):
+        hybrid_engines.compose(other.encode([DOCS[0]]))
+    with pytest.raises(PicasoError):
+        compose(hybrid_engines.encode([DOCS[0]]), method="unknown")
+
+
+# ------------------------------------------------------------- one attention layer: exact identities
+def _attention_only(rotary_dim: int) -> HybridConfig:
+    return HybridConfig(family="picaso_hybrid", vocab_size=VOCAB, d_model=32, layer_types=("attention",), n_heads=4,
+                        n_kv_heads=2, head_dim=8, rotary_dim=rotary_dim)
+
+
+@pytest.mark.parametrize("method", ["picaso-s", "picaso-r", "soup", "caso"])
+def test_nope_attention_union_of_documents_equals_concatenation(tokenizer, method):
+    """One NoPE attention layer: a token's key and value depend on the token alone, so the union of
+    the documents' keys and values is exactly what the query sees after their concatenation."""
+    engine = PicasoEngine(init_weights(HybridLM(_attention_only(rotary_dim=0)), seed=1), tokenizer)
+    composed = engine.compose(engine.encode(DOCS), method=method)
+    got, _ = engine.read(QUERY, state=composed)
+    expected, _ = engine.read(sum((engine.tokenize(d) for d in DOCS), []) + engine.tokenize(QUERY))
+    torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
+
+
+def test_rope_attention_caso_moves_documents_after_each_other(tokenizer):
+    """One RoPE layer: CASO re-rotates each stored document's keys to where a concatenation puts
+    them (and a prefix's), which is then exact; PICASO reads the query after the longest document."""
+    engine = PicasoEngine(init_weights(HybridLM(_attention_only(rotary_dim=8)), seed=1), tokenizer)
+    _, prefix = engine.read("Context:")
+    composed = engine.compose(engine.encode(DOCS), method="caso", prefix=prefix)
+    got, _ = engine.read(QUERY, state=composed)
+    ids = engine.tokenize("Context:") + sum((engine.tokenize(d) for d in DOCS), []) + engine.tokenize(QUERY)
+    expected, _ = engine.read(ids)
+    torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
+    parallel = engine.compose(engine.encode(DOCS), method="picaso-s", prefix=prefix)
+    assert parallel.position == prefix.position + max(len(engine.tokenize(d)) for d in DOCS)
