@@ -32,7 +32,7 @@ Tokens = str | Sequence[int]
 logger = logging.getLogger("picaso_rag")
 
 # Defaults of the engine's limits (each an attribute of PicasoEngine, settable per engine).
-MAX_DOCUMENT_TOKENS = 1 << 20  # ~4M characters of English; encoding memory stays flat (segments), time grows linearly
+MAX_DOCUMENT_TOKENS = 1 << 17  # 131,072 tokens (~500K characters of English); memory stays flat (segments), time grows linearly
 CHARS_PER_TOKEN_BOUND = 16  # a text of more than 16 characters per allowed token is refused before tokenizing
 ENCODE_SEGMENT_TOKENS = 8192  # encode reads long documents in segments this long, carrying the state
 MAX_NEW_TOKENS_LIMIT = 16384
