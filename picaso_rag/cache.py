@@ -250,7 +250,8 @@ class StateWriter:
     query's answer never waits for the disk or the network. Bounds: ``max_pending`` states and
     ``max_pending_bytes`` (a state of a 2.7B model is 82 MiB in bf16; queued states stay in the
     memory they were in, GPU included, until written). Tensors move to the CPU in the writer's
-    thread.
+    thread, on a CUDA stream of its own (ordered after the state was made by an event recorded at
+    submit), so the copy never queues between the kernels of the answer being computed.
 
     Usage: ``writer = StateWriter(); writer.submit([store], node_id, state, text); writer.flush()``.
     """
@@ -259,7 +260,8 @@ class StateWriter:
         if max_pending < 1 or max_pending_bytes < 1:
             raise PicasoError(f"max_pending and max_pending_bytes must be >= 1, got {max_pending} and {max_pending_bytes}.")
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
-        self._queue: deque[tuple[tuple[StateBackend, ...], str, State, str | None]] = deque()
+        self._queue: deque[tuple[tuple[StateBackend, ...], str, State, str | None, object]] = deque()
+        self._copy_stream = None  # created on the first CUDA state
         self._bytes = 0
         self._busy = 0  # items taken off the queue, not yet written
         self._cond = threading.Condition()
@@ -278,7 +280,11 @@ class StateWriter:
                     or self._bytes + state.nbytes > self.max_pending_bytes):
                 self._counts["dropped"] += 1
                 return False
-            self._queue.append((stores, node_id, state, text))
+            ready = None
+            if state.device.type == "cuda":  # the copy must wait for the kernels that made the state
+                ready = torch.cuda.Event()
+                ready.record()
+            self._queue.append((stores, node_id, state, text, ready))
             self._bytes += state.nbytes
             self._counts["queued"] += 1
             self._cond.notify_all()
@@ -301,16 +307,27 @@ class StateWriter:
         with self._cond:
             return WriterStats(**self._counts, pending=len(self._queue) + self._busy, pending_bytes=self._bytes)
 
+    def _to_host(self, state: State, ready: object) -> State:
+        if state.device.type != "cuda":
+            return state.to("cpu")
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=state.device)
+        with torch.cuda.stream(self._copy_stream):
+            if ready is not None:
+                self._copy_stream.wait_event(ready)
+            host = state.to("cpu")  # synchronous on this stream only
+        return host
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return
-                stores, node_id, state, text = self._queue.popleft()
+                stores, node_id, state, text, ready = self._queue.popleft()
                 self._busy += 1
             try:
-                host = state if state.device.type == "cpu" else state.to("cpu")
+                host = state if state.device.type == "cpu" else self._to_host(state, ready)
                 for store in stores:
                     try:
                         store.put(node_id, host, text=text)
