@@ -133,3 +133,22 @@ def test_concurrent_submitters(engine, states):
         for t in threads:
             t.join(90)
     assert [results[i] for i in range(len(cases))] == expected
+
+
+def test_windowed_detokenisation_equals_full(engine, tokenizer):
+    """The scheduler re-decodes only recent ids; the pieces and text equal TextStream's full decoding,
+    also with multi-byte characters split across tokens and stop strings."""
+    from picaso_rag.generation import TextStream
+    from picaso_rag.scheduler import _WindowedDecode, _concatenative
+
+    assert _concatenative(engine)
+    rng = torch.Generator().manual_seed(0)
+    text_ids = tokenizer.encode("Les élèves de l'école — 東京 and Zürich: naïve café, 🙂 emoji " * 6)
+    for ids in (torch.randint(0, 50000, (300,), generator=rng).tolist(), text_ids):
+        for stop in ((), ("é",), ("Zürich",)):
+            full, windowed = TextStream(tokenizer.decode, stop), TextStream(_WindowedDecode(tokenizer.decode), stop)
+            for i in ids:
+                assert full.push(i) == windowed.push(i)
+                if full.stopped:
+                    break
+            assert windowed.stopped == full.stopped and full.flush() == windowed.flush() and full.text == windowed.text
