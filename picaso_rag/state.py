@@ -210,6 +210,5 @@ class HybridState(State):
                 raise StateMismatchError(f"state {name} contains NaN or inf; the state is corrupt: re-encode the document.")
 
     def tensors(self) -> dict[str, Tensor]:
-        """The tensors to serialise: State's, the keys and values, and the position (int64 [1])."""
-        return {**super().tensors(), "keys": self.keys.contiguous(), "values": self.values.contiguous(),
-                "position": torch.tensor([self.position], dtype=torch.int64)}
+        """The tensors to serialise: State's, the keys and values (a store keeps ``position`` in its metadata)."""
+        return {**super().tensors(), "keys": self.keys.contiguous(), "values": self.values.contiguous()}

@@ -67,14 +67,17 @@ from filelock import FileLock
 from safetensors.torch import save as save_safetensors
 
 from .errors import PicasoError, StateFileError, StateMismatchError, StoreNotWritableError
-from .state import State, StateSpec, state_spec_for
+from .state import HybridState, State, StateSpec, state_spec_for
 
 logger = logging.getLogger("picaso_rag.store")
 
 FORMAT = "picaso-state/1"
 _LAYOUT = "v1"
 _TENSORS = ("ssm", "conv", "log_decay")
-_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2}
+_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4}
+# a hybrid model's state (picaso_rag.state.HybridState) adds its attention layers' keys and values,
+# and its next position in the metadata
+_HYBRID_TENSORS = ("keys", "values")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 MAX_HEADER_BYTES = 64 * 1024  # a state's header is under 1 KiB (4 KiB inline node id at most, escaped x6)
@@ -219,12 +222,15 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise StateFileError("header metadata holds a value that is not a string")
     names = set(header) - {"__metadata__"}
-    if names != set(_TENSORS):
-        raise StateFileError(f"expected tensors {_TENSORS}, found {sorted(names)[:8]}")
+    if names != set(_TENSORS) and names != set(_TENSORS + _HYBRID_TENSORS):
+        raise StateFileError(f"expected tensors {_TENSORS} (and {_HYBRID_TENSORS} for a hybrid model), found {sorted(names)[:8]}")
     _check_metadata(metadata)
+    hybrid = "keys" in names
+    if hybrid and not re.fullmatch(r"[0-9]{1,18}", metadata.get("position", "")):
+        raise StateFileError(f"metadata position {_short_repr(metadata.get('position'))} is not a non-negative integer")
 
     tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    for name in _TENSORS:
+    for name in _TENSORS + (_HYBRID_TENSORS if hybrid else ()):
         info = header[name]
         if not isinstance(info, dict):
             raise StateFileError(f"tensor {name}: entry is a {type(info).__name__}, not an object")
@@ -239,7 +245,7 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and 0 <= o < (1 << 62) for o in offsets)):
             raise StateFileError(f"tensor {name}: data_offsets {_short_repr(offsets)} is not a pair of non-negative ints")
-        if spec is not None and tuple(shape) != spec.shapes()[name]:
+        if spec is not None and tuple(shape) != spec.shapes().get(name, tuple(shape)):
             raise StateFileError(f"tensor {name}: shape {tuple(shape)}, this model's states have {spec.shapes()[name]}")
         numel = 1
         for d in shape:
@@ -249,6 +255,8 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         tensors[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     if tensors["ssm"][0] != tensors["conv"][0]:
         raise StateFileError(f"ssm is {tensors['ssm'][0]} but conv is {tensors['conv'][0]}; both are stored in one dtype")
+    if hybrid and (tensors["keys"][0] != tensors["ssm"][0] or tensors["values"][1] != tensors["keys"][1]):
+        raise StateFileError("keys and values must have one shape and the dtype of ssm")
     ranges = sorted((start, end) for _, _, start, end in tensors.values())
     position = 0
     for start, end in ranges:  # safetensors: the byte ranges tile the data, in order, without holes
@@ -335,6 +343,9 @@ def state_from_file(header: StateHeader, tensors: dict[str, torch.Tensor], spec:
     another model's shapes (``spec``), NaN/inf or a positive log-decay."""
     try:
         state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(header.metadata["n_tokens"]), header.fingerprint)
+        if "keys" in tensors:  # a hybrid model's state
+            state = HybridState(state.ssm, state.conv, state.log_decay, state.n_tokens, state.fingerprint,
+                                keys=tensors["keys"], values=tensors["values"], position=int(header.metadata["position"]))
         if spec is not None:
             spec.check(state)
         state.check_finite()
@@ -354,7 +365,8 @@ def encode_state_file(state: State, node_id: str, text: str | None = None, dtype
     state.check_finite()  # never write a state that could not be read back
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
     if dtype is not None:
-        tensors["ssm"], tensors["conv"] = tensors["ssm"].to(dtype), tensors["conv"].to(dtype)
+        for name in ("ssm", "conv") + tuple(n for n in _HYBRID_TENSORS if n in tensors):
+            tensors[name] = tensors[name].to(dtype)
     metadata = {"format": FORMAT}
     if len(node_id.encode("utf-8", "surrogatepass")) <= MAX_INLINE_NODE_ID_BYTES:
         metadata["node_id"] = node_id
@@ -365,6 +377,8 @@ def encode_state_file(state: State, node_id: str, text: str | None = None, dtype
         "text_sha256": text_sha256(text) if text is not None else "",
         "created": f"{time.time():.3f}",
     })
+    if isinstance(state, HybridState):
+        metadata["position"] = str(int(state.position))
     metadata["checksum"] = _checksum(tensors, metadata)
     if mac_key is not None:
         metadata["mac"] = _mac(mac_key, metadata["checksum"])
@@ -435,7 +449,7 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
     """sha256 over the metadata (without checksum and mac) and every tensor's dtype, shape and raw bytes."""
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in metadata.items() if k not in ("checksum", "mac")}, sort_keys=True).encode())
-    for name in _TENSORS:
+    for name in _TENSORS + tuple(n for n in _HYBRID_TENSORS if n in tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
@@ -936,7 +950,7 @@ class StateStore:
 def check_header_shapes(header: StateHeader, spec: StateSpec) -> None:
     """Check a parsed header against a model's exact shapes (raises :class:`StateFileError`)."""
     for name, (_, shape, _, _) in header.tensors.items():
-        if shape != spec.shapes()[name]:
+        if shape != spec.shapes().get(name, shape):
             raise StateFileError(f"tensor {name}: shape {shape}, this model's states have {spec.shapes()[name]}")
 
 

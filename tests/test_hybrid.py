@@ -7,6 +7,7 @@ saved with save_pretrained, loaded from their directories; fp32 on the CPU.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 
 import pytest
@@ -19,6 +20,7 @@ from picaso_rag.hybrid import HybridLM, init_weights
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.hybrid_engine import HybridEngine
 from picaso_rag.state import HybridState
+from picaso_rag.store import StateStore, StoreStatus
 
 from .conftest import TEXTS, TOKENIZER_JSON
 
@@ -115,6 +117,7 @@ def test_composed_state_and_answer_bitwise_identical_for_every_order(hybrid_engi
             for name, tensor in result[0].items():
                 assert torch.equal(tensor, reference[0][name]), (method, order, name)
             assert torch.equal(logits, reference[1]) and answer == reference[2], (method, order)
+            assert composed.position == max(s.position for s in states)
 
 
 def test_state_holds_every_layer_and_reports_bytes_per_token(hybrid_engines):
@@ -134,6 +137,28 @@ def test_batched_encoding_equals_one_at_a_time(hybrid_engines):
         alone = hybrid_engines.encode([text])[0]
         for name, tensor in alone.tensors().items():
             torch.testing.assert_close(state.tensors()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_store_keeps_hybrid_states_with_their_guarantees(hybrid_engines, tmp_path):
+    engine = hybrid_engines
+    store = StateStore(tmp_path / "states")
+    states = engine.encode(DOCS)
+    for i, (text, state) in enumerate(zip(DOCS, states)):
+        store.put(f"node-{i}", state, text=text)
+    found = store.get_many([f"node-{i}" for i in range(len(DOCS))], engine.fingerprint, texts=DOCS)
+    assert all(f.ok and isinstance(f.state, HybridState) for f in found)
+    for f, state in zip(found, states):
+        assert f.state.position == state.position
+        assert all(torch.equal(f.state.tensors()[name], t) for name, t in state.tensors().items())
+    composed = engine.compose([f.state for f in found])
+    assert torch.equal(composed.keys, engine.compose(states).keys)
+    path = store.path("node-0", engine.fingerprint)  # a flipped bit in the keys is caught
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = json.loads(data[8:8 + header_len])["keys"]["data_offsets"][0]
+    data[8 + header_len + start] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert store.get("node-0", engine.fingerprint, text=DOCS[0]).status is StoreStatus.CORRUPT
 
 
 def test_states_of_another_model_or_kind_are_refused(hybrid_engines, tokenizer):
