@@ -193,14 +193,14 @@ class StateHeader:
 
 def state_header_length(prefix: bytes) -> int:
     """The header length announced by a file's first 8 bytes; raises :class:`StateFileError`."""
+    header_len = struct.unpack("<Q", prefix[:8])[0] if len(prefix) >= 8 else -1
+    if 2 <= header_len <= MAX_HEADER_BYTES:
+        return header_len  # (a valid length may start with 0x80: the pickle test below comes only after this one)
     if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":  # torch.save zip, or a raw pickle stream
         raise StateFileError("a pickle (torch.save) file, not a picaso state: refused unread (unpickling can run code)")
     if len(prefix) < 8:
         raise StateFileError(f"truncated: {len(prefix)} bytes, not even the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", prefix[:8])
-    if header_len < 2 or header_len > MAX_HEADER_BYTES:
-        raise StateFileError(f"truncated or garbled header (header length {header_len}, at most {MAX_HEADER_BYTES} allowed)")
-    return header_len
+    raise StateFileError(f"truncated or garbled header (header length {header_len}, at most {MAX_HEADER_BYTES} allowed)")
 
 
 def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,

@@ -29,6 +29,7 @@ from llama_index.llms.picaso.handoff import DocumentRef, Ticket
 
 from picaso_rag import (CheckpointError, PicasoEngine, PicasoError, State, StateCache, StateMismatchError, StateStore,
                         StoreNotWritableError, StoreStatus, save_checkpoint)
+from picaso_rag.errors import DocumentTooLongError
 
 from .llamaindex_world import build_world, corpus_documents, embed_model, sensitive_engine
 from .test_corruption import KINDS
@@ -254,7 +255,37 @@ def query(c: Ctx, question: str, **kwargs):
     return run_query(c.world, question, llm=fresh_llm(c.world), **kwargs)
 
 
+def lone_surrogate_document(c: Ctx, caplog=None) -> None:
+    """A lone surrogate (a broken decode upstream): replaced by U+FFFD with a warning; the rest of the
+    group is encoded as it would be alone (never a whole ingestion group lost), and stored with its text."""
+    broken = "Caf\udce9 au lait, written in Paris."
+    group = c.engine.encode([TEXTS_OK[0], broken, TEXTS_OK[1]])
+    alone = c.engine.encode([TEXTS_OK[0], "Caf\ufffd au lait, written in Paris.", TEXTS_OK[1]])
+    for a, b in zip(group, alone):
+        assert torch.allclose(a.ssm, b.ssm, atol=1e-6) and a.n_tokens == b.n_tokens
+    store = StateStore(c.tmp / "surrogate")
+    store.put("broken", group[1], text=broken)
+    assert store.get("broken", c.engine.fingerprint, text=broken).ok
+    assert store.get("broken", c.engine.fingerprint, text=broken.replace("\udce9", "\ufffd")).status is StoreStatus.STALE
+
+
+def lone_surrogate_query(c: Ctx) -> None:
+    answer = c.engine.generate("Where is the \ud800 Eiffel Tower?", max_new_tokens=4)
+    same = c.engine.generate("Where is the \ufffd Eiffel Tower?", max_new_tokens=4)
+    assert answer.token_ids == same.token_ids
+
+
+def surrogate_pair_query(c: Ctx) -> None:
+    """A surrogate pair left split in a str (e.g. from JSON "\\ud83d\\ude00") is the character it encodes."""
+    assert c.engine.tokenize("smile \ud83d\ude00") == c.engine.tokenize("smile \U0001F600")
+
+
+TEXTS_OK = ["The Eiffel Tower was completed in 1889.", "Mamba is a state space model."]
+
 ANSWERS: dict[str, Callable[[Ctx], None]] = {
+    "lone surrogate in a document (one of a group)": lone_surrogate_document,
+    "lone surrogate in a query": lone_surrogate_query,
+    "split surrogate pair in a query": surrogate_pair_query,
     "document far longer than any chunk": long_document,
     "control characters and mixed scripts in a document": mixed_scripts_document,
     "control characters and mixed scripts in a query": mixed_scripts_query,
@@ -315,7 +346,44 @@ ERRORS: dict[str, tuple[Callable[[Ctx], Any], type, str]] = {  # case -> (call, 
     "resumable ingest into a store that is not Chroma": (
         lambda c: ingest(corpus_documents()[:1], [embed_model()], SimpleVectorStore()), PicasoError, "resume=False"),
     "negative cache budget": (lambda c: StateCache(-1), PicasoError, "0 disables a tier"),
+    # core inputs of issue 12 (hardening, round 2)
+    "bytes query": (lambda c: c.engine.generate(b"Where is the Eiffel Tower?"), PicasoError, r"decode it first"),
+    "bytes document": (lambda c: c.engine.encode([b"a document"]), PicasoError, r"decode it first"),
+    "token ids outside the vocabulary": (lambda c: c.engine.generate([1, 10**9]), PicasoError, "outside the vocabulary"),
+    "a float as a prompt": (lambda c: c.engine.generate(3.5), PicasoError, "a str or a list of int token ids"),
+    "temperature NaN": (lambda c: c.engine.generate("Q?", temperature=float("nan")), PicasoError, "finite number.*greedy"),
+    "temperature inf": (lambda c: c.engine.generate("Q?", temperature=float("inf")), PicasoError, "finite number"),
+    "temperature a string": (lambda c: c.engine.generate("Q?", temperature="hot"), PicasoError, "must be a number"),
+    "top_p NaN": (lambda c: c.engine.generate("Q?", top_p=float("nan")), PicasoError, "finite number"),
+    "seed 2**70": (lambda c: c.engine.generate("Q?", temperature=1.0, seed=2**70), PicasoError, r"seed % 2\*\*64"),
+    "seed a float": (lambda c: c.engine.generate("Q?", seed=1.5), PicasoError, "seed must be an int"),
+    "max_new_tokens 10**12": (lambda c: c.engine.generate("Q?", max_new_tokens=10**12), PicasoError,
+                              "raise engine.max_new_tokens_limit"),
+    "max_new_tokens a float": (lambda c: c.engine.generate("Q?", max_new_tokens=8.0), PicasoError, "must be an int"),
+    'stop=[""]': (lambda c: c.engine.generate("Q?", stop=[""]), PicasoError, 'drop "" from stop'),
+    "stop=[None]": (lambda c: c.engine.generate("Q?", stop=[None]), PicasoError, "list of strings"),
+    "unknown sampling option": (lambda c: c.engine.generate("Q?", temprature=0.5), PicasoError, "sampling options are"),
+    "truncated model.safetensors": (lambda c: PicasoEngine.from_pretrained(truncated_weights(c)), CheckpointError,
+                                    "truncated or damaged.*download or copy the checkpoint again"),
+    "config.json field of the wrong type": (lambda c: PicasoEngine.from_pretrained(edit_config(c, '{"d_model": "wide", "n_layer": 2, "vocab_size": 50288, "ssm_cfg": {"layer": "Mamba2"}}')),
+                                            CheckpointError, "restore the checkpoint's config.json"),
+    "document above the token cap": (lambda c: capped(c).encode(["word " * 200]), DocumentTooLongError,
+                                     "split it into smaller documents, or raise"),
+    "text passed to the store as bytes": (lambda c: c.world.store.get("n", c.engine.fingerprint, text=b"x"),
+                                          PicasoError, "the node's text"),
 }
+
+
+def truncated_weights(c: Ctx) -> Path:
+    directory = checkpoint(c, "truncated")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return directory
+
+
+def capped(c: Ctx) -> PicasoEngine:
+    engine = PicasoEngine(c.engine.model, c.engine.tokenizer, fingerprint=c.engine.fingerprint, max_document_tokens=50)
+    return engine
 
 
 def test_there_are_at_least_30_cases():

@@ -417,3 +417,16 @@ def test_encode_and_decode_functions_round_trip(engine, state, tmp_path):
         decode_state_file(data, spec=spec, mac_key=b"k" * 32)
     with pytest.raises(StateFileError, match="shape"):
         decode_state_file(data, spec=StateSpec((1, 1, 1, 1), (1, 1, 1)))
+
+
+def test_header_length_with_a_0x80_low_byte_is_not_taken_for_a_pickle(tmp_path, engine, state):
+    """One valid header length in 32 (they are multiples of 8) starts with the byte 0x80, the first
+    byte of a pickle stream: such a file is a state, not a pickle (it was CORRUPT before issue 12)."""
+    store = StateStore(tmp_path)
+    for i in range(64):
+        path = store.put(f"node-{i:03d}-" + "x" * i, state, text=TEXT)
+        if path.read_bytes()[0] == 0x80:
+            assert store.get(f"node-{i:03d}-" + "x" * i, engine.fingerprint, text=TEXT).ok
+            break
+    else:
+        pytest.fail("no header length with the low byte 0x80 among 64 ids")
