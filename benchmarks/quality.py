@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from picaso_rag import PicasoEngine  # noqa: E402
 from picaso_rag.precision import PRECISIONS, roundtrip  # noqa: E402
+from picaso_rag.state import HybridState  # noqa: E402
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
 SEPARATOR = "\n\n"
@@ -117,6 +118,14 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
             logits = engine.model(tgt[:, :-1], ssm_state=ssm, conv_state=conv).logits
         return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none").view(len(tgt), -1).sum(1)
 
+    def nll_after_state(state: HybridState, row: int) -> torch.Tensor:
+        """Summed NLL of targets[row] read after a hybrid model's composed state (SSM and attention layers)."""
+        tgt = targets[row:row + 1].to(device)
+        s = state.to(device, dtype=engine.model.dtype)
+        logits = engine.model(tgt[:, :-1], ssm_state=s.ssm[None], conv_state=s.conv[None], keys=s.keys[None],
+                              values=s.values[None], position=s.position).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="sum")[None]
+
     def concat_prefix(order_rows: torch.Tensor) -> list[list[int]]:
         return [[t for j in row for t in segments[int(j)].tolist() + sep] for row in order_rows]
 
@@ -142,6 +151,9 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
                         totals[s][rows] = nll_after(concat_prefix(order), rows=rows).double().cpu()
                 else:
                     composed = [engine.compose([stored[precision][int(j)] for j in row], method=method) for row in ids]
+                    if isinstance(composed[0], HybridState):  # keys of different lengths: one row at a time
+                        totals[0][rows] = torch.cat([nll_after_state(c, b + i) for i, c in enumerate(composed)]).double().cpu()
+                        continue
                     ssm = torch.stack([c.ssm for c in composed]).to(engine.model.dtype)
                     conv = torch.stack([c.conv for c in composed]).to(engine.model.dtype)
                     totals[0][rows] = nll_after(None, ssm, conv, rows=rows).double().cpu()

@@ -3,6 +3,7 @@
     python -m picaso_rag.training tokenizer --shards CORPUS/corpus-00*.txt.xz --vocab-size 16384 --out tok.json
     python -m picaso_rag.training tokenize  --shards ... --tokenizer tok.json --exclude-hotpotqa DATA/hotpotqa.json --out train.bin
     python -m picaso_rag.training pretrain  --data train.bin --tokenizer tok.json --time-budget 480 --out runs/pretrain
+    python -m picaso_rag.training pretrain  ... --attn-layers 3 9 --out runs/hybrid   # a hybrid: 2 of 12 layers attention
     python -m picaso_rag.training finetune  --model runs/pretrain/checkpoint --data train.bin --mode bp2c --out runs/bp2c
 """
 
@@ -17,6 +18,9 @@ import numpy as np
 import torch
 
 from ..config import Mamba2Config
+from ..hybrid import HybridLM
+from ..hybrid import init_weights as init_hybrid_weights
+from ..hybrid_config import HybridConfig
 from ..loading import Tokenizer, load_checkpoint
 from ..model import Mamba2LM, init_weights
 from .data import (PassagePairs, TokenWindows, hotpotqa_titles, iter_corpus_documents, split_passages,
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--attn-layers", type=int, nargs="*", default=[],
+                   help="a hybrid: these layers (0-based) are attention without positions (NoPE), the rest Mamba-2")
 
     p2 = sub.add_parser("finetune", help="composition fine-tuning (BP2C or BPTC) of any Mamba-2 checkpoint")
     p2.add_argument("--model", required=True)
@@ -94,7 +100,14 @@ def main(argv: list[str] | None = None) -> None:
         tok = Tokenizer.from_file(args.tokenizer)
         cfg = Mamba2Config(d_model=args.d_model, n_layer=args.n_layer, vocab_size=_round_up(tok.vocab_size, 16),
                            d_state=args.d_state, headdim=args.headdim, eos_token_id=tok.eos_token_id)
-        model = init_weights(Mamba2LM(cfg), seed=args.seed).to(args.device)
+        if args.attn_layers:  # the same recipe with some layers NoPE attention (heads of 64, no MLP)
+            hybrid_cfg = HybridConfig(family="picaso_hybrid", vocab_size=cfg.vocab_size, d_model=cfg.d_model,
+                                      layer_types=tuple("attention" if i in args.attn_layers else "mamba" for i in range(args.n_layer)),
+                                      d_state=cfg.d_state, headdim=cfg.headdim, n_heads=cfg.d_model // 64,
+                                      n_kv_heads=cfg.d_model // 64, head_dim=64, tie_embeddings=True, eos_token_id=cfg.eos_token_id)
+            model = init_hybrid_weights(HybridLM(hybrid_cfg), seed=args.seed).to(args.device)
+        else:
+            model = init_weights(Mamba2LM(cfg), seed=args.seed).to(args.device)
         n_params = sum(p.numel() for p in model.parameters())
         data = TokenWindows(args.data, args.seq_len, args.batch_size, seed=args.seed)
         train_cfg = TrainConfig(out_dir=args.out, lr=args.lr or 3e-3, max_steps=args.max_steps,

@@ -20,7 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..compose import METHODS, compose_tensors
-from ..loading import Tokenizer, save_checkpoint
+from ..hybrid import HybridLM
+from ..loading import Tokenizer, save_checkpoint, save_hybrid_checkpoint
 from ..model import Mamba2LM
 from .data import PassagePairs, TokenWindows
 
@@ -167,8 +168,13 @@ def train(model: Mamba2LM, tokenizer: Tokenizer, batches: Iterator[Callable[[Mam
     return history
 
 
-def save(model: Mamba2LM, tokenizer: Tokenizer, directory: Path) -> None:
+def save(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, directory: Path) -> None:
     """Save a bf16 copy (the shipping format) without changing the training model."""
+    if isinstance(model, HybridLM):
+        shipped_hybrid = HybridLM(model.cfg)
+        shipped_hybrid.load_state_dict(model.state_dict())
+        save_hybrid_checkpoint(shipped_hybrid.to(torch.bfloat16), tokenizer, directory)
+        return
     shipped = Mamba2LM(model.cfg)
     shipped.load_state_dict(model.state_dict())
     save_checkpoint(shipped.to(torch.bfloat16), tokenizer, directory)
