@@ -118,11 +118,12 @@ class TextStream:
         self.text = text
         # leading whitespace is not the end of an answer: stop strings count only after real text
         start = len(text) - len(text.lstrip())
-        for s in self.stop:
-            pos = text.find(s, start) if start < len(text) else -1
-            if pos != -1:
-                self.text, self.stopped = text[:pos], True
-                return self._emit(pos)
+        # the earliest occurrence of any stop string ends the text (not the first string in list order)
+        found = [p for p in (text.find(s, start) for s in self.stop) if p != -1] if start < len(text) else []
+        if found:
+            pos = min(found)
+            self.text, self.stopped = text[:pos], True
+            return self._emit(pos)
         hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
         return self._emit(len(text) - hold)
 

@@ -99,3 +99,11 @@ def test_empty_prompt_is_an_error(engine):
         engine.generate("")
     with pytest.raises(PicasoError, match="non-empty"):
         engine.read("")
+
+
+def test_the_earliest_stop_string_ends_the_text_whatever_their_order():
+    from picaso_rag.generation import TextStream
+
+    stream = TextStream(decode=lambda ids: "Paris. Then London", stop=["London", "."])
+    stream.push(1)
+    assert stream.stopped and stream.text == "Paris"
