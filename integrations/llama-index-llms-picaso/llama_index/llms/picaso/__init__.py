@@ -18,8 +18,10 @@ from .base import COMPOSE_METHODS, CONCAT, PicasoLLM, PicasoLLMError
 from .handoff import DocumentRef
 from .ingestion import (
     CHROMA_MAX_BATCH,
+    DOC_HASH_KEY,
     DOC_NODES_KEY,
     METADATA_KEY,
+    PicasoChromaVectorStore,
     PicasoStateEncoder,
     add_nodes,
     delete_nodes,
@@ -27,6 +29,7 @@ from .ingestion import (
     ingest,
     prune_states,
     stable_node_id,
+    state_text,
 )
 from .metadata import METADATA_KEY as RESPONSE_METADATA_KEY
 from .postprocessor import PicasoNodePostprocessor, node_llm_text, original_node
@@ -35,12 +38,14 @@ __all__ = [
     "CHROMA_MAX_BATCH",
     "COMPOSE_METHODS",
     "CONCAT",
+    "DOC_HASH_KEY",
     "DOC_NODES_KEY",
     "DocumentRef",
     "METADATA_KEY",
     "PicasoLLM",
     "PicasoLLMError",
     "PicasoNodePostprocessor",
+    "PicasoChromaVectorStore",
     "PicasoStateEncoder",
     "RESPONSE_METADATA_KEY",
     "add_nodes",
@@ -51,4 +56,5 @@ __all__ = [
     "original_node",
     "prune_states",
     "stable_node_id",
+    "state_text",
 ]

@@ -240,19 +240,19 @@ class PicasoLLM(CustomLLM):
                  "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
         return StateResolution(states, stats)  # type: ignore[arg-type]
 
-    def _prefix_state(self, text: str) -> tuple[State, bool]:
+    def _prefix_state(self, text: str) -> State:
         """State of the template text before the documents; cached, since templates repeat."""
         with self._prefix_lock:
             state = self._prefixes.get(text)
             if state is not None:
                 self._prefixes.move_to_end(text)
-                return state, True
+                return state
         state = self._engine.encode([text])[0]
         with self._prefix_lock:
             self._prefixes[text] = state
             while len(self._prefixes) > 64:
                 self._prefixes.popitem(last=False)
-        return state, False
+        return state
 
     # --------------------------------------------------------------------------------- running
     def _sampling(self, kwargs: dict) -> dict:
@@ -283,7 +283,7 @@ class PicasoLLM(CustomLLM):
         engine = self._engine
         stats: dict[str, Any] = {
             "method": method, "k": 0, "documents": [], "document_tokens": 0, "tokens_read": 0,
-            "texts_read": [], "prefix_tokens_cached": 0, "compose_ms": 0.0,
+            "texts_read": [], "compose_ms": 0.0,
             "retrieval": plan.tickets[0].stats if len(plan.tickets) == 1 else {},
             "late_states": {"loaded": 0, "encoded": 0, "not_stored": 0}, "read_as_text": dict(plan.read_as_text),
         }
@@ -299,8 +299,9 @@ class PicasoLLM(CustomLLM):
                 if segment.is_text:
                     text = segment.text
                     if state is None and text.strip():
-                        state, hit = self._prefix_state(text)
-                        stats["prefix_tokens_cached" if hit else "tokens_read"] += state.n_tokens
+                        # counted as read even when cached: a request's figures must not depend on others'
+                        state = self._prefix_state(text)
+                        stats["tokens_read"] += state.n_tokens
                     else:
                         _, state = engine.read(text, state)
                         stats["tokens_read"] += len(engine.tokenize(text))
