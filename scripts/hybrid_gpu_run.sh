@@ -35,9 +35,9 @@ cp /tmp/runs/hybrid/checkpoint/config.json $R/hybrid_config.json
 echo "trained: $(( $(date +%s) - T0 )) s"
 for m in hybrid mamba picaso-mini; do
     dir=/tmp/runs/$m/checkpoint; [ $m = picaso-mini ] && dir=models/picaso-mini
-    ( python3 benchmarks/quality.py --model $dir --k 0 5 10 --max-passages $PASSAGES --retrieval-cache docs/results/wikitext-retrieval.json \
+    ( timeout ${EVAL_S:-100} python3 benchmarks/quality.py --model $dir --k 0 5 10 --max-passages $PASSAGES --retrieval-cache docs/results/wikitext-retrieval.json \
           --batch-size 64 --out $R/wikitext-$m > $R/wikitext-$m.log 2>&1
-      python3 benchmarks/qa_quality.py --model $dir --dataset hotpotqa --no-generate --out $R/hotpotqa-$m > $R/hotpotqa-$m.log 2>&1 ) &
+      timeout ${QA_S:-60} python3 benchmarks/qa_quality.py --model $dir --dataset hotpotqa --no-generate --out $R/hotpotqa-$m > $R/hotpotqa-$m.log 2>&1 ) &
 done
 wait
 echo "evaluated: $(( $(date +%s) - T0 )) s"
