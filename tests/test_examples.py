@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -51,39 +50,23 @@ def chat_server(tmp_path_factory):
     spec.loader.exec_module(module)
     from fastapi.testclient import TestClient
 
-    app = module.create_app(db=tmp_path_factory.mktemp("server") / "picaso_db", max_new_tokens=16)
+    app = module.create_app(db=tmp_path_factory.mktemp("server") / "picaso_db", default_max_tokens=16)
     with TestClient(app) as client:
         yield client
 
 
 def test_chat_server_health(chat_server):
     health = chat_server.get("/health").json()
-    assert health["status"] == "ok" and health["method"] == "picaso-s"
-    assert health["documents"] == health["states"] > 0 and len(health["fingerprint"]) == 16
+    assert health["status"] == "ok" and health["method"] == "picaso-s" and len(health["fingerprint"]) == 16
+    assert chat_server.get("/v1/models").json()["data"][0]["id"] == "picaso"
 
 
-def test_chat_server_chat_keeps_a_conversation(chat_server):
-    first = chat_server.post("/chat", json={"message": "Who was Ada Lovelace?", "session_id": "s1"})
-    assert first.status_code == 200
-    body = first.json()
-    assert body["answer"].strip() and len(body["sources"]) == 3
-    assert any("Ada Lovelace" in s["text"] for s in body["sources"])
-    assert body["picaso"]["method"] == "picaso-s" and body["picaso"]["k"] == 3 and body["picaso"]["llm_calls"] == 1
-    follow = chat_server.post("/chat", json={"message": "When did she write it?", "session_id": "s1"}).json()
-    assert follow["picaso"]["llm_calls"] == 2  # condense the question with the history, then answer
-    assert chat_server.delete("/sessions/s1").status_code == 200
-    assert chat_server.delete("/sessions/s1").status_code == 404
-    assert chat_server.post("/chat", json={"message": ""}).status_code == 422
-
-
-def test_chat_server_streams(chat_server):
-    with chat_server.stream("POST", "/chat/stream", json={"message": "Tell me about honey bees", "session_id": "s2"}) as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-        events = "".join(response.iter_text()).strip().split("\n\n")
-    deltas = [json.loads(e[len("data: "):])["delta"] for e in events if e.startswith("data: ")]
-    done = [e for e in events if e.startswith("event: done")]
-    assert len(deltas) >= 1 and len(done) == 1
-    final = json.loads(done[0].split("data: ", 1)[1])
-    assert "".join(deltas) == final["answer"] and final["answer"].strip()
-    assert any("honey bee" in s["text"] for s in final["sources"])
-    assert final["picaso"]["k"] == 3 and final["picaso"]["tokens_read"] > 0
+def test_chat_server_answers_over_the_openai_api(chat_server):
+    """The example is the OpenAI-compatible server over the corpus (tests/test_server.py tests the server)."""
+    body = {"model": "picaso", "messages": [{"role": "user", "content": "Who was Ada Lovelace?"}]}
+    reply = chat_server.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200
+    answer = reply.json()
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
+    assert answer["picaso"]["k"] == 3 and any("Ada Lovelace" in s["text"] for s in answer["picaso"]["sources"])
+    assert chat_server.post("/v1/chat/completions", json={**body, "messages": []}).status_code == 400

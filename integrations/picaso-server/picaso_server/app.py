@@ -159,13 +159,14 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
                            "model", code="model_not_found")
 
     # ---------------------------------------------------------------------------- routes
+    # async: sync routes would run in anyio's thread pool (up to 40 threads)
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "model": settings.model_name, "fingerprint": rag.engine.fingerprint[:16],
                 "method": settings.method, "scheduler": scheduler.stats(), "in_flight": server.in_flight}
 
     @app.get("/v1/models")
-    def models(request: Request) -> dict:
+    async def models(request: Request) -> dict:
         authorize(request)
         model = Model(id=settings.model_name, created=0, object="model", owned_by="picaso-rag")
         return {"object": "list", "data": [model.model_dump()]}
