@@ -1,0 +1,121 @@
+"""States follow the documents (issue 11, point 5): stock insert, delete_ref_doc, refresh_ref_docs,
+IngestionPipeline upserts, ingest() of changed documents and window-style postprocessors leave
+exactly one valid state per live node and no orphan. Real Chroma, MiniLM, a tiny random Mamba-2."""
+
+from __future__ import annotations
+
+import chromadb
+import pytest
+from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.core.ingestion import IngestionPipeline
+from llama_index.core.node_parser import SentenceSplitter, SentenceWindowNodeParser
+from llama_index.core.postprocessor import MetadataReplacementPostProcessor
+from llama_index.core.storage.docstore import SimpleDocumentStore
+from llama_index.llms.picaso import (PicasoChromaVectorStore, PicasoLLM, PicasoNodePostprocessor, PicasoStateEncoder,
+                                     ingest, node_llm_text)
+from llama_index.vector_stores.chroma import ChromaVectorStore
+
+from picaso_rag import StateStore
+
+from .llamaindex_world import corpus_documents, embed_model, sensitive_engine
+
+SPLITTER = SentenceSplitter(chunk_size=48, chunk_overlap=8)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    return sensitive_engine(tokenizer)
+
+
+def collection(tmp_path, name: str = "docs"):
+    return chromadb.PersistentClient(str(tmp_path / "chroma")).get_or_create_collection(name)
+
+
+def assert_one_valid_state_per_node(vector_store, store: StateStore, fingerprint: str) -> None:
+    nodes = vector_store.get_nodes(None)
+    assert nodes
+    assert sorted(store.node_ids(fingerprint)) == sorted(n.node_id for n in nodes)  # no orphan, none missing
+    for node in nodes:
+        found = store.get(node.node_id, fingerprint, text=node_llm_text(node))
+        assert found.ok, (node.node_id, found.status, found.detail)  # the state of the node's current text
+
+
+def changed(doc: Document, text: str) -> Document:
+    return Document(text=text, id_=doc.doc_id, metadata=dict(doc.metadata),
+                    excluded_llm_metadata_keys=list(doc.excluded_llm_metadata_keys))
+
+
+def test_stock_index_calls_keep_states_in_step(tmp_path, engine):
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store)
+    vector_store = PicasoChromaVectorStore(chroma_collection=collection(tmp_path), llm=llm)
+    docs = corpus_documents()
+    index = VectorStoreIndex.from_documents(docs[:5], storage_context=StorageContext.from_defaults(vector_store=vector_store),
+                                            embed_model=embed_model(), transformations=[SPLITTER])
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)  # no encoder in the transformations
+
+    index.insert(docs[5])  # encoded now, not at the first query
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+
+    index.delete_ref_doc(docs[1].doc_id)  # the stock call
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+
+    index.delete_nodes([vector_store.get_nodes(None)[0].node_id])
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+
+    edited = changed(docs[2], docs[2].text + " It was repainted in 2024, in a colour close to the original.")
+    index.refresh_ref_docs([edited, docs[6]])  # one changed, one new
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+    texts = " ".join(n.get_content() for n in vector_store.get_nodes(None))
+    assert "repainted in 2024" in texts
+
+    vector_store.clear()
+    assert list(store.node_ids(engine.fingerprint)) == []
+
+
+def test_ingestion_pipeline_upserts_replace_states(tmp_path, engine):
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store)
+    vector_store = PicasoChromaVectorStore(chroma_collection=collection(tmp_path), llm=llm)
+    pipeline = IngestionPipeline(transformations=[SPLITTER, embed_model()], vector_store=vector_store,
+                                 docstore=SimpleDocumentStore())  # docstore strategy: upserts
+    docs = corpus_documents()[:4]
+    pipeline.run(documents=docs)
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+    before = set(store.node_ids(engine.fingerprint))
+    pipeline.run(documents=[changed(docs[0], "A short replacement text about the Eiffel Tower."), *docs[1:]])
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+    assert set(store.node_ids(engine.fingerprint)) != before
+
+
+def test_ingest_re_ingests_changed_documents(tmp_path, engine):
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store)
+    vector_store = ChromaVectorStore(chroma_collection=collection(tmp_path))  # the plain store: ingest() keeps step
+    transformations = [SPLITTER, PicasoStateEncoder(llm, show_progress=False), embed_model()]
+    docs = corpus_documents()
+    ingest(docs, transformations, vector_store, show_progress=False)
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+    assert ingest(docs, transformations, vector_store, show_progress=False) == []  # unchanged: nothing redone
+    shorter = changed(docs[0], "The Eiffel Tower is in Paris.")  # fewer chunks than before
+    redone = ingest([shorter, *docs[1:]], transformations, vector_store, show_progress=False)
+    assert {n.ref_doc_id for n in redone} == {docs[0].doc_id}
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+    assert len([n for n in vector_store.get_nodes(None) if n.ref_doc_id == docs[0].doc_id]) == 1
+
+
+def test_window_replacement_gets_states_of_the_window(tmp_path, engine):
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store, max_new_tokens=4)
+    vector_store = ChromaVectorStore(chroma_collection=collection(tmp_path))
+    parser = SentenceWindowNodeParser.from_defaults(window_size=1)
+    index = VectorStoreIndex.from_documents(
+        corpus_documents(), storage_context=StorageContext.from_defaults(vector_store=vector_store), embed_model=embed_model(),
+        transformations=[parser, PicasoStateEncoder(llm, show_progress=False, text_metadata_key="window")])
+    fresh = PicasoLLM(engine=engine, state_store=store, max_new_tokens=4)  # nothing in memory: states from the store
+    engine_ = index.as_query_engine(llm=fresh, similarity_top_k=3, node_postprocessors=[
+        MetadataReplacementPostProcessor(target_metadata_key="window"), PicasoNodePostprocessor(fresh, method="picaso-s")])
+    response = engine_.query("When was the Eiffel Tower completed?")
+    retrieval = response.metadata["picaso"]["calls"][0]["retrieval"]
+    assert retrieval["states_loaded"] == 3 and retrieval["states_encoded"] == 0, retrieval  # none stale
+    assert any(len(node_llm_text(s.node)) > len(s.node.metadata["original_text"]) for s in response.source_nodes)
