@@ -59,13 +59,31 @@ class HybridEngine(PicasoEngine):
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             ids, lengths = self._pad([token_lists[i] for i in batch])
-            out = self.model(ids, lengths=lengths, logits="none")
+            ssm, conv, log_decay, keys, values = self._read_hybrid_in_segments(ids, lengths)
             for row, i in enumerate(batch):  # clone: a row view would keep the whole batch alive
                 n = len(token_lists[i])
-                states[i] = HybridState(out.ssm_state[row].clone(), out.conv_state[row].clone(), out.log_decay[row].clone(),
-                                        n, self.fingerprint, keys=out.keys[row, :, :, :n].clone(),
-                                        values=out.values[row, :, :, :n].clone(), position=n)
+                states[i] = HybridState(ssm[row].clone(), conv[row].clone(), log_decay[row].clone(), n, self.fingerprint,
+                                        keys=keys[row, :, :, :n].clone(), values=values[row, :, :, :n].clone(), position=n)
         return states  # type: ignore[return-value]
+
+    def _read_hybrid_in_segments(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(ssm, conv, log_decay, keys, values) after reading right-padded rows ``ids`` [b, l],
+        ``encode_segment_tokens`` at a time (as :meth:`PicasoEngine.encode` does), each segment from
+        the state the previous one left: the attention of a segment covers its queries against the
+        keys so far, not the whole document's square. Padding never reaches a row's state: dt = 0
+        in the SSM layers, and the keys of padding lie after the row's length, where they are cut."""
+        chunk = self.model.cfg.chunk_size
+        segment = max(chunk, self.encode_segment_tokens // chunk * chunk)
+        ssm = conv = keys = values = log_decay = None
+        for start in range(0, ids.shape[1], segment):
+            piece = ids[:, start:start + segment]
+            out = self.model(piece, ssm_state=ssm, conv_state=conv, keys=keys, values=values, position=start,
+                             lengths=(lengths - start).clamp(0, piece.shape[1]), logits="none")
+            ssm, conv = out.ssm_state, out.conv_state
+            keys = out.keys if keys is None else torch.cat([keys, out.keys], dim=3)
+            values = out.values if values is None else torch.cat([values, out.values], dim=3)
+            log_decay = out.log_decay if log_decay is None else log_decay + out.log_decay
+        return ssm, conv, log_decay, keys, values  # type: ignore[return-value]
 
     # ---------------------------------------------------------------------------- composing
     def compose(self, states: Sequence[HybridState], method: str = "picaso-s", prefix: HybridState | None = None,

@@ -161,6 +161,20 @@ def test_store_keeps_hybrid_states_with_their_guarantees(hybrid_engines, tmp_pat
     assert store.get("node-0", engine.fingerprint, text=DOCS[0]).status is StoreStatus.CORRUPT
 
 
+def test_long_documents_are_encoded_in_segments_with_the_same_state(hybrid_engines):
+    engine = hybrid_engines
+    whole = engine.encode(DOCS)
+    default, engine.encode_segment_tokens = engine.encode_segment_tokens, 8  # one chunk: several segments a document
+    try:
+        pieces = engine.encode(DOCS, batch_size=3)
+    finally:
+        engine.encode_segment_tokens = default
+    for a, b in zip(whole, pieces):
+        assert a.position == b.position
+        for name, tensor in a.tensors().items():
+            torch.testing.assert_close(b.tensors()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
 def test_states_of_another_model_or_kind_are_refused(hybrid_engines, tokenizer):
     other = PicasoEngine(init_weights(HybridLM(_attention_only(rotary_dim=0)), seed=3), tokenizer)
     with pytest.raises(StateMismatchError):
