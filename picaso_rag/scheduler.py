@@ -191,7 +191,7 @@ class Scheduler:
         self.max_read_tokens = max_read_tokens
         self.max_read_batch = max_read_batch or max_batch
         # the decode batch: row i of these is the state of active[i]
-        self.ssm, self.conv = self.model.empty_state(max_batch)
+        self.ssm, self.conv = self._empty_state(max_batch)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
         self.active: list[Request] = []
         self.waiting: deque[Request] = deque()
@@ -323,6 +323,15 @@ class Scheduler:
                 self._end(self.active[i], "cancelled")
             self._release(gone)
 
+    def _empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Zero states [batch, n_layer, ...] stored layer-major (a transposed view): each layer's rows are
+        contiguous, so a kernel's offset (row x one layer's state) stays within int32 at any batch. Batch-major,
+        256 rows of a 2.7B model's states span 2^33 elements, past the kernels' 32-bit index arithmetic."""
+        cfg, kw = self.model.cfg, dict(device=self.engine.device, dtype=self.model.dtype)
+        ssm = torch.zeros(cfg.n_layer, batch, cfg.nheads, cfg.headdim, cfg.d_state, **kw).transpose(0, 1)
+        conv = torch.zeros(cfg.n_layer, batch, cfg.conv_dim, cfg.d_conv - 1, **kw).transpose(0, 1)
+        return ssm, conv
+
     @torch.inference_mode()
     def _join(self, joining: list[Request]) -> None:
         """Read the joining prompts in one forward, each row from its own state; they join the batch."""
@@ -332,7 +341,7 @@ class Scheduler:
         ids = torch.zeros(k, max(lengths), dtype=torch.long)
         for row, r in enumerate(joining):
             ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        ssm0, conv0 = model.empty_state(k)
+        ssm0, conv0 = self._empty_state(k)
         for row, r in enumerate(joining):
             if r.state is not None:
                 ssm0[row].copy_(r.state.ssm, non_blocking=True)
