@@ -243,7 +243,14 @@ def gpu_main(args) -> None:
             serial = SerialServer(engine) if mode == "serial" else None
             steps_before = scheduler.steps
             rows_before = scheduler.rows_decoded
-            result = run_load(mode, n, engine, None if serial else scheduler, serial, pool_states, pool_tokens, args, seed=n)
+            try:
+                result = run_load(mode, n, engine, None if serial else scheduler, serial, pool_states, pool_tokens, args, seed=n)
+            except Exception as exc:  # keep what was measured; say what failed
+                result = {"mode": mode, "clients": n, "error": repr(exc)}
+                out["runs"].append(result)
+                print(json.dumps(result), flush=True)
+                save()
+                break
             if serial is None:
                 steps = scheduler.steps - steps_before
                 result["mean_batch"] = round((scheduler.rows_decoded - rows_before) / steps, 2) if steps else 0.0
