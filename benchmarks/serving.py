@@ -266,7 +266,7 @@ def gpu_main(args) -> None:
 
 
 def summarize(out: dict) -> dict:
-    by = {(r["mode"], r["clients"]): r for r in out["runs"]}
+    by = {(r["mode"], r["clients"]): r for r in out["runs"] if "error" not in r}
     summary = {}
     for n in sorted({r["clients"] for r in out["runs"]}):
         p, c, s = by.get(("picaso", n)), by.get(("concat", n)), by.get(("serial", n)) or by.get(("serial", 1))
@@ -287,7 +287,7 @@ def plot(path: Path) -> None:
     out = json.loads(path.read_text())
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for mode, style in (("picaso", "o-"), ("concat", "s--"), ("serial", "^:")):
-        runs = sorted((r for r in out["runs"] if r["mode"] == mode), key=lambda r: r["clients"])
+        runs = sorted((r for r in out["runs"] if r["mode"] == mode and "error" not in r), key=lambda r: r["clients"])
         if not runs:
             continue
         xs = [r["clients"] for r in runs]
