@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llama_index.core import Settings
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT
 from llama_index.llms.picaso import PicasoLLM, PicasoNodePostprocessor
@@ -65,13 +66,16 @@ def test_stock_template_ending_in_a_space_gives_a_text_answer(mini):
 def test_usage_fields_and_token_counting_report_what_was_read(tmp_path, tokenizer):
     world = build_world(tmp_path, sensitive_engine(tokenizer))
     counter = TokenCountingHandler(tokenizer=lambda text: world.llm.engine.tokenize(text))
-    llm = PicasoLLM(engine=world.llm.engine, state_store=world.store, max_new_tokens=6,
-                    callback_manager=CallbackManager([counter]))
+    llm = PicasoLLM(engine=world.llm.engine, state_store=world.store, max_new_tokens=6)
     for method in ["picaso-s", "concat"]:
         counter.reset_counts()
-        engine = world.index.as_query_engine(llm=llm, similarity_top_k=3,
-                                             node_postprocessors=[PicasoNodePostprocessor(llm, method=method)])
-        response = engine.query("When was the Eiffel Tower completed?")
+        previous, Settings.callback_manager = Settings.callback_manager, CallbackManager([counter])  # as users do
+        try:
+            engine = world.index.as_query_engine(llm=llm, similarity_top_k=3,
+                                                 node_postprocessors=[PicasoNodePostprocessor(llm, method=method)])
+            response = engine.query("When was the Eiffel Tower completed?")
+        finally:
+            Settings.callback_manager = previous
         meta = response.metadata["picaso"]
         assert counter.prompt_llm_token_count == meta["tokens_read"]
         assert counter.completion_llm_token_count == sum(c["new_tokens"] for c in meta["calls"])
