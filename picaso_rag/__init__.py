@@ -14,9 +14,12 @@ from .config import Mamba2Config
 from .engine import Generation, PicasoEngine
 from .errors import CheckpointError, PicasoError, StateMismatchError, StoreNotWritableError
 from .generation import SamplingParams
-from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint
+from .hybrid import HybridLM
+from .hybrid_config import HybridConfig
+from .hybrid_engine import HybridEngine
+from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint, save_hybrid_checkpoint
 from .model import Mamba2LM, init_weights
-from .state import State
+from .state import HybridState, State
 from .store import StateStore, StoredState, StoreStatus, text_sha256
 
 __version__ = "0.1.0"
@@ -27,6 +30,10 @@ __all__ = [
     "METHODS",
     "CheckpointError",
     "Generation",
+    "HybridConfig",
+    "HybridEngine",
+    "HybridLM",
+    "HybridState",
     "Mamba2Config",
     "Mamba2LM",
     "PicasoEngine",
@@ -46,5 +53,6 @@ __all__ = [
     "load_checkpoint",
     "log_weights",
     "save_checkpoint",
+    "save_hybrid_checkpoint",
     "text_sha256",
 ]
