@@ -175,6 +175,11 @@ def load_checkpoint(
         raise CheckpointError(f"{directory / 'config.json'} is not valid JSON ({exc}); restore the checkpoint's config.json.") from exc
     if is_hybrid_config(raw_config):  # Granite 4.0-H, Bamba, picaso_hybrid: Mamba-2 and attention layers
         return load_hybrid_checkpoint(directory, raw_config, device, dtype, _load_tokenizer(directory, tokenizer))
+    if raw_config.get("model_type") in _OTHER_HYBRIDS:
+        raise CheckpointError(
+            f"{directory} is a {raw_config['model_type']} hybrid, which picaso-rag does not load yet; supported: pure "
+            "Mamba-2 checkpoints and the hybrids Granite 4.0-H (granitemoehybrid) and Bamba (see docs/hybrids.md)."
+        )
     if not isinstance(raw_config, dict):
         raise CheckpointError(f"{directory / 'config.json'} is a JSON {type(raw_config).__name__}, not an object; restore the checkpoint's config.json.")
     try:
@@ -236,6 +241,7 @@ def save_checkpoint(model: Mamba2LM, tokenizer: Tokenizer, directory: str | os.P
 
 
 # ------------------------------------------------------------------------------------ hybrids
+_OTHER_HYBRIDS = ("nemotron_h", "jamba", "zamba", "zamba2", "falcon_h1", "plamo2")
 # transformers 5 renames Granite's MoE weights on load; checkpoints on the hub keep the original names
 _HYBRID_RENAMES = {
     "granitemoehybrid": (("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),

@@ -12,8 +12,9 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from picaso_rag import PicasoEngine, load_checkpoint
+from picaso_rag import CheckpointError, PicasoEngine, load_checkpoint
 from picaso_rag.compose import compose
 from picaso_rag.errors import PicasoError, StateMismatchError
 from picaso_rag.hybrid import HybridLM, init_weights
@@ -79,6 +80,33 @@ def test_logits_equal_transformers(hf_hybrid):
         expected = hf_model(ids).logits
     got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_granite_moe_weights_under_their_transformers5_names_load_the_same(hf_hybrid, tmp_path):
+    _, directory = hf_hybrid
+    weights = load_file(directory / "model.safetensors")
+    if not any("block_sparse_moe" in name for name in weights):
+        pytest.skip("no experts in this family")
+    renames = {"block_sparse_moe.input_linear.weight": "block_sparse_moe.experts.gate_up_proj",
+               "block_sparse_moe.output_linear.weight": "block_sparse_moe.experts.down_proj",
+               "block_sparse_moe.router.layer.weight": "block_sparse_moe.router.weight"}
+    renamed = {}
+    for name, tensor in weights.items():
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    for file in ("config.json", "tokenizer.json"):
+        shutil.copy(directory / file, tmp_path / file)
+    save_file(renamed, tmp_path / "model.safetensors")
+    original, renamed_model = load_checkpoint(directory)[0], load_checkpoint(tmp_path)[0]
+    for (name, a), (_, b) in zip(original.state_dict().items(), renamed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_unsupported_hybrids_are_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nemotron_h", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="nemotron_h hybrid.*Granite 4.0-H"):
+        load_checkpoint(tmp_path)
 
 
 def test_greedy_generation_equals_transformers_generate(hf_hybrid, hybrid_engines):
