@@ -227,6 +227,7 @@ def gpu_main(args) -> None:
     scheduler = Scheduler(engine, max_batch=max(clients), max_queue=4 * max(clients), max_read_tokens=args.max_read_tokens,
                           max_read_batch=args.max_read_batch)
     out["graph_capture_s"] = round(time.perf_counter() - start, 2)
+    out["scheduler"] = scheduler.stats()
     print("pool", out["pool"], "capture", out["graph_capture_s"], flush=True)
     out["decode_floor"] = decode_floor(engine, scheduler, [b for b in scheduler.graphs.buckets if b in clients or b == 1])
     print(json.dumps(out["decode_floor"]), flush=True)
@@ -238,13 +239,17 @@ def gpu_main(args) -> None:
         engine.generate(pool_tokens[0][:args.question_tokens], state=pool_states[0], max_new_tokens=4)
     for mode in args.modes.split(","):
         for n in clients:
-            if mode == "serial" and n > args.serial_max_clients:
+            if (mode == "serial" and n not in args.serial_clients) or (mode == "concat" and n > args.concat_max_clients):
                 continue
+            # the first wave of N requests must be in before the window: concatenation reads 5,184 tokens each
+            ramp = args.ramp + n * (0.15 if mode == "concat" else 0.04)
+            run_args = argparse.Namespace(**{**vars(args), "ramp": ramp})
             serial = SerialServer(engine) if mode == "serial" else None
             steps_before = scheduler.steps
             rows_before = scheduler.rows_decoded
             try:
-                result = run_load(mode, n, engine, None if serial else scheduler, serial, pool_states, pool_tokens, args, seed=n)
+                result = run_load(mode, n, engine, None if serial else scheduler, serial, pool_states, pool_tokens, run_args, seed=n)
+                result["ramp_s"] = round(ramp, 2)
             except Exception as exc:  # keep what was measured; say what failed
                 result = {"mode": mode, "clients": n, "error": repr(exc)}
                 out["runs"].append(result)
@@ -376,12 +381,15 @@ def main() -> None:
     parser.add_argument("--prepare-threads", type=int, default=4)
     parser.add_argument("--max-read-tokens", type=int, default=8192)
     parser.add_argument("--max-read-batch", type=int, default=64)
-    parser.add_argument("--serial-max-clients", type=int, default=64, help="serial serving is flat in N: skip larger N")
+    parser.add_argument("--serial-clients", default="1,16,64", help="serial serving is flat in N: these N only")
+    parser.add_argument("--concat-max-clients", type=int, default=64,
+                        help="beyond, concatenation's queue only grows (its first wave alone takes N x 130 ms)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/serving_h200.json"))
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing result file")
     parser.add_argument("--http", action="store_true", help="measure the HTTP layer's overhead on the CPU")
     parser.add_argument("--http-requests", type=int, default=20)
     args = parser.parse_args()
+    args.serial_clients = [int(c) for c in args.serial_clients.split(",")]
     if args.plot:
         plot(args.plot)
     elif args.http:

@@ -180,7 +180,8 @@ class Scheduler:
     """
 
     def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
-                 max_read_batch: int | None = None, cuda_graphs: bool = True, start: bool = True):
+                 max_read_batch: int | None = None, cuda_graphs: bool = True, read_graph_rows: int = 32,
+                 read_graph_lengths: tuple[int, ...] = (64, 128), start: bool = True):
         if max_batch < 1 or max_queue < 0 or max_read_tokens < 1:
             raise PicasoError(f"max_batch must be >= 1, max_queue >= 0 and max_read_tokens >= 1; got {max_batch}, "
                               f"{max_queue}, {max_read_tokens}.")
@@ -199,10 +200,16 @@ class Scheduler:
         self.rows_decoded = 0  # sum of active rows over steps (mean batch = rows_decoded / steps)
         self.finished: Counter[str] = Counter()  # requests finished, by reason
         self.graphs = None
+        self.read_graphs = None
+        self.read_graphs_error: str | None = None
         if cuda_graphs and engine.device.type == "cuda":
-            from .graphs import BatchedStepGraphs
+            from .graphs import BatchedReadGraphs, BatchedStepGraphs
 
             self.graphs = BatchedStepGraphs(self.model, self.tokens, self.ssm, self.conv)
+            if read_graph_rows:  # joins of short prompts replay graphs too (eagerly they are launch-bound)
+                rows = min(read_graph_rows, max_batch)
+                self.read_graphs = BatchedReadGraphs(self.model, *self._empty_state(rows), *self._empty_state(rows),
+                                                     lengths=read_graph_lengths)
         self._windowed = _concatenative(engine)
         self._cv = threading.Condition()
         self._closed = False
@@ -216,6 +223,11 @@ class Scheduler:
         if self._thread is None:
             if self.graphs is not None:
                 self.graphs.capture_all()  # now: a capture's warm-up runs steps on the batch's rows
+                if self.read_graphs is not None:
+                    try:
+                        self.read_graphs.capture_all()
+                    except Exception as exc:  # joins are then read eagerly: slower, still correct
+                        self.read_graphs_error, self.read_graphs = repr(exc), None
                 self.ssm.zero_()
                 self.conv.zero_()
             self._thread = threading.Thread(target=self._loop, name="picaso-scheduler", daemon=True)
@@ -258,7 +270,9 @@ class Scheduler:
                     "max_queue": self.max_queue, "steps": self.steps,
                     "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
                     "finished": dict(self.finished),
-                    "cuda_graph_buckets": list(self.graphs.buckets) if self.graphs is not None else []}
+                    "cuda_graph_buckets": list(self.graphs.buckets) if self.graphs is not None else [],
+                    "read_graphs": ({"rows": list(self.read_graphs.rows), "lengths": list(self.read_graphs.lengths)}
+                                    if self.read_graphs is not None else self.read_graphs_error)}
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel everything and stop the worker."""
@@ -304,7 +318,10 @@ class Scheduler:
         joining: list[Request] = []
         free = self.max_batch - len(self.active)
         longest = 0
-        while self.waiting and len(joining) < min(free, self.max_read_batch):
+        cap = min(free, self.max_read_batch)
+        if self.read_graphs is not None and self.waiting and self.read_graphs.fits(1, len(self.waiting[0].prompt_ids)):
+            cap = min(cap, self.read_graphs.rows[-1])  # a join that fits the read graphs
+        while self.waiting and len(joining) < cap:
             request = self.waiting[0]
             if request.cancelled:
                 self._end(self.waiting.popleft(), "cancelled")
@@ -341,24 +358,37 @@ class Scheduler:
         ids = torch.zeros(k, max(lengths), dtype=torch.long)
         for row, r in enumerate(joining):
             ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        ssm0, conv0 = self._empty_state(k)
+        graphed = self.read_graphs is not None and self.read_graphs.fits(k, max(lengths))
+        if graphed:
+            ssm0, conv0 = self.read_graphs.ssm_in, self.read_graphs.conv_in
+        else:
+            ssm0, conv0 = self._empty_state(k)
         for row, r in enumerate(joining):
             if r.state is not None:
                 ssm0[row].copy_(r.state.ssm, non_blocking=True)
                 conv0[row].copy_(r.state.conv, non_blocking=True)
+            elif graphed:
+                ssm0[row].zero_()
+                conv0[row].zero_()
             r.state = None
-        same_length = len(set(lengths)) == 1  # no padding: the exact forward engine.generate runs
-        out = model(ids.to(device), ssm_state=ssm0, conv_state=conv0,
-                    lengths=None if same_length else torch.tensor(lengths, device=device), logits="last")
         start = len(self.active)
-        self.ssm[start:start + k].copy_(out.ssm_state)
-        self.conv[start:start + k].copy_(out.conv_state)
+        if graphed:
+            logits = self.read_graphs.read([r.prompt_ids for r in joining])
+            self.ssm[start:start + k].copy_(self.read_graphs.ssm_out[:k])
+            self.conv[start:start + k].copy_(self.read_graphs.conv_out[:k])
+        else:
+            same_length = len(set(lengths)) == 1  # no padding: the exact forward engine.generate runs
+            out = model(ids.to(device), ssm_state=ssm0, conv_state=conv0,
+                        lengths=None if same_length else torch.tensor(lengths, device=device), logits="last")
+            self.ssm[start:start + k].copy_(out.ssm_state)
+            self.conv[start:start + k].copy_(out.conv_state)
+            logits = out.logits[:, 0]
         now = time.perf_counter()
         for r in joining:
             r.timings.read = now
         with self._cv:
             self.active.extend(joining)
-        self._advance(list(range(start, start + k)), out.logits[:, 0])
+        self._advance(list(range(start, start + k)), logits)
 
     @torch.inference_mode()
     def _decode(self) -> None:

@@ -152,3 +152,32 @@ def test_windowed_detokenisation_equals_full(engine, tokenizer):
                 if full.stopped:
                     break
             assert windowed.stopped == full.stopped and full.flush() == windowed.flush() and full.text == windowed.text
+
+
+def test_graphed_joins_reference_path(engine, states, monkeypatch):
+    """The CUDA path of joins (BatchedReadGraphs: prompts padded to bucketed lengths and rows, static
+    inputs and outputs) run on the CPU with each "graph" replayed eagerly: same tokens as engine.generate."""
+    import picaso_rag.graphs as graphs
+
+    class Replay:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    def capture(fn, pool=None):
+        out = fn()
+        return Replay(fn, out), out
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: None)
+    cases = requests_of(states)
+    expected = [engine.generate(q, state=s, max_new_tokens=10).token_ids for q, s in cases]
+    scheduler = Scheduler(engine, max_batch=8, start=False)
+    scheduler.read_graphs = graphs.BatchedReadGraphs(engine.model, *scheduler._empty_state(4), *scheduler._empty_state(4),
+                                                     lengths=(8, 16))
+    scheduler.read_graphs.capture_all()
+    with scheduler.start():
+        got = [scheduler.submit(q, state=s, max_new_tokens=10) for q, s in cases]
+        assert [r.wait(60).token_ids for r in got] == expected
