@@ -446,7 +446,8 @@ class StateResolver:
     ``writer``: a :class:`StateWriter`; states encoded now are written back to every store, and a
     state found in a farther store is copied to the nearer ones, in the background: the answer
     never waits for a write. A stored state that is another model's, corrupt or stale counts as
-    missing (re-encoded; ``stats["rejected"]`` says why).
+    missing (re-encoded; ``stats["rejected"]`` says why); a store that raises (down, unreachable)
+    is skipped for this query (``stats["store_errors"]``) and its states are encoded.
 
     Usage::
 
@@ -476,11 +477,18 @@ class StateResolver:
                 todo.setdefault(key, []).append(i)
         from_store = [0] * len(self.stores)
         rejected: list[dict] = []
+        store_errors: list[dict] = []
         for level, store in enumerate(self.stores):
             asked = [key for key, idx in todo.items() if docs[idx[0]][1]]
             if not asked:
                 break
-            found = store.get_many([docs[todo[k][0]][1] for k in asked], engine.fingerprint, [docs[todo[k][0]][2] for k in asked])
+            try:
+                found = store.get_many([docs[todo[k][0]][1] for k in asked], engine.fingerprint,
+                                       [docs[todo[k][0]][2] for k in asked])
+            except Exception as exc:  # noqa: BLE001 - a store that is down is a miss, never a failed query
+                logger.warning("state store %r unavailable, its states are encoded instead: %s", store, exc)
+                store_errors.append({"store": level, "error": str(exc)[:300]})
+                continue
             for key, f in zip(asked, found):
                 first = todo[key][0]
                 if not f.ok:
@@ -511,6 +519,7 @@ class StateResolver:
                     else:
                         dropped += 1
         stats = {"from_memory": from_memory, "from_store": from_store, "encoded": len(todo), "rejected": rejected,
+                 "store_errors": store_errors,
                  "write_back_queued": queued, "write_back_dropped": dropped, "load_ms": round(load_ms, 3),
                  "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
         return Resolution(states, stats)  # type: ignore[arg-type]

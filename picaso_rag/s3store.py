@@ -1,0 +1,336 @@
+"""S3StateStore: the state store on any S3-compatible object store (AWS S3, SeaweedFS, MinIO, Ceph...).
+
+Usage::
+
+    from picaso_rag.s3store import S3StateStore
+    store = S3StateStore("picaso-states", endpoint_url="http://127.0.0.1:8333", mac_key="./states.mac-key")
+    store.put("node-1", state, text="some text")
+    found = store.get("node-1", engine.fingerprint, text="some text")   # a StoredState, as StateStore.get
+
+Needs ``boto3`` (``pip install picaso-rag[s3]``). The same objects and the same guarantees as the
+local :class:`~picaso_rag.store.StateStore`, whose file format this module reuses unchanged
+(:func:`~picaso_rag.store.encode_state_file`, :func:`~picaso_rag.store.read_state_header`,
+:func:`~picaso_rag.store.read_state_tensors`, :func:`~picaso_rag.store.state_from_file`) and whose
+statuses it returns (:class:`~picaso_rag.store.StoreStatus`):
+
+- object names ``<prefix>/v1/<fingerprint[:16]>/<key[:2]>/<key>.safetensors``, ``key = sha256(node id)[:32]``;
+- a sha256 checksum over tensors and metadata, and with ``mac_key`` an HMAC-SHA256 (every replica
+  must then hold the same key file): an object that does not verify is CORRUPT, never loaded;
+- the model's fingerprint (OTHER_MODEL) and the sha256 of the text (STALE) are checked as locally;
+- never a partial object visible: an S3 PUT replaces an object atomically (readers get the old or
+  the new body, whole), so no temporary object or lock is needed; concurrent writers of one node
+  leave one of their (complete, verified) versions. Reads are bounded: the object's size must be
+  what its header describes before any tensor byte is read, and the header itself is read with a
+  bound.
+
+A store that cannot be reached raises :class:`StoreUnavailableError` (from get, put, delete...),
+so callers can tell "the store is down" from "the state is missing"; :class:`~picaso_rag.cache.StateResolver`
+then encodes the states, and :class:`~picaso_rag.cache.StateWriter` counts the failed write-backs.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import PicasoError, StateFileError
+from .state import State, StateSpec, state_spec_for
+from .store import (
+    DEFAULT_MAX_STATE_BYTES,
+    MAX_HEADER_BYTES,
+    StoredState,
+    StoreStatus,
+    check_header_shapes,
+    encode_state_file,
+    load_mac_key,
+    read_state_header,
+    read_state_tensors,
+    state_from_file,
+    state_key,
+    text_sha256,
+)
+
+_LAYOUT = "v1"
+
+
+class StoreUnavailableError(PicasoError):
+    """The object store could not be reached (or refused the request): nothing was read or written."""
+
+
+class S3StateStore:
+    """Document states in an S3 bucket, keyed by node id and model fingerprint (see the module docstring).
+
+    ``bucket``: the bucket (``create_bucket=True`` creates it if missing); ``prefix``: the folder of
+    the states in it; ``client``: a boto3 S3 client (default: one from ``endpoint_url``, the
+    environment's credentials, and short timeouts); ``dtype``: storage dtype of ssm/conv (e.g.
+    ``torch.bfloat16``); ``mac_key``: the secret (bytes) or the path of a key file shared by every
+    replica (see :func:`~picaso_rag.store.load_mac_key`); ``max_state_bytes``: most tensor bytes
+    read for a model whose shapes this process does not know.
+
+    Usage: ``store = S3StateStore("states", endpoint_url="http://127.0.0.1:8333", create_bucket=True)``.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "picaso", client: Any = None, endpoint_url: str | None = None,
+                 dtype: torch.dtype | None = None, mac_key: bytes | str | os.PathLike | None = None,
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, create_bucket: bool = False, max_workers: int = 8):
+        if not isinstance(bucket, str) or not bucket:
+            raise PicasoError(f"bucket must be a bucket name, got {bucket!r}.")
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise PicasoError(f"storage dtype must be torch.float32, bfloat16 or float16, got {dtype}.")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.dtype, self.max_state_bytes, self.max_workers = dtype, max_state_bytes, max_workers
+        if client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise PicasoError("S3StateStore needs boto3: pip install 'picaso-rag[s3]' (or pip install boto3).") from None
+            client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+                connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                max_pool_connections=max(10, 2 * max_workers)))
+        self.client = client
+        self._errors = _client_errors(client)
+        if isinstance(mac_key, (bytes, bytearray)):
+            if len(mac_key) < 16:
+                raise PicasoError("mac_key must be at least 16 bytes (load_mac_key makes 32).")
+            self._mac_key: bytes | None = bytes(mac_key)
+        elif mac_key is not None:
+            self._mac_key = load_mac_key(mac_key)
+        else:
+            self._mac_key = None
+        if create_bucket:
+            self._create_bucket()
+
+    def __repr__(self) -> str:
+        return f"S3StateStore(s3://{self.bucket}/{self.prefix}{', mac' if self._mac_key else ''})"
+
+    @property
+    def mac(self) -> bool:
+        return self._mac_key is not None
+
+    # ------------------------------------------------------------------------------- names
+    def object_name(self, node_id: str, fingerprint: str) -> str:
+        """The object key of the state of ``node_id`` under the model ``fingerprint``."""
+        key = state_key(node_id)
+        return f"{self._model_prefix(_check_fingerprint(fingerprint)[:16])}{key[:2]}/{key}.safetensors"
+
+    def path(self, node_id: str, fingerprint: str) -> PurePosixPath:
+        """``/<bucket>/<object name>`` (what :class:`StoredState` reports as its path)."""
+        return PurePosixPath("/", self.bucket, self.object_name(node_id, fingerprint))
+
+    def _model_prefix(self, model: str) -> str:
+        return f"{self.prefix}/{_LAYOUT}/{model}/" if self.prefix else f"{_LAYOUT}/{model}/"
+
+    # ------------------------------------------------------------------------------ writing
+    def put(self, node_id: str, state: State, text: str | None = None) -> str:
+        """Write the state of ``node_id`` (replacing any previous one of the same model) in one PUT.
+
+        Returns the object name. Raises :class:`StoreUnavailableError` if the store cannot be reached.
+        """
+        payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key)
+        name = self.object_name(node_id, state.fingerprint)
+        with self._call("write", name):
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=payload, ContentType="application/octet-stream")
+        return name
+
+    def delete(self, node_id: str, fingerprint: str | None = None) -> int:
+        """Delete the state(s) of ``node_id`` (of one model, or of every model); returns how many existed."""
+        models = [_check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
+        removed = 0
+        key = state_key(node_id)
+        for model in models:
+            name = f"{self._model_prefix(model)}{key[:2]}/{key}.safetensors"
+            if self._exists(name):
+                with self._call("delete", name):
+                    self.client.delete_object(Bucket=self.bucket, Key=name)
+                removed += 1
+        return removed
+
+    def delete_many(self, node_ids: Sequence[str], fingerprint: str | None = None) -> int:
+        if isinstance(node_ids, str):
+            raise PicasoError("delete_many takes a list of node ids; for one id call delete(node_id).")
+        return sum(self.delete(node_id, fingerprint) for node_id in node_ids)
+
+    def remove_temp_files(self) -> int:
+        """Nothing to remove: a PUT is atomic, no temporary object is ever made (kept for ``ingest()``)."""
+        return 0
+
+    # ------------------------------------------------------------------------------ reading
+    def get(self, node_id: str, fingerprint: str, text: str | None = None, spec: StateSpec | None = None) -> StoredState:
+        """Load and verify the state of ``node_id`` made by the model ``fingerprint`` (as ``StateStore.get``).
+
+        Never raises for a bad object (the status says what was found); raises
+        :class:`StoreUnavailableError` when the store cannot be reached.
+        """
+        if text is not None and not isinstance(text, str):
+            raise PicasoError(f"text must be the node's text (a str) or None, got {type(text).__name__}.")
+        name = self.object_name(node_id, fingerprint)
+        path = PurePosixPath("/", self.bucket, name)
+        spec = spec if spec is not None else state_spec_for(fingerprint)
+        try:
+            with self._call("read", name):
+                response = self.client.get_object(Bucket=self.bucket, Key=name)
+        except _NotFound:
+            key = state_key(node_id)
+            others = [m for m in self.fingerprints() if m != fingerprint[:16]
+                      and self._exists(f"{self._model_prefix(m)}{key[:2]}/{key}.safetensors")]
+            if others:
+                return StoredState(StoreStatus.OTHER_MODEL, None, path, f"states of this node exist only for other models ({', '.join(others)})")
+            return StoredState(StoreStatus.MISSING, None, path, "no state stored for this node")
+        body = response["Body"]
+        try:
+            header = read_state_header(body, None, self.max_state_bytes)
+            size = int(response.get("ContentLength", -1))
+            if size != header.file_size:  # before a byte of tensor data is read
+                raise StateFileError(f"truncated or padded: the object has {size} bytes, its header describes {header.file_size}")
+            if header.fingerprint != fingerprint:
+                return StoredState(StoreStatus.OTHER_MODEL, None, path, f"made by model {header.fingerprint[:12]}, not {fingerprint[:12]}")
+            if not header.holds(node_id):
+                return StoredState(StoreStatus.CORRUPT, None, path, f"object holds node {header.describe_node()}, not {node_id!r}")
+            if spec is not None:
+                check_header_shapes(header, spec)
+            state = state_from_file(header, read_state_tensors(body, header, self._mac_key), spec)
+        except StateFileError as exc:
+            return StoredState(StoreStatus.CORRUPT, None, path, str(exc))
+        except self._errors as exc:  # the connection broke mid-body
+            raise StoreUnavailableError(f"reading s3://{self.bucket}/{name} failed mid-way ({exc}); the store is unreachable.") from exc
+        finally:
+            body.close()
+        if text is not None:
+            recorded = header.metadata.get("text_sha256", "")
+            if not recorded:
+                return StoredState(StoreStatus.STALE, None, path, "stored without its text, so it cannot be checked against "
+                                   "the node's current text; re-encode and put(node_id, state, text=text)")
+            if recorded != text_sha256(text):
+                return StoredState(StoreStatus.STALE, None, path, "encoded from another text than the node's current text")
+        return StoredState(StoreStatus.OK, state, path)
+
+    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]:
+        """:meth:`get` for several nodes, in order, ``max_workers`` requests at a time."""
+        texts = list(texts) if texts is not None else [None] * len(node_ids)
+        if len(texts) != len(node_ids):
+            raise PicasoError(f"{len(node_ids)} node ids but {len(texts)} texts; pass one text per node (or none).")
+        if len(node_ids) <= 1:
+            return [self.get(n, fingerprint, t) for n, t in zip(node_ids, texts)]
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(node_ids))) as pool:
+            return list(pool.map(lambda pair: self.get(pair[0], fingerprint, pair[1]), zip(node_ids, texts)))
+
+    def fingerprints(self) -> list[str]:
+        """Short fingerprints (first 16 hex digits) of the models that have states here."""
+        root = f"{self.prefix}/{_LAYOUT}/" if self.prefix else f"{_LAYOUT}/"
+        models = []
+        for page in self._pages(root, delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                model = common["Prefix"][len(root):].rstrip("/")
+                if len(model) == 16 and all(c in "0123456789abcdef" for c in model):
+                    models.append(model)
+        return sorted(models)
+
+    def node_ids(self, fingerprint: str | None = None) -> Iterator[str]:
+        """Node ids that have a state object (reads each object's header only, with a ranged GET)."""
+        models = [_check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
+        for model in models:
+            for page in self._pages(self._model_prefix(model)):
+                for item in page.get("Contents", []):
+                    if not item["Key"].endswith(".safetensors"):
+                        continue
+                    try:
+                        with self._call("read", item["Key"]):
+                            response = self.client.get_object(Bucket=self.bucket, Key=item["Key"],
+                                                              Range=f"bytes=0-{8 + MAX_HEADER_BYTES - 1}")
+                        header = read_state_header(response["Body"], None, self.max_state_bytes)
+                    except (StateFileError, _NotFound):
+                        continue
+                    if header.node_id:
+                        yield header.node_id
+
+    def prune(self, keep: set[str] | list[str]) -> int:
+        """Delete the states of every node id not in ``keep``; returns the number of objects removed."""
+        keep = set(keep)
+        return self.delete_many(sorted({n for n in self.node_ids() if n not in keep}))
+
+    # ----------------------------------------------------------------------------- internal
+    def _create_bucket(self) -> None:
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except self._errors as exc:
+            if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise StoreUnavailableError(f"cannot create bucket {self.bucket} ({exc}).") from exc
+
+    def _exists(self, name: str) -> bool:
+        try:
+            with self._call("read", name):
+                self.client.head_object(Bucket=self.bucket, Key=name)
+            return True
+        except _NotFound:
+            return False
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict]:
+        kwargs = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        while True:
+            with self._call("list", prefix):
+                page = self.client.list_objects_v2(**kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _call(self, what: str, name: str) -> "_Call":
+        return _Call(self, what, name)
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Call:
+    """Map a client's errors: 404 -> _NotFound, anything else -> StoreUnavailableError naming the fix."""
+
+    def __init__(self, store: S3StateStore, what: str, name: str):
+        self.store, self.what, self.name = store, what, name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, self.store._errors):
+            return False
+        if _status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound"):
+            raise _NotFound() from None
+        raise StoreUnavailableError(
+            f"{self.what} of s3://{self.store.bucket}/{self.name} failed: {exc}. Check that the object store is up and "
+            "the credentials may read and write the bucket; states not read are encoded again, writes not done are "
+            "redone by the next ingest() or write-back.") from exc
+
+
+def _client_errors(client: Any) -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+        from urllib3.exceptions import HTTPError
+
+        return (ClientError, BotoCoreError, HTTPError, ConnectionError, OSError)
+    except ImportError:  # another client with boto3's interface
+        return (ConnectionError, OSError)
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _code(exc: BaseException) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _check_fingerprint(fingerprint: str) -> str:
+    if not isinstance(fingerprint, str) or len(fingerprint) < 16 or not all(c in "0123456789abcdef" for c in fingerprint):
+        raise PicasoError(f"fingerprint must be the hex string of engine.fingerprint, got {fingerprint!r}.")
+    return fingerprint
+
+
+__all__ = ["S3StateStore", "StoreUnavailableError"]

