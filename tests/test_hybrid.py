@@ -129,7 +129,9 @@ def test_one_document_composed_equals_reading_document_then_query(hybrid_engines
         torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
 
 
-def test_composed_state_and_answer_bitwise_identical_for_every_order(hybrid_engines):
+def test_composed_state_and_answer_bitwise_identical_for_every_order(hf_hybrid, hybrid_engines):
+    if hf_hybrid[0].config.model_type == "granitemoehybrid" and not hf_hybrid[0].config.num_local_experts:
+        pytest.skip("Granite dense runs the MoE model's code less its experts: the MoE case covers it")
     engine = hybrid_engines
     states = engine.encode(DOCS)
     for method in ("picaso-s", "picaso-r"):
