@@ -65,7 +65,7 @@ class Generation:
 class PicasoEngine:
     """A Mamba-2 model with its tokenizer and fingerprint, working in states."""
 
-    def __new__(cls, model: Mamba2LM, *args, **kwargs):
+    def __new__(cls, model: Mamba2LM | None = None, *args, **kwargs):  # None: copy and pickle call __new__ bare
         # a hybrid model (Mamba-2 and attention layers) gets the same API from HybridEngine
         if cls is PicasoEngine and not isinstance(model, Mamba2LM):
             from .hybrid import HybridLM
