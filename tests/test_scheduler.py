@@ -48,9 +48,15 @@ def requests_of(states):
     return [(q, s) for q in QUESTIONS for s in states.values()]
 
 
-def test_batched_greedy_equals_engine_generate(engine, states):
+@pytest.fixture(scope="module")
+def alone(engine, states):
+    """engine.generate's answer to each request of requests_of(states), one at a time."""
+    return [engine.generate(q, state=s, max_new_tokens=12 + i % 5) for i, (q, s) in enumerate(requests_of(states))]
+
+
+def test_batched_greedy_equals_engine_generate(engine, states, alone):
     cases = requests_of(states)
-    expected = [engine.generate(q, state=s, max_new_tokens=12 + i % 5) for i, (q, s) in enumerate(cases)]
+    expected = alone
     with Scheduler(engine, max_batch=6, max_read_batch=4) as scheduler:  # fewer rows than requests: joins mid-decode
         submitted = [scheduler.submit(q, state=s, max_new_tokens=12 + i % 5) for i, (q, s) in enumerate(cases)]
         got = [r.wait(60) for r in submitted]
@@ -154,7 +160,7 @@ def test_windowed_detokenisation_equals_full(engine, tokenizer):
             assert windowed.stopped == full.stopped and full.flush() == windowed.flush() and full.text == windowed.text
 
 
-def test_graphed_joins_reference_path(engine, states, monkeypatch):
+def test_graphed_joins_reference_path(engine, states, alone, monkeypatch):
     """The CUDA path of joins (BatchedReadGraphs: prompts padded to bucketed lengths and rows, static
     inputs and outputs) run on the CPU with each "graph" replayed eagerly: same tokens as engine.generate."""
     import picaso_rag.graphs as graphs
@@ -173,11 +179,10 @@ def test_graphed_joins_reference_path(engine, states, monkeypatch):
     monkeypatch.setattr(graphs, "_capture", capture)
     monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: None)
     cases = requests_of(states)
-    expected = [engine.generate(q, state=s, max_new_tokens=10).token_ids for q, s in cases]
     scheduler = Scheduler(engine, max_batch=8, start=False)
     scheduler.read_graphs = graphs.BatchedReadGraphs(engine.model, *scheduler._empty_state(4), *scheduler._empty_state(4),
                                                      lengths=(8, 16))
     scheduler.read_graphs.capture_all()
     with scheduler.start():
-        got = [scheduler.submit(q, state=s, max_new_tokens=10) for q, s in cases]
-        assert [r.wait(60).token_ids for r in got] == expected
+        got = [scheduler.submit(q, state=s, max_new_tokens=12 + i % 5) for i, (q, s) in enumerate(cases)]
+        assert [r.wait(60).token_ids for r in got] == [g.token_ids for g in alone]
