@@ -215,3 +215,12 @@ def test_api_key_and_queue_full_and_cancellation(world):
             assert ask(authed, "hi", max_tokens=2).choices[0].message.content is not None
     finally:
         scheduler.close()
+
+
+def test_picaso_options_method_and_top_k(client):
+    concat = ask(client, "Who deciphered Egyptian hieroglyphs?", max_tokens=4, extra_body={"picaso": {"method": "concat", "top_k": 2}})
+    figures = concat.model_extra["picaso"]
+    assert figures["method"] == "concat" and figures["k"] == 2 and len(figures["sources"]) == 2
+    assert figures["tokens_read"] == concat.usage.prompt_tokens > figures["document_tokens"] > 0  # the documents are read
+    none = ask(client, "Who deciphered Egyptian hieroglyphs?", max_tokens=4, extra_body={"picaso": {"top_k": 0}})
+    assert none.model_extra["picaso"]["k"] == 0 and none.model_extra["picaso"]["sources"] == []
