@@ -174,6 +174,8 @@ def test_errors_in_openai_format(client, world):
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     big = httpx.post(url + "/v1/chat/completions", content=b"x" * (world["settings"].max_body_bytes + 1))
     assert big.status_code == 413 and "larger than" in big.json()["error"]["message"]
+    chunked = httpx.post(url + "/v1/chat/completions", content=(b"x" * 8192 for _ in range(64)))  # no Content-Length
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]["message"]
 
 
 def test_huge_body_refused_before_it_is_read(world):

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
@@ -41,6 +41,10 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, valida
 from .rag import Prepared, RagPipeline, ServerSettings
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body is being read past the limit (FastAPI lets HTTPExceptions through its body parsing)."""
 
 
 class BodyLimit:
@@ -70,7 +74,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise error
+                    raise BodyTooLarge(413, error.message)
             return message
 
         started = False
@@ -82,9 +86,9 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited, tracked_send)
-        except APIError as exc:
+        except BodyTooLarge:
             if not started:
-                await JSONResponse(exc.body(), status_code=exc.status, headers={"connection": "close"})(scope, receive, send)
+                await JSONResponse(error.body(), status_code=413, headers={"connection": "close"})(scope, receive, send)
 
 
 class Server:
@@ -140,6 +144,9 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return JSONResponse(APIError(413, exc.detail, code="body_too_large").body(), status_code=413,
+                                headers={"connection": "close"})
         hint = {404: "see GET /v1/models and docs/serving.md for the routes", 405: "check the HTTP method"}.get(exc.status_code, "")
         body = APIError(exc.status_code, f"{exc.detail}; {hint}".rstrip("; ")).body()
         return JSONResponse(body, status_code=exc.status_code)
