@@ -170,6 +170,9 @@ def test_errors_in_openai_format(client, world):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError, match="no document with id"):
         ask(client, "hi", extra_body={"documents": [{"id": "no-such-node"}]})
+    surrogate = b'{"model": "picaso-mini", "messages": [{"role": "user", "content": "a \\ud800 b"}]}'
+    raw = httpx.post(url + "/v1/chat/completions", content=surrogate, headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "lone surrogate" in raw.json()["error"]["message"]
     raw = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     big = httpx.post(url + "/v1/chat/completions", content=b"x" * (world["settings"].max_body_bytes + 1))

@@ -31,6 +31,15 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+def _utf8(text: str | None, name: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer accepts: refuse them by name."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} contains a lone surrogate (invalid UTF-16 escape); send valid Unicode text") from None
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
@@ -100,6 +109,11 @@ class _Common(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
+        for s in stops:
+            _utf8(s, "stop")
+        for i, d in enumerate(self.documents or []):
+            _utf8(d.text, f"documents[{i}].text")
+            _utf8(d.id, f"documents[{i}].id")
         return self
 
     @property
@@ -115,11 +129,18 @@ class ChatCompletionRequest(_Common):
     def _last_is_user(self) -> "ChatCompletionRequest":
         if self.messages[-1].role != "user" or not self.messages[-1].text.strip():
             raise ValueError("the last message must be a non-empty user message (the question to answer)")
+        for i, m in enumerate(self.messages):
+            _utf8(m.text, f"messages[{i}].content")
         return self
 
 
 class CompletionRequest(_Common):
     prompt: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> "CompletionRequest":
+        _utf8(self.prompt, "prompt")
+        return self
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
