@@ -19,6 +19,7 @@ from .hybrid_config import HybridConfig
 from .hybrid_engine import HybridEngine
 from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint, save_hybrid_checkpoint
 from .model import Mamba2LM, init_weights
+from .scheduler import QueueFullError, Request, Scheduler
 from .state import HybridState, State
 from .store import StateStore, StoredState, StoreStatus, text_sha256
 
@@ -38,7 +39,10 @@ __all__ = [
     "Mamba2LM",
     "PicasoEngine",
     "PicasoError",
+    "QueueFullError",
+    "Request",
     "SamplingParams",
+    "Scheduler",
     "State",
     "StateCache",
     "StateMismatchError",
