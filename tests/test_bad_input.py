@@ -23,7 +23,7 @@ import torch
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, TextNode
 from llama_index.core.vector_stores import SimpleVectorStore
-from llama_index.llms.picaso import (PicasoLLM, PicasoNodePostprocessor, PicasoStateEncoder, add_nodes, ingest,
+from llama_index.llms.picaso import (PicasoLLM, PicasoLLMError, PicasoNodePostprocessor, PicasoStateEncoder, add_nodes, ingest,
                                      node_llm_text)
 from llama_index.llms.picaso.handoff import DocumentRef, Ticket
 
@@ -305,7 +305,7 @@ ERRORS: dict[str, tuple[Callable[[Ctx], Any], type, str]] = {  # case -> (call, 
     "one text instead of a list": (lambda c: c.engine.encode("a text"), PicasoError, r"wrap a single text as \[text\]"),
     "empty query": (lambda c: query(c, ""), PicasoError, "pass a question"),
     "whitespace query": (lambda c: query(c, "  \n\t"), PicasoError, "pass a question"),
-    "empty prompt to the LLM": (lambda c: c.world.llm.complete(""), PicasoError, "pass the text to complete"),
+    "empty prompt to the LLM": (lambda c: c.world.llm.complete(""), PicasoLLMError, "pass the text to complete"),
     "empty query to the engine": (lambda c: c.engine.generate(""), PicasoError, "pass a non-empty query"),
     "similarity_top_k=0": (lambda c: query(c, QUESTION, k=0), Exception, "cannot be negative, or zero"),
     "k=0 states to compose": (lambda c: c.engine.compose([]), PicasoError, "pass at least one document state"),

@@ -65,8 +65,11 @@ class PicasoNodePostprocessor(BaseNodePostprocessor):
         return self._llm
 
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
-        # An empty query (e.g. a condensed follow-up that came back empty) is not an error here: the
-        # documents retrieved for it are handed off like any others (stock LlamaIndex answers too).
+        # (a chat engine's condensed question that came back empty was already replaced by the
+        # user's message: see PicasoLLM and metadata.condense_fallback)
+        if query_bundle is not None and not query_bundle.query_str.strip():
+            raise PicasoError("the query is empty or whitespace; pass a question (the documents would be composed "
+                              "for nothing).")
         note_retrieval()
         originals = [original_node(scored.node) for scored in nodes]  # a node marked by an earlier call
         docs: list[DocumentRef] = []
