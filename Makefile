@@ -16,5 +16,5 @@ $(VENV)/.installed: pyproject.toml $(INTEGRATION)/pyproject.toml $(SERVER)/pypro
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]" -e $(INTEGRATION) -e $(SERVER)
+	$(PY) -m pip install -q -e ".[test,ray]" -e $(INTEGRATION) -e $(SERVER)
 	touch $@
