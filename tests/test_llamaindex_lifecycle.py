@@ -119,3 +119,27 @@ def test_window_replacement_gets_states_of_the_window(tmp_path, engine):
     retrieval = response.metadata["picaso"]["calls"][0]["retrieval"]
     assert retrieval["states_loaded"] == 3 and retrieval["states_encoded"] == 0, retrieval  # none stale
     assert any(len(node_llm_text(s.node)) > len(s.node.metadata["original_text"]) for s in response.source_nodes)
+
+
+def test_vector_store_bad_input_names_the_fix(tmp_path, engine):
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding  # noqa: F401 - the real MiniLM below
+
+    from picaso_rag import PicasoError
+
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store, max_new_tokens=4)
+    vector_store = PicasoChromaVectorStore(chroma_collection=collection(tmp_path), llm=llm)
+    index = VectorStoreIndex.from_documents(corpus_documents()[:2], embed_model=embed_model(), transformations=[SPLITTER],
+                                            storage_context=StorageContext.from_defaults(vector_store=vector_store))
+    for top_k in (-3, 0):
+        with pytest.raises(PicasoError, match="similarity_top_k must be a positive integer"):
+            index.as_retriever(similarity_top_k=top_k).retrieve("Eiffel")
+
+    class OtherDimension(type(embed_model())):  # another embedding model: 385 dimensions instead of 384
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return super()._get_query_embedding(query) + [0.0]
+
+    other = OtherDimension(model_name=embed_model().model_name, device="cpu")
+    with pytest.raises(PicasoError, match="use the embed_model it was ingested with"):
+        VectorStoreIndex.from_vector_store(vector_store, embed_model=other).as_retriever().retrieve("Eiffel")
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)  # nothing lost

@@ -19,14 +19,16 @@ LlamaIndex calls leave exactly one state per live node. With a plain ``ChromaVec
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.node_parser import NodeParser
 from llama_index.core.node_parser.node_utils import default_id_func
 from llama_index.core.schema import BaseNode, Document, TransformComponent
-from llama_index.core.vector_stores.types import BasePydanticVectorStore, MetadataFilter, MetadataFilters
+from llama_index.core.vector_stores.types import (BasePydanticVectorStore, MetadataFilter, MetadataFilters,
+                                                 VectorStoreQuery, VectorStoreQueryResult)
 from llama_index.vector_stores.chroma import ChromaVectorStore
 from llama_index.vector_stores.chroma.base import _to_chroma_filter
 from tqdm.auto import tqdm
@@ -181,8 +183,17 @@ class PicasoChromaVectorStore(ChromaVectorStore):
         limit = add_batch_limit(self)
         ids: list[str] = []
         for start in range(0, len(nodes), limit):
-            ids += super().add(list(nodes[start:start + limit]), **add_kwargs)
+            with _named_chroma_errors("the nodes' embeddings"):
+                ids += super().add(list(nodes[start:start + limit]), **add_kwargs)
         return ids
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        top_k = query.similarity_top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise PicasoError(f"similarity_top_k must be a positive integer, got {top_k!r}; pass e.g. "
+                              "index.as_query_engine(similarity_top_k=3).")
+        with _named_chroma_errors("the query embedding"):
+            return super().query(query, **kwargs)
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         node_ids = self._collection.get(where={"document_id": ref_doc_id}, include=[])["ids"]
@@ -203,6 +214,19 @@ class PicasoChromaVectorStore(ChromaVectorStore):
         gone = self._collection.get(include=[])["ids"]
         super().clear()
         self.state_store.delete_many(gone)
+
+
+@contextmanager
+def _named_chroma_errors(what: str) -> Iterator[None]:
+    """Chroma's dimension error, as an error that names the fix."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - chromadb.errors.InvalidArgumentError, re-raised if not ours
+        message = str(exc)
+        if "expecting embedding with dimension" not in message:
+            raise
+        raise PicasoError(f"{what}: {message}. The collection was built with another embedding model: use the "
+                          "embed_model it was ingested with, or ingest into a new collection.") from exc
 
 
 def stable_node_id(i: int, doc: BaseNode) -> str:
