@@ -67,6 +67,7 @@ from filelock import FileLock
 from safetensors.torch import save as save_safetensors
 
 from .errors import PicasoError, StateFileError, StateMismatchError, StoreNotWritableError
+from .precision import check_precision, dequantize, quantize
 from .state import HybridState, State, StateSpec, state_spec_for
 
 logger = logging.getLogger("picaso_rag.store")
@@ -74,12 +75,16 @@ logger = logging.getLogger("picaso_rag.store")
 FORMAT = "picaso-state/1"
 _LAYOUT = "v1"
 _TENSORS = ("ssm", "conv", "log_decay")
-_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4}
+_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4, "ssm_scale": 2}
 # a hybrid model's state (picaso_rag.state.HybridState) adds its attention layers' keys and values,
 # and its next position in the metadata
 _HYBRID_TENSORS = ("keys", "values")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+# storage precision fp8 (picaso_rag.precision): ssm in e4m3 with one fp32 scale per (layer, head)
+_SCALE_TENSORS = ("ssm_scale",)
+_FILE_DTYPES = {**_DTYPES, "F8_E4M3": torch.float8_e4m3fn}
+_FILE_ITEMSIZE = {**_ITEMSIZE, "F8_E4M3": 1}
 MAX_HEADER_BYTES = 64 * 1024  # a state's header is under 1 KiB (4 KiB inline node id at most, escaped x6)
 MAX_INLINE_NODE_ID_BYTES = 4096  # longer ids are recorded (and checked) by their sha256 only
 DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound for a model whose state shapes this process does not know
@@ -222,21 +227,26 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise StateFileError("header metadata holds a value that is not a string")
     names = set(header) - {"__metadata__"}
-    if names != set(_TENSORS) and names != set(_TENSORS + _HYBRID_TENSORS):
-        raise StateFileError(f"expected tensors {_TENSORS} (and {_HYBRID_TENSORS} for a hybrid model), found {sorted(names)[:8]}")
+    if names not in (set(_TENSORS), set(_TENSORS + _HYBRID_TENSORS), set(_TENSORS + _SCALE_TENSORS)):
+        raise StateFileError(f"expected tensors {_TENSORS} (and {_HYBRID_TENSORS} for a hybrid model, or "
+                             f"{_SCALE_TENSORS} for fp8), found {sorted(names)[:8]}")
     _check_metadata(metadata)
     hybrid = "keys" in names
+    fp8 = "ssm_scale" in names
     if hybrid and not re.fullmatch(r"[0-9]{1,18}", metadata.get("position", "")):
         raise StateFileError(f"metadata position {_short_repr(metadata.get('position'))} is not a non-negative integer")
 
     tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    for name in _TENSORS + (_HYBRID_TENSORS if hybrid else ()):
+    for name in _TENSORS + (_HYBRID_TENSORS if hybrid else ()) + (_SCALE_TENSORS if fp8 else ()):
         info = header[name]
         if not isinstance(info, dict):
             raise StateFileError(f"tensor {name}: entry is a {type(info).__name__}, not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise StateFileError(f"tensor {name}: dtype {_short_repr(dtype)} is not one of {sorted(_DTYPES)}")
+        if not isinstance(dtype, str) or dtype not in _FILE_DTYPES:
+            raise StateFileError(f"tensor {name}: dtype {_short_repr(dtype)} is not one of {sorted(_FILE_DTYPES)}")
+        if (dtype == "F8_E4M3") != (fp8 and name == "ssm") or (name == "ssm_scale" and dtype != "F32"):
+            raise StateFileError(f"tensor {name}: dtype {dtype}; fp8 files hold ssm in F8_E4M3 with an F32 ssm_scale, "
+                                 "every other tensor in F32, BF16 or F16")
         if name == "log_decay" and dtype != "F32":
             raise StateFileError(f"tensor log_decay: dtype {dtype}, log-decays are stored in F32")
         if (not isinstance(shape, list) or len(shape) != _RANKS[name]
@@ -250,10 +260,12 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         numel = 1
         for d in shape:
             numel *= d
-        if offsets[1] - offsets[0] != numel * _ITEMSIZE[dtype]:
+        if offsets[1] - offsets[0] != numel * _FILE_ITEMSIZE[dtype]:
             raise StateFileError(f"tensor {name}: data_offsets {offsets} do not hold {numel} {dtype} values")
         tensors[name] = (dtype, tuple(shape), offsets[0], offsets[1])
-    if tensors["ssm"][0] != tensors["conv"][0]:
+    if fp8 and tensors["ssm_scale"][1] != tensors["ssm"][1][:2]:
+        raise StateFileError(f"ssm_scale shape {tensors['ssm_scale'][1]} is not ssm's [n_layer, nheads] {tensors['ssm'][1][:2]}")
+    if not fp8 and tensors["ssm"][0] != tensors["conv"][0]:
         raise StateFileError(f"ssm is {tensors['ssm'][0]} but conv is {tensors['conv'][0]}; both are stored in one dtype")
     if hybrid and (tensors["keys"][0] != tensors["ssm"][0] or tensors["values"][1] != tensors["keys"][1]):
         raise StateFileError("keys and values must have one shape and the dtype of ssm")
@@ -313,8 +325,8 @@ def read_state_tensors(stream: _Reader, header: StateHeader, mac_key: bytes | No
     tensors = {}
     for name, (dtype, shape, start, end) in header.tensors.items():
         # a copy per tensor (bytearray): aligned, writable, independent of the other tensors
-        tensors[name] = (torch.frombuffer(bytearray(memoryview(data)[start:end]), dtype=_DTYPES[dtype]).reshape(shape)
-                        if end > start else torch.empty(shape, dtype=_DTYPES[dtype]))
+        tensors[name] = (torch.frombuffer(bytearray(memoryview(data)[start:end]), dtype=_FILE_DTYPES[dtype]).reshape(shape)
+                        if end > start else torch.empty(shape, dtype=_FILE_DTYPES[dtype]))
     checksum = _checksum(tensors, header.metadata)
     if not hmac.compare_digest(checksum, header.metadata["checksum"]):
         raise StateFileError("checksum mismatch: the file's bytes changed after it was written")
@@ -342,28 +354,36 @@ def state_from_file(header: StateHeader, tensors: dict[str, torch.Tensor], spec:
     """The :class:`State` of a decoded file; raises :class:`StateFileError` for inconsistent shapes,
     another model's shapes (``spec``), NaN/inf or a positive log-decay."""
     try:
-        state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(header.metadata["n_tokens"]), header.fingerprint)
+        if "ssm_scale" in tensors:  # fp8: rescaled to fp32 (picaso_rag.precision)
+            state = dequantize(tensors, int(header.metadata["n_tokens"]), header.fingerprint)
+        else:
+            state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(header.metadata["n_tokens"]), header.fingerprint)
         if "keys" in tensors:  # a hybrid model's state
             state = HybridState(state.ssm, state.conv, state.log_decay, state.n_tokens, state.fingerprint,
                                 keys=tensors["keys"], values=tensors["values"], position=int(header.metadata["position"]))
         if spec is not None:
             spec.check(state)
         state.check_finite()
-    except StateMismatchError as exc:
+    except (StateMismatchError, PicasoError) as exc:
         raise StateFileError(f"invalid state: {exc}") from None
     return state
 
 
 def encode_state_file(state: State, node_id: str, text: str | None = None, dtype: torch.dtype | None = None,
-                      mac_key: bytes | None = None) -> bytes:
+                      mac_key: bytes | None = None, precision: str | None = None) -> bytes:
     """The bytes of a state file (plain safetensors). ``text``: what the state was encoded from (its
-    sha256 is recorded); ``dtype``: storage dtype of ssm/conv; ``mac_key``: add an HMAC-SHA256.
+    sha256 is recorded); ``dtype``: storage dtype of ssm/conv; ``mac_key``: add an HMAC-SHA256;
+    ``precision``: "fp32", "bf16" or "fp8" (picaso_rag.precision; instead of ``dtype``).
 
     Usage: ``payload = encode_state_file(state, "node-1", text=text, mac_key=load_mac_key(path))``.
     """
     state_key(node_id)  # the same check (non-empty string) as every store call
     state.check_finite()  # never write a state that could not be read back
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
+    if precision is not None:
+        if dtype is not None or isinstance(state, HybridState):
+            raise PicasoError("give a storage precision or a dtype, not both (and no precision for a hybrid model's state).")
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in quantize(state, precision).items()}
     if dtype is not None:
         for name in ("ssm", "conv") + tuple(n for n in _HYBRID_TENSORS if n in tensors):
             tensors[name] = tensors[name].to(dtype)
@@ -449,7 +469,7 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
     """sha256 over the metadata (without checksum and mac) and every tensor's dtype, shape and raw bytes."""
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in metadata.items() if k not in ("checksum", "mac")}, sort_keys=True).encode())
-    for name in _TENSORS + tuple(n for n in _HYBRID_TENSORS if n in tensors):
+    for name in _TENSORS + tuple(n for n in _HYBRID_TENSORS + _SCALE_TENSORS if n in tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
@@ -507,7 +527,9 @@ class StateStore:
     """Document states on disk, keyed by node id and model fingerprint (see the module docstring).
 
     ``dtype``: cast ssm/conv to this dtype when writing (e.g. ``torch.bfloat16`` halves fp32 files);
-    log_decay always stays fp32. ``lock_timeout``: seconds to wait for another writer of the same node.
+    log_decay always stays fp32. ``precision``: "fp32", "bf16" or "fp8" (e4m3 with a per-head scale,
+    a quarter of fp32; see picaso_rag.precision and docs/scaling.md), instead of ``dtype``; default
+    None: the state's own dtype (exact round trips). ``lock_timeout``: seconds to wait for another writer of the same node.
     ``mac``: False (checksum only: fine for a store that only you can write, or shared read-only),
     True (HMAC-SHA256 with a secret in ``<directory>.mac-key``, created 0600 on first use) or the
     path of a key file; with a key, a file not written with it is CORRUPT. ``max_state_bytes``:
@@ -518,7 +540,8 @@ class StateStore:
     """
 
     def __init__(self, directory: str | os.PathLike, dtype: torch.dtype | None = None, lock_timeout: float = 60.0,
-                 mac: bool | str | os.PathLike = False, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES):
+                 mac: bool | str | os.PathLike = False, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+                 precision: str | None = None):
         self.directory = Path(directory).expanduser()
         if self.directory.exists() and not self.directory.is_dir():
             raise PicasoError(f"{self.directory} exists and is not a directory; pass a directory for the state store.")
@@ -526,6 +549,9 @@ class StateStore:
             raise PicasoError(f"storage dtype must be a floating-point dtype (e.g. torch.bfloat16, float16, float32), got {dtype}.")
         if type(max_state_bytes) is not int or max_state_bytes < 1:
             raise PicasoError(f"max_state_bytes must be a positive int, got {max_state_bytes!r}.")
+        if precision is not None and dtype is not None:
+            raise PicasoError("give StateStore a precision ('fp32', 'bf16', 'fp8') or a dtype, not both.")
+        self.precision = check_precision(precision) if precision is not None else None
         self.dtype = dtype
         self.lock_timeout = lock_timeout
         self.max_state_bytes = max_state_bytes
@@ -645,7 +671,7 @@ class StateStore:
         symlinked directory below the store's directory.
         """
         path = self.path(node_id, state.fingerprint)
-        payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key)
+        payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key, precision=self.precision)
         key = self._key(node_id)
         with self._writable():
             with self._lock(node_id):

@@ -89,3 +89,53 @@ def test_bad_input_names_the_fix():
     tensors["ssm_scale"] = tensors["ssm_scale"][:1]
     with pytest.raises(PicasoError, match="re-encode"):
         dequantize(tensors, 17, state.fingerprint)
+
+
+# ---------------------------------------------------------------- the precision option of the stores
+def test_store_precision_option(tmp_path):
+    from picaso_rag import StateStore, StoreStatus
+
+    state = random_state()
+    sizes = {}
+    for precision in PRECISIONS:
+        store = StateStore(tmp_path / precision, precision=precision)
+        path = store.put("node", state, text="t")
+        sizes[precision] = path.stat().st_size
+        found = store.get("node", state.fingerprint, text="t")
+        assert found.ok, found.detail
+        want = roundtrip(state, precision)
+        assert torch.equal(found.state.ssm.float(), want.ssm) and torch.equal(found.state.log_decay, state.log_decay)
+        # a file of any precision reads back through any store (the precision is in the file)
+        assert StateStore(tmp_path / precision).get("node", state.fingerprint, text="t").ok
+    header = 1024  # a state file's header is under 1 KiB
+    for precision in PRECISIONS:
+        assert state_nbytes(CFG, precision) < sizes[precision] < state_nbytes(CFG, precision) + header
+    with pytest.raises(PicasoError, match="fp32, bf16, fp8"):
+        StateStore(tmp_path / "x", precision="int8")
+    with pytest.raises(PicasoError, match="not both"):
+        StateStore(tmp_path / "x", precision="fp8", dtype=torch.bfloat16)
+    # a damaged fp8 file is corrupt, never loaded: a flipped scale changes the checksum
+    store = StateStore(tmp_path / "fp8")
+    path = store.path("node", state.fingerprint)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert store.get("node", state.fingerprint).status is StoreStatus.CORRUPT
+
+
+def test_fp8_header_checks(tmp_path):
+    from picaso_rag.errors import StateFileError
+    from picaso_rag.store import decode_state_file, encode_state_file
+
+    state = random_state()
+    good = encode_state_file(state, "node", precision="fp8")
+    header, tensors = decode_state_file(good)
+    assert set(tensors) == {"ssm", "ssm_scale", "conv", "log_decay"} and tensors["ssm"].dtype == FP8
+    bad = dict(quantize(state, "fp8"))
+    bad["conv"] = bad["conv"].to(FP8)  # fp8 anywhere but ssm is refused
+    with pytest.raises(StateFileError, match="F8_E4M3"):
+        decode_state_file(save(bad, metadata=header.metadata))
+    bad = dict(quantize(state, "fp8"))
+    bad["ssm_scale"] = bad["ssm_scale"][:, :1].contiguous()
+    with pytest.raises(StateFileError, match="ssm_scale shape"):
+        decode_state_file(save(bad, metadata=header.metadata))

@@ -44,8 +44,21 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def store(server, request):
-    # a prefix per test: tests never see each other's objects
-    return S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client())
+    # a prefix per test: tests never see each other's objects; fp32: states read back exactly
+    return S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client(), precision="fp32")
+
+
+def test_default_precision_is_fp8(server, request):
+    from picaso_rag.precision import roundtrip
+
+    store = S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client())
+    state = make_state(7)
+    name = store.put("n", state, text="t")
+    size = server.client().head_object(Bucket=server.BUCKET, Key=name)["ContentLength"]
+    fp32 = S3StateStore(server.BUCKET, prefix=request.node.name + "32", client=server.client(), precision="fp32")
+    size32 = server.client().head_object(Bucket=server.BUCKET, Key=fp32.put("n", state))["ContentLength"]
+    assert store.precision == "fp8" and size < 0.5 * size32  # headers (~0.7 KiB) weigh on these tiny states
+    assert torch.equal(store.get("n", FP, text="t").state.ssm, roundtrip(state, "fp8").ssm)
 
 
 def test_roundtrip_and_the_statuses_of_the_local_store(store):
@@ -92,7 +105,7 @@ def test_damaged_or_forged_objects_are_corrupt_never_loaded(store, server, tmp_p
     assert store.get("node-1", FP, text="t").status is StoreStatus.CORRUPT
     # with a MAC key, an object not written with it (forged with a valid checksum) is corrupt
     key = tmp_path / "mac-key"
-    signed = S3StateStore(server.BUCKET, prefix=store.prefix, client=client, mac_key=key)
+    signed = S3StateStore(server.BUCKET, prefix=store.prefix, client=client, mac_key=key, precision="fp32")
     client.put_object(Bucket=server.BUCKET, Key=name, Body=good)
     assert signed.get("node-1", FP, text="t").status is StoreStatus.CORRUPT
     signed.put("node-1", state, text="t")
@@ -107,7 +120,7 @@ def test_concurrent_writers_never_leave_a_partial_object(store, server):
     seen, bad = set(), []
 
     def reader() -> None:
-        own = S3StateStore(server.BUCKET, prefix=store.prefix, client=server.client())
+        own = S3StateStore(server.BUCKET, prefix=store.prefix, client=server.client(), precision="fp32")
         while not stop.is_set():
             found = own.get("shared", FP)
             if found.status is StoreStatus.MISSING:
@@ -116,7 +129,7 @@ def test_concurrent_writers_never_leave_a_partial_object(store, server):
             (seen.update(match) if match else bad.append(found))
 
     def writer(i: int) -> None:
-        own = S3StateStore(server.BUCKET, prefix=store.prefix, client=server.client())
+        own = S3StateStore(server.BUCKET, prefix=store.prefix, client=server.client(), precision="fp32")
         for round_ in range(4):
             own.put("shared", versions[i])
             own.put(f"own-{i}-{round_}", versions[i])
@@ -174,7 +187,7 @@ def test_server_restart_mid_ingest(store, server):
 def test_shared_tier_of_the_resolver_falls_back_when_down(engine, server, tmp_path, request):
     from .conftest import TEXTS
 
-    s3 = S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client())
+    s3 = S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client(), precision="fp32")
     writer = StateWriter()
     docs = [(f"k{i}", f"n{i}", t) for i, t in enumerate(TEXTS[:3])]
     first = StateResolver(engine, None, [s3], writer).resolve(docs)
