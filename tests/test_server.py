@@ -127,8 +127,13 @@ def test_documents_by_id_and_by_text(client, world):
     state = engine.compose(engine.encode([secret]), prefix=rag.prefix_state)
     tail = rag._chat_tail(_messages("What is the vault code?"))
     assert by_text.choices[0].message.content == engine.generate(tail, state=state, max_new_tokens=8).text
+    hits = rag.llm.state_cache.stats().device_hits
     again = ask(client, "What is the vault code?", max_tokens=8, extra_body={"documents": [{"text": secret}]})
-    assert again.model_extra["picaso"]["states"]["states_cached"] == 1  # encoded once, then cached
+    assert rag.llm.state_cache.stats().device_hits > hits  # encoded once, then cached
+    # ...but nothing in a response says so: another client cannot confirm a guess of someone's text
+    assert "states" not in again.model_extra["picaso"] and "states_ms" not in again.model_extra["picaso"]["timings_ms"]
+    assert {k: v for k, v in again.model_extra["picaso"].items() if k != "timings_ms"} == \
+        {k: v for k, v in picaso.items() if k != "timings_ms"}
 
 
 def _messages(text):

@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,6 +39,9 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, Docume
 PREFIX = "Context information is below.\n---------------------\n"
 AFTER_CONTEXT = "\n---------------------\n"
 INSTRUCTION = "Given the context information and not prior knowledge, answer the query.\n"
+
+
+logger = logging.getLogger("picaso_server")
 
 
 @dataclass
@@ -145,7 +149,8 @@ class RagPipeline:
         elif docs:
             start = time.perf_counter()
             resolved = self.llm.resolve_states(docs)
-            timings["states_ms"] = (time.perf_counter() - start) * 1000
+            states_ms = (time.perf_counter() - start) * 1000  # not returned: a cache hit is visibly faster
+            logger.debug("states loaded or encoded in %.1f ms", states_ms)
             start = time.perf_counter()
             try:
                 state = self.engine.compose(resolved.states, method=method, prefix=self.prefix_state, conv=settings.conv)
@@ -153,7 +158,9 @@ class RagPipeline:
                 raise APIError(400, str(exc), "picaso.method") from exc
             timings["compose_ms"] = (time.perf_counter() - start) * 1000
             figures["document_tokens"] = sum(s.n_tokens for s in resolved.states)
-            figures["states"] = {k: resolved.stats[k] for k in ("states_cached", "states_loaded", "states_encoded")}
+            # where the states came from (memory, store, encoded now) says whether *another* request used the
+            # same text recently: an oracle on other users' documents. Logged for operators, never returned.
+            logger.debug("states: %s", {k: resolved.stats[k] for k in ("states_cached", "states_loaded", "states_encoded")})
         elif not chat:
             pass
         else:  # no document: the question alone, without the context block
