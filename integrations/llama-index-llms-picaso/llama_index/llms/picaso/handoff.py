@@ -165,32 +165,25 @@ class Handoff:
         pieces: list[str | tuple[DocumentRef, str]] = []  # text, or (verified document, its text), in order
         used: dict[str, Ticket] = {}
         read_as_text: dict[str, int] = {}
-        pos, open_at = 0, None  # open_at: the last opening marker not yet closed
-        for match in _MARKER.finditer(prompt):
-            closing, token, index = match.group(1) == "/", match.group(2), int(match.group(3))
-            if not closing:
-                if open_at is not None:
-                    _count(read_as_text, "unpaired marker")
-                pieces.append(prompt[pos:match.start()])  # text, or an unclosed document's text
-                open_at, pos = match, match.end()
+        pos = text_start = 0  # scan position; start of the text not yet emitted
+        while (match := _MARKER.search(prompt, pos)) is not None:
+            pos = match.end()
+            if match.group(1) == "/":  # a closing marker outside a verified document: removed from the text
                 continue
-            inner = prompt[pos:match.start()]
-            doc = None
-            if open_at is not None and (open_at.group(2), open_at.group(3)) == (token, match.group(3)):
-                ticket = used.get(token) or self._lookup(token)
-                if ticket is None:
-                    _count(read_as_text, "expired or unknown ticket")
-                elif index >= len(ticket.documents) or not _same_text(inner, ticket.documents[index].text):
-                    _count(read_as_text, "text changed after retrieval")
-                else:
-                    used[token], doc = ticket, ticket.documents[index]
-            else:
-                _count(read_as_text, "unpaired marker")
-            pieces.append((doc, inner) if doc is not None else inner)
-            open_at, pos = None, match.end()
-        if open_at is not None:
-            _count(read_as_text, "unpaired marker")
-        pieces.append(prompt[pos:])
+            token, index = match.group(2), int(match.group(3))
+            ticket = used.get(token) or self._lookup(token)
+            if ticket is None:
+                _count(read_as_text, "expired or unknown ticket")
+                continue
+            form = _verified_form(prompt, match.end(), ticket, index)
+            if form is None:  # the text between the markers is not what was retrieved (or was cut)
+                _count(read_as_text, "text changed or cut after retrieval")
+                continue
+            pieces.append(strip_markers(prompt[text_start:match.start()]))
+            pieces.append((ticket.documents[index], form))  # kept verbatim: a document may contain anything
+            used[token] = ticket
+            pos = text_start = match.end() + len(form) + len(ticket.markers(index)[1])
+        pieces.append(strip_markers(prompt[text_start:]))
         plain = "".join(p if isinstance(p, str) else p[1] for p in pieces)
         documents = [p[0] for p in pieces if not isinstance(p, str)]
         policies = {(t.method, t.conv) for t in used.values()}
@@ -208,11 +201,19 @@ def _count(reasons: dict[str, int], reason: str) -> None:
     reasons[reason] = reasons.get(reason, 0) + 1
 
 
-def _same_text(inner: str, text: str) -> bool:
-    """The marked span is the registered text, or that text as Python prints it inside a quoted
-    string: llama-index-core 0.14's simple_summarize formats the *list* of chunks into the prompt
+def _verified_form(prompt: str, start: int, ticket: Ticket, index: int) -> str | None:
+    """The registered text of document ``index`` as it stands in ``prompt`` from ``start`` up to its
+    closing marker, or None. It may stand as Python prints it inside a quoted string:
+    llama-index-core 0.14's simple_summarize formats the *list* of chunks into the prompt
     (``['...\\n...']``, upstream PR run-llama/llama_index#22392), so there documents stand escaped."""
-    return inner == text or inner == _py_escaped(text, "'") or inner == _py_escaped(text, '"')
+    if index >= len(ticket.documents):
+        return None
+    text, close = ticket.documents[index].text, ticket.markers(index)[1]
+    for quote in ("", "'", '"'):
+        form = text if not quote else _py_escaped(text, quote)
+        if prompt.startswith(form, start) and prompt.startswith(close, start + len(form)):
+            return form
+    return None
 
 
 def _py_escaped(text: str, quote: str) -> str:
