@@ -359,7 +359,7 @@ class BudgetedStore:
         if max_bytes < 0:
             raise PicasoError(f"max_bytes must be >= 0, got {max_bytes}.")
         self.store, self.max_bytes = store, max_bytes
-        self._lru: OrderedDict[tuple[str, str], int] = OrderedDict()  # (node id, fingerprint) -> bytes
+        self._lru: OrderedDict[tuple[str, str], int] = OrderedDict()  # (node id, fingerprint[:16]) -> bytes
         self._bytes = 0
         self._lock = threading.Lock()
         self.evictions = 0
@@ -379,8 +379,8 @@ class BudgetedStore:
         found = self.store.get_many(node_ids, fingerprint, texts)
         with self._lock:
             for node_id, f in zip(node_ids, found):
-                if f.ok and (node_id, fingerprint) in self._lru:
-                    self._lru.move_to_end((node_id, fingerprint))
+                if f.ok and (node_id, fingerprint[:16]) in self._lru:
+                    self._lru.move_to_end((node_id, fingerprint[:16]))
         return found
 
     def put(self, node_id: str, state: State, text: str | None = None) -> object:
@@ -393,7 +393,7 @@ class BudgetedStore:
                 size = result.stat().st_size
             except OSError:
                 pass
-        key = (node_id, state.fingerprint)
+        key = (node_id, state.fingerprint[:16])  # as a store names a model (what a scan of its files finds)
         with self._lock:
             self._bytes += size - self._lru.pop(key, 0)
             self._lru[key] = size
@@ -409,7 +409,7 @@ class BudgetedStore:
 
     def delete(self, node_id: str, fingerprint: str | None = None) -> int:
         with self._lock:
-            for key in [k for k in self._lru if k[0] == node_id and (fingerprint is None or k[1] == fingerprint)]:
+            for key in [k for k in self._lru if k[0] == node_id and (fingerprint is None or k[1] == fingerprint[:16])]:
                 self._bytes -= self._lru.pop(key)
         return self.store.delete(node_id, fingerprint)
 

@@ -150,6 +150,8 @@ def test_budgeted_store_evicts_least_recently_used(engine, tmp_path):
     assert store.get("a", engine.fingerprint).ok and store.get("c", engine.fingerprint).ok
     reopened = BudgetedStore(store, max_bytes=disk.max_bytes)  # a new process counts the files there
     assert reopened.bytes == disk.bytes
+    reopened.put("a", states[0])  # a state it found on disk, written again: counted once
+    assert reopened.bytes == disk.bytes
 
 
 def test_bad_writer_bounds_name_the_fix():
