@@ -273,8 +273,10 @@ class PicasoLLM(CustomLLM):
             raise PicasoLLMError(str(exc)) from exc
 
     def _prepare(self, prompt: str, formatted: bool, kwargs: dict) -> "_Run":
+        if isinstance(prompt, (bytes, bytearray)):
+            raise PicasoError("PicasoLLM got bytes; decode them first (prompt.decode('utf-8')) and pass the text.")
         if not isinstance(prompt, str) or not prompt:
-            raise PicasoError("PicasoLLM got an empty prompt; pass the text to complete.")
+            raise PicasoError(f"PicasoLLM got an empty prompt ({type(prompt).__name__}); pass the text to complete.")
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
         started = time.perf_counter()
