@@ -190,3 +190,29 @@ def test_condense_plus_context_with_an_empty_condensed_question(world):
         assert [n.node.node_id for n in response.source_nodes] == [n.node.node_id for n in retriever.retrieve(message)]
         assert response.metadata["picaso"]["k"] == 2
     assert calls[0].get("condense_fallback") is True and calls[0]["k"] == 0  # the last turn's condense step
+
+
+def test_a_custom_pipeline_that_builds_its_own_prompt(world):
+    """No stock engine: retrieve, postprocess_nodes, then the LLM with a prompt built from the nodes'
+    LLM text (as the synthesizers and most workflows do). Two such requests interleaved."""
+    from llama_index.core.schema import MetadataMode
+    from llama_index.llms.picaso import node_llm_text, original_node
+
+    llm = shared_llm(world)
+    picaso, concat = PicasoNodePostprocessor(llm, method="picaso-s"), PicasoNodePostprocessor(llm, method="concat")
+    retriever = world.index.as_retriever(similarity_top_k=3)
+
+    def prepare(question: str, postprocessor) -> tuple[list, str]:
+        nodes = postprocessor.postprocess_nodes(retriever.retrieve(question), query_str=question)
+        context = "\n\n".join(n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes)
+        return nodes, f"Context:\n{context}\n\nQuestion: {question}\nAnswer:"
+
+    nodes_a, prompt_a = prepare("When was the Eiffel Tower completed?", picaso)
+    nodes_b, prompt_b = prepare("How do honey bees communicate?", concat)  # opened before A's LLM call
+    for nodes, prompt, method in [(nodes_a, prompt_a, "picaso-s"), (nodes_b, prompt_b, "concat")]:
+        figures = llm.complete(prompt, formatted=True).additional_kwargs["picaso"]
+        assert figures["method"] == method and figures["k"] == 3
+        assert figures["documents"] == [DocumentRef.of(node_llm_text(original_node(n.node))).key for n in nodes]
+        assert all(n.node.text in world.chroma_text(n.node.node_id) for n in nodes)  # real text, real ids
+    plain = "Context:\n" + "\n\n".join(node_llm_text(original_node(n.node)) for n in nodes_a) + "\n\nQuestion: When?\nAnswer:"
+    assert llm.complete(plain, formatted=True).additional_kwargs["picaso"]["k"] == 0  # the text alone: nothing composed
