@@ -12,7 +12,7 @@ from .cache import CacheStats, StateCache
 from .compose import CONV_POLICIES, METHODS, compose, log_weights
 from .config import Mamba2Config
 from .engine import Generation, PicasoEngine
-from .errors import CheckpointError, PicasoError, StateMismatchError, StoreNotWritableError
+from .errors import CheckpointError, PicasoError, StateMismatchError, StoreNotWritableError, StoreUnavailableError
 from .generation import SamplingParams
 from .hybrid import HybridLM
 from .hybrid_config import HybridConfig
@@ -48,6 +48,7 @@ __all__ = [
     "StateMismatchError",
     "StateStore",
     "StoreNotWritableError",
+    "StoreUnavailableError",
     "StoreStatus",
     "StoredState",
     "Tokenizer",

@@ -26,3 +26,7 @@ class StateFileError(PicasoError):
 
 class DocumentTooLongError(PicasoError):
     """A document above the engine's ``max_document_tokens`` cap."""
+
+
+class StoreUnavailableError(PicasoError):
+    """A state store could not be reached (or refused the request): nothing was read or written."""

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import Any, Iterator, Sequence
 
-from .errors import PicasoError, StateFileError
+from .errors import PicasoError, StateFileError, StoreUnavailableError
 from .precision import check_precision
 from .state import State, StateSpec, state_spec_for
 from .store import (
@@ -56,8 +56,6 @@ from .store import (
 _LAYOUT = "v1"
 
 
-class StoreUnavailableError(PicasoError):
-    """The object store could not be reached (or refused the request): nothing was read or written."""
 
 
 class S3StateStore:

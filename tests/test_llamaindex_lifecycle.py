@@ -143,3 +143,29 @@ def test_vector_store_bad_input_names_the_fix(tmp_path, engine):
     with pytest.raises(PicasoError, match="use the embed_model it was ingested with"):
         VectorStoreIndex.from_vector_store(vector_store, embed_model=other).as_retriever().retrieve("Eiffel")
     assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)  # nothing lost
+
+
+def test_a_shared_store_that_is_down_degrades_to_encoding(tmp_path, engine):
+    """An S3 store that cannot be reached: the query is answered from states encoded now, and says so."""
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    from botocore.config import Config
+
+    from picaso_rag.s3store import S3StateStore
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="x", aws_secret_access_key="y",
+                          region_name="us-east-1", config=Config(connect_timeout=1, retries={"max_attempts": 1}))
+    down = S3StateStore("states", client=client)
+    vector_store = ChromaVectorStore(chroma_collection=collection(tmp_path))
+    index = VectorStoreIndex.from_documents(corpus_documents()[:3], embed_model=embed_model(), transformations=[SPLITTER],
+                                            storage_context=StorageContext.from_defaults(vector_store=vector_store))
+    llm = PicasoLLM(engine=engine, state_store=down, max_new_tokens=4)
+    response = index.as_query_engine(llm=llm, similarity_top_k=2, node_postprocessors=[
+        PicasoNodePostprocessor(llm, method="picaso-s")]).query("When was the Eiffel Tower completed?")
+    meta = response.metadata["picaso"]
+    assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_not_stored"] == 2
+    assert meta["calls"][0]["retrieval"]["encode_reasons"] == {"store unavailable": 2}

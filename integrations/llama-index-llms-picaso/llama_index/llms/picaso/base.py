@@ -43,7 +43,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from picaso_rag import (METHODS, PicasoEngine, PicasoError, State, StateCache, StateStore, StoreNotWritableError,
-                        StoreStatus)
+                        StoreStatus, StoreUnavailableError)
 
 from .handoff import DocumentRef, Handoff
 from .metadata import condense_fallback, record_call
@@ -193,8 +193,13 @@ class PicasoLLM(CustomLLM):
         loaded_by_digest: dict[str, State] = {}
         stored = [i for i in misses if self._store is not None and docs[i].node_id]
         # one call for all the misses: the files are read and verified in parallel
-        found_by_index = dict(zip(stored, self._store.get_many([docs[i].node_id for i in stored], self._engine.fingerprint,
-                                                               [docs[i].text for i in stored]))) if stored else {}
+        try:
+            found_by_index = dict(zip(stored, self._store.get_many([docs[i].node_id for i in stored], self._engine.fingerprint,
+                                                                   [docs[i].text for i in stored]))) if stored else {}
+        except StoreUnavailableError as exc:  # a shared store that is down: the states are encoded from the text
+            logger.warning("state store unavailable, encoding %d states from their text: %s", len(stored), exc)
+            found_by_index, reasons["store unavailable"] = {}, len(stored)
+            stored = []
         for i in misses:
             doc = docs[i]
             if i in found_by_index:
@@ -210,7 +215,7 @@ class PicasoLLM(CustomLLM):
                     rejected.append({"node_id": doc.node_id, "status": found.status.value, "detail": found.detail})
                 log = logger.warning if found.status is StoreStatus.CORRUPT else logger.info
                 log("state of node %s is %s (%s): re-encoding it from the node text", doc.node_id, found.status.value, found.detail)
-            else:
+            elif "store unavailable" not in reasons:
                 reasons["not stored" if self._store is None else "no node id"] += 1
             to_encode.setdefault(doc.digest, []).append(i)
         for i in repeats:  # as if read after its first occurrence: from memory, or encoded with it
@@ -231,7 +236,8 @@ class PicasoLLM(CustomLLM):
                     if self._store is not None and docs[i].node_id:
                         try:
                             self._store.put(docs[i].node_id, state, text=docs[i].text)
-                        except StoreNotWritableError as exc:  # full or read-only: the answer does not need the file
+                        except (StoreNotWritableError, StoreUnavailableError) as exc:  # full, read-only or down:
+                            # the answer does not need the file
                             not_stored += 1
                             logger.warning("state of node %s not stored: %s", docs[i].node_id, exc)
         stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
