@@ -169,3 +169,17 @@ def test_a_shared_store_that_is_down_degrades_to_encoding(tmp_path, engine):
     meta = response.metadata["picaso"]
     assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_not_stored"] == 2
     assert meta["calls"][0]["retrieval"]["encode_reasons"] == {"store unavailable": 2}
+
+
+def test_a_lone_surrogate_costs_neither_the_document_nor_its_group(tmp_path, engine, caplog):
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store, max_new_tokens=4)
+    vector_store = ChromaVectorStore(chroma_collection=collection(tmp_path))
+    docs = [Document(text="Good text one.", id_="a"), Document(text="Bad \ud800 text.", id_="b", metadata={"t": "x\udc00"}),
+            Document(text="Good text two.", id_="c")]
+    added = ingest(docs, [SentenceSplitter(), PicasoStateEncoder(llm, show_progress=False), embed_model()], vector_store,
+                   show_progress=False)
+    assert sorted(n.ref_doc_id for n in added) == ["a", "b", "c"] and vector_store.client.count() == 3
+    assert "lone surrogate" in caplog.text
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
+    assert "Bad \ufffd text." in [n.get_content() for n in vector_store.get_nodes(None)]

@@ -34,6 +34,7 @@ from llama_index.vector_stores.chroma.base import _to_chroma_filter
 from tqdm.auto import tqdm
 
 from picaso_rag import PicasoError, StateStore
+from picaso_rag.engine import replace_lone_surrogates
 
 from .base import PicasoLLM
 from .handoff import DocumentRef
@@ -314,6 +315,7 @@ def ingest(documents: Sequence[Document], transformations: Sequence[TransformCom
     for store in stores:
         store.remove_temp_files()  # what a killed writer left (never another live writer's)
     pipeline = IngestionPipeline(transformations=transformations)
+    documents = [_valid_unicode(d) for d in documents]
     added: list[BaseNode] = []
     groups = range(0, len(documents), documents_per_run)
     for start in tqdm(groups, desc="Ingesting", unit="group", disable=not show_progress or len(groups) < 2):
@@ -333,6 +335,22 @@ def ingest(documents: Sequence[Document], transformations: Sequence[TransformCom
         add_nodes(vector_store, nodes)
         added += nodes
     return added
+
+
+def _valid_unicode(doc: Document) -> Document:
+    """``doc``, or a copy with lone surrogates (text that cannot be UTF-8, e.g. from a broken decoder)
+    replaced by U+FFFD, with a warning: Chroma, the embedder and the tokenizer all need valid UTF-8,
+    and one such document used to fail its whole ingestion group with a raw UnicodeEncodeError."""
+    what = f"document {doc.node_id}"
+    text = replace_lone_surrogates(doc.text, what)
+    metadata = {key: replace_lone_surrogates(value, f"{what}, metadata {key!r}") if isinstance(value, str) else value
+                for key, value in doc.metadata.items()}
+    if text == doc.text and metadata == doc.metadata:
+        return doc
+    fixed = doc.model_copy()
+    fixed.set_content(text)
+    fixed.metadata = metadata
+    return fixed
 
 
 def _ref_doc_node_ids(vector_store: BasePydanticVectorStore, ref_doc_id: str) -> list[str]:
