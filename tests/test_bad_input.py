@@ -193,6 +193,7 @@ def read_only_store_answers(c: Ctx) -> None:
             store.delete(c.clean.response.source_nodes[1].node.node_id)
     assert result.text == c.clean.text
     assert retrieval_stats(result.response)["states_loaded"] == 2 and retrieval_stats(result.response)["states_encoded"] == 1
+    assert result.response.metadata["picaso"]["states_not_stored"] == 1  # and the response says so
     assert sorted(p.name for p in store.directory.rglob("*.safetensors")) == before
 
 

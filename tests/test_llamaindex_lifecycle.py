@@ -183,3 +183,26 @@ def test_a_lone_surrogate_costs_neither_the_document_nor_its_group(tmp_path, eng
     assert "lone surrogate" in caplog.text
     assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)
     assert "Bad \ufffd text." in [n.get_content() for n in vector_store.get_nodes(None)]
+
+
+def test_a_full_disk_degrades_like_a_read_only_store(tmp_path, engine):
+    """A real full file system (a 16 KiB tmpfs; needs mount rights): answered from fresh states, flagged."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); test_store_hardening simulates ENOSPC")
+    try:
+        vector_store = ChromaVectorStore(chroma_collection=collection(tmp_path))
+        index = VectorStoreIndex.from_documents(corpus_documents()[:3], embed_model=embed_model(), transformations=[SPLITTER],
+                                                storage_context=StorageContext.from_defaults(vector_store=vector_store))
+        llm = PicasoLLM(engine=engine, state_store=StateStore(mount / "states"), max_new_tokens=4)
+        response = index.as_query_engine(llm=llm, similarity_top_k=2, node_postprocessors=[
+            PicasoNodePostprocessor(llm, method="picaso-s")]).query("When was the Eiffel Tower completed?")
+        meta = response.metadata["picaso"]
+        assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_not_stored"] == 2
+        assert not [p for p in mount.rglob("*") if p.is_file() and p.suffix not in (".lock",) and p.name != ".mac-key"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
