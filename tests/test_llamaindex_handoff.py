@@ -166,3 +166,17 @@ def test_summary_counts_each_retrieval_once():
     assert summary["method"] == "picaso-s" and summary["k"] == 1 and summary["llm_calls"] == 4
     assert summary["tokens_read"] == 60 and summary["document_tokens"] == 15
     assert summary["states_loaded"] == 2 and summary["states_encoded"] == 1  # refine's 3 calls share one retrieval
+
+
+def test_marked_nodes_copy_and_pickle_safely():
+    import copy
+    import pickle
+
+    node = TextNode(text="The reef is huge.", id_="n7", metadata={"title": "Reef"})
+    ticket = Ticket("picaso-s", "mean", [DocumentRef.of(node.get_content(metadata_mode=MetadataMode.LLM), "n7")])
+    marked_copy = marked_node(node, *ticket.markers(0))
+    for same in (copy.deepcopy(marked_copy), copy.copy(marked_copy), marked_copy.model_copy()):
+        assert same.get_content(metadata_mode=MetadataMode.LLM) == marked(ticket, 0)
+    restored = pickle.loads(pickle.dumps(NodeWithScore(node=marked_copy, score=0.5)))
+    assert type(restored.node) is TextNode and restored.node.text == node.text  # the markers never leave the process
+    assert ticket.token not in pickle.dumps(marked_copy).decode("latin-1")

@@ -15,6 +15,7 @@ baseline: the same model reads the documents' tokens.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, List, Optional
 
@@ -129,4 +130,6 @@ def _marked_class(cls: type) -> type:
         "_picaso_markers": PrivateAttr(default=None),
         "_picaso_original": PrivateAttr(default=None),
         "get_content": get_content,
+        # pickled (another process, a cache), a marked copy is its original node: the markers stay here
+        "__reduce_ex__": lambda self, protocol: (copy.copy, (self._picaso_original,)),
     })
