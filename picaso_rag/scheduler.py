@@ -185,6 +185,12 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0 or max_read_tokens < 1:
             raise PicasoError(f"max_batch must be >= 1, max_queue >= 0 and max_read_tokens >= 1; got {max_batch}, "
                               f"{max_queue}, {max_read_tokens}.")
+        from .hybrid_engine import HybridEngine  # (hybrid_engine imports the engine module, as this one does)
+
+        if isinstance(engine, HybridEngine):  # its rows would need per-request key/value caches and a key mask
+            raise PicasoError("the batched scheduler serves Mamba-2 models; hybrid models (attention layers) are not "
+                              "batched yet: serve a hybrid one request at a time with engine.stream(...), or use a "
+                              "Mamba-2 checkpoint with picaso-rag serve.")
         self.engine = engine
         self.model = engine.model
         self.max_batch = max_batch
