@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
 from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT  # noqa: E402
 from llama_index.core.schema import NodeWithScore, QueryBundle  # noqa: E402
-from rag_demo import load_embed_model, load_engine, open_index, open_state_store  # noqa: E402
+from rag_demo import COLLECTION, load_embed_model, load_engine, open_index, open_state_store  # noqa: E402
 
 from llama_index.llms.picaso import DocumentRef, PicasoLLM, PicasoNodePostprocessor, node_llm_text  # noqa: E402
 
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{mean[args.method]:.3f}, no documents {mean['none']:.3f}, concatenation {mean['concat']:.3f}; tokens read "
           f"{sum(r['tokens_read'][args.method] for r in report)} ({args.method}) vs "
           f"{sum(r['tokens_read']['concatenation'] for r in report)} (concatenation)")
+    print(f"\nserve this index to OpenAI clients and chat front-ends (docs/serving.md):\n  .venv/bin/picaso-rag serve "
+          f"--chroma-path {Path(args.db) / 'chroma'} --collection {COLLECTION} --states {Path(args.db) / 'states'} "
+          f"--model {args.model or 'models/picaso-mini'}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": "python examples/quickstart.py " + " ".join(argv if argv is not None else sys.argv[1:]),
