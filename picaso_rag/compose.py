@@ -88,6 +88,22 @@ def _picaso_r_log_weights(la: Tensor) -> Tensor:
     return torch.logsumexp(prods, dim=-1) - math.log(n)
 
 
+
+def _checked_arguments(states: Sequence[State], method: str, prefix: State | None,
+                       conv: str) -> tuple[list[State], list[State]]:
+    """(the documents' states, those and the prefix): the arguments of compose and compose_hybrid, checked."""
+    if method not in METHODS:
+        raise PicasoError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}.")
+    if conv not in CONV_POLICIES:
+        raise PicasoError(f"unknown conv-state policy {conv!r}; choose one of {', '.join(CONV_POLICIES)}.")
+    if conv == "last" and method in ORDER_INVARIANT:
+        raise PicasoError(f"conv='last' depends on document order, which {method} must not; use conv='mean' or 'zero'.")
+    states = list(states)
+    everything = states + ([prefix] if prefix is not None else [])
+    if not everything:
+        raise PicasoError("nothing to compose: pass at least one document state or a prefix state.")
+    return states, everything
+
 def compose(
     states: Sequence[State],
     method: str = "picaso-s",
@@ -104,16 +120,7 @@ def compose(
 
     Usage: ``ctx = compose(engine.encode(docs), "picaso-r")``.
     """
-    if method not in METHODS:
-        raise PicasoError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}.")
-    if conv not in CONV_POLICIES:
-        raise PicasoError(f"unknown conv-state policy {conv!r}; choose one of {', '.join(CONV_POLICIES)}.")
-    if conv == "last" and method in ORDER_INVARIANT:
-        raise PicasoError(f"conv='last' depends on document order, which {method} must not; use conv='mean' or 'zero'.")
-    states = list(states)
-    everything = states + ([prefix] if prefix is not None else [])
-    if not everything:
-        raise PicasoError("nothing to compose: pass at least one document state or a prefix state.")
+    states, everything = _checked_arguments(states, method, prefix, conv)
     if isinstance(everything[0], HybridState):  # a hybrid model's states: attention layers too
         return compose_hybrid(states, method, prefix, conv)
     fingerprint = check_same_model(everything)
@@ -213,16 +220,7 @@ def compose_hybrid(
 
     Usage: ``ctx = compose_hybrid(engine.encode(docs), "picaso-s")`` (or ``engine.compose``).
     """
-    if method not in METHODS:
-        raise PicasoError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}.")
-    if conv not in CONV_POLICIES:
-        raise PicasoError(f"unknown conv-state policy {conv!r}; choose one of {', '.join(CONV_POLICIES)}.")
-    if conv == "last" and method in ORDER_INVARIANT:
-        raise PicasoError(f"conv='last' depends on document order, which {method} must not; use conv='mean' or 'zero'.")
-    states = list(states)
-    everything = states + ([prefix] if prefix is not None else [])
-    if not everything:
-        raise PicasoError("nothing to compose: pass at least one document state or a prefix state.")
+    states, everything = _checked_arguments(states, method, prefix, conv)
     if not all(isinstance(s, HybridState) for s in everything):
         raise PicasoError("hybrid and Mamba-2 states were mixed; encode every document with the one model you query with.")
     fingerprint = check_same_model(everything)

@@ -852,6 +852,21 @@ class StateStore:
         """Every state file (of one model, or of all), with the status of its header; never raises
         for a bad file (symlinks, FIFOs, devices, garbage are CORRUPT entries, never opened through)."""
         models = [self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_names()
+        for model, stripe in self._stripes(models):
+            try:
+                stripe_fd = self._open_dir(_LAYOUT, model, stripe)
+            except (FileNotFoundError, _UnsafePath):
+                continue
+            try:
+                with os.scandir(stripe_fd) as found:
+                    names = sorted(e.name for e in found if _STATE_FILE.fullmatch(e.name))
+            finally:
+                os.close(stripe_fd)
+            for name in names:
+                yield self._entry(model, stripe, name)
+
+    def _stripes(self, models: list[str]) -> Iterator[tuple[str, str]]:
+        """(model, stripe) of every real stripe directory of ``models`` (links and files skipped)."""
         for model in models:
             try:
                 model_fd = self._open_dir(_LAYOUT, model)
@@ -862,17 +877,7 @@ class StateStore:
             finally:
                 os.close(model_fd)
             for stripe in stripes:
-                try:
-                    stripe_fd = self._open_dir(_LAYOUT, model, stripe)
-                except (FileNotFoundError, _UnsafePath):
-                    continue
-                try:
-                    with os.scandir(stripe_fd) as found:
-                        names = sorted(e.name for e in found if _STATE_FILE.fullmatch(e.name))
-                finally:
-                    os.close(stripe_fd)
-                for name in names:
-                    yield self._entry(model, stripe, name)
+                yield model, stripe
 
     def _entry(self, model: str, stripe: str, name: str) -> StoreEntry:
         path = self._root / model / stripe / name
@@ -917,34 +922,25 @@ class StateStore:
         or process is never touched. Returns the number of files removed.
         """
         removed = 0
-        for model in self._model_names():
-            try:
-                model_fd = self._open_dir(_LAYOUT, model)
-            except (FileNotFoundError, _UnsafePath):
+        for model, stripe in self._stripes(self._model_names()):
+            if not re.fullmatch(r"[0-9a-f]{2}", stripe):
                 continue
-            try:
-                stripes = self._real_subdirs(model_fd)
-            finally:
-                os.close(model_fd)
-            for stripe in stripes:
-                if not re.fullmatch(r"[0-9a-f]{2}", stripe):
+            with self._writable(), self._stripe_lock(stripe):
+                try:
+                    fd = self._open_dir(_LAYOUT, model, stripe)
+                except (FileNotFoundError, _UnsafePath):
                     continue
-                with self._writable(), self._stripe_lock(stripe):
-                    try:
-                        fd = self._open_dir(_LAYOUT, model, stripe)
-                    except (FileNotFoundError, _UnsafePath):
-                        continue
-                    try:
-                        with os.scandir(fd) as found:
-                            temps = [e.name for e in found if e.name.startswith(".") and e.name.endswith(".tmp")]
-                        for name in temps:
-                            try:
-                                os.unlink(name, dir_fd=fd)
-                                removed += 1
-                            except (FileNotFoundError, IsADirectoryError):
-                                pass
-                    finally:
-                        os.close(fd)
+                try:
+                    with os.scandir(fd) as found:
+                        temps = [e.name for e in found if e.name.startswith(".") and e.name.endswith(".tmp")]
+                    for name in temps:
+                        try:
+                            os.unlink(name, dir_fd=fd)
+                            removed += 1
+                        except (FileNotFoundError, IsADirectoryError):
+                            pass
+                finally:
+                    os.close(fd)
         return removed
 
     def prune(self, keep: set[str] | list[str]) -> int:
