@@ -118,13 +118,24 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
             logits = engine.model(tgt[:, :-1], ssm_state=ssm, conv_state=conv).logits
         return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="none").view(len(tgt), -1).sum(1)
 
-    def nll_after_state(state: HybridState, row: int) -> torch.Tensor:
-        """Summed NLL of targets[row] read after a hybrid model's composed state (SSM and attention layers)."""
-        tgt = targets[row:row + 1].to(device)
-        s = state.to(device, dtype=engine.model.dtype)
-        logits = engine.model(tgt[:, :-1], ssm_state=s.ssm[None], conv_state=s.conv[None], keys=s.keys[None],
-                              values=s.values[None], position=s.position).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), reduction="sum")[None]
+    def nll_after_states(composed: list[HybridState], rows: slice) -> torch.Tensor:
+        """Summed NLL of targets[rows] read after a hybrid model's composed states (SSM and attention layers).
+
+        Rows whose unions have the same key length and position (every row of this protocol: segments
+        are of equal length) are read as one batch; others one at a time."""
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(composed):
+            groups.setdefault((c.keys.shape[-2], c.position), []).append(i)
+        out = torch.empty(len(composed), device=device)
+        for (_, position), members in groups.items():
+            tgt = targets[rows][members].to(device)
+            s = [composed[i].to(device, dtype=engine.model.dtype) for i in members]
+            logits = engine.model(tgt[:, :-1], ssm_state=torch.stack([c.ssm for c in s]), conv_state=torch.stack([c.conv for c in s]),
+                                  keys=torch.stack([c.keys for c in s]), values=torch.stack([c.values for c in s]),
+                                  position=position).logits
+            out[members] = F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(),
+                                           reduction="none").view(len(members), -1).sum(1)
+        return out
 
     def concat_prefix(order_rows: torch.Tensor) -> list[list[int]]:
         return [[t for j in row for t in segments[int(j)].tolist() + sep] for row in order_rows]
@@ -151,8 +162,8 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
                         totals[s][rows] = nll_after(concat_prefix(order), rows=rows).double().cpu()
                 else:
                     composed = [engine.compose([stored[precision][int(j)] for j in row], method=method) for row in ids]
-                    if isinstance(composed[0], HybridState):  # keys of different lengths: one row at a time
-                        totals[0][rows] = torch.cat([nll_after_state(c, b + i) for i, c in enumerate(composed)]).double().cpu()
+                    if isinstance(composed[0], HybridState):
+                        totals[0][rows] = nll_after_states(composed, rows).double().cpu()
                         continue
                     ssm = torch.stack([c.ssm for c in composed]).to(engine.model.dtype)
                     conv = torch.stack([c.conv for c in composed]).to(engine.model.dtype)

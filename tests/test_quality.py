@@ -62,3 +62,25 @@ def test_wikitext_articles_and_segments(tokenizer):
     engine = make_engine(tokenizer)
     segments = quality.make_segments(engine, 64)
     assert segments.shape[1] == 64 and segments.shape[0] % 2 == 0 and segments.shape[0] > 1000
+
+
+def test_hybrid_models_are_scored_in_batches_with_the_identities(tokenizer):
+    """A hybrid's composed rows are read as one batch (keys of equal length): the scores equal reading
+    row by row, and with one document every method equals the concatenation."""
+    from picaso_rag import PicasoEngine
+    from picaso_rag.hybrid import HybridLM, init_weights
+    from picaso_rag.hybrid_config import HybridConfig
+
+    cfg = HybridConfig(family="picaso_hybrid", vocab_size=50288, d_model=32, layer_types=("mamba", "attention"),
+                       d_state=8, headdim=16, chunk_size=8, n_heads=2, n_kv_heads=2, head_dim=16)
+    engine = PicasoEngine(init_weights(HybridLM(cfg), seed=1, std=0.1), tokenizer)
+    g = torch.Generator().manual_seed(0)
+    segments = torch.randint(0, 50000, (2 * 5, 8), generator=g)
+    retrieved = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(5)])
+    methods = ["concat", "caso", "picaso-s", "picaso-r", "soup"]
+    batched = quality.evaluate(engine, segments, retrieved, [1, 3], methods, batch_size=5)
+    for method in methods:
+        assert batched["1"][method]["nll"] == pytest.approx(batched["1"]["concat"]["nll"], abs=1e-5), method
+    one_by_one = quality.evaluate(engine, segments, retrieved, [3], methods, batch_size=1)
+    for method in methods:
+        assert batched["3"][method]["nll"] == pytest.approx(one_by_one["3"][method]["nll"], rel=1e-5), method
