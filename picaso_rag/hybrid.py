@@ -91,6 +91,29 @@ class Attention(nn.Module):
         y = attend(q, keys, values, self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, -1)), k, v
 
+    def step_slots(self, x: Tensor, keys: Tensor, values: Tensor, lengths: Tensor,
+                   rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """One new token per row, each row over its own keys (a continuous batch's slots).
+
+        x [b, d]; keys/values [b, KV, S, hd]: views of a padded buffer whose row r holds lengths[r]
+        keys (S > every length). The new token's key and value are written in place at index
+        lengths[r]; row r attends to its keys 0..lengths[r] only (a key mask: the padding after them
+        is never seen). rope: cos/sin [b, 1, 1, rotary_dim] at each row's position, or None.
+        """
+        b, hd = x.shape[0], self.cfg.head_dim
+        q = self.q_proj(x).view(b, -1, 1, hd)
+        k = self.k_proj(x).view(b, -1, 1, hd)
+        v = self.v_proj(x).view(b, -1, 1, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        rows = torch.arange(b, device=x.device)
+        keys[rows, :, lengths] = k[:, :, 0].to(keys.dtype)
+        values[rows, :, lengths] = v[:, :, 0].to(values.dtype)
+        visible = torch.arange(keys.shape[2], device=x.device)[None, :] <= lengths[:, None]  # [b, S]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=self.scale,
+                                           enable_gqa=q.shape[1] != keys.shape[1])
+        return self.o_proj(y.reshape(b, -1))
+
 
 # ----------------------------------------------------------------------------- feed-forward
 class Linear3d(nn.Module):
@@ -322,6 +345,36 @@ class HybridLM(nn.Module):
             keys = torch.cat([keys, torch.stack(new_k, 1).to(keys.dtype)], dim=3)
             values = torch.cat([values, torch.stack(new_v, 1).to(values.dtype)], dim=3)
         return self.lm_head(x) / cfg.logits_scaling, keys, values
+
+    def step_slots(self, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor, keys: Tensor, values: Tensor,
+                   lengths: Tensor, positions: Tensor) -> Tensor:
+        """Decode one token for each of b rows, each from its own state (the slots of a continuous batch,
+        picaso_rag.scheduler): token_ids [b]; ssm_state/conv_state [b, n_ssm, ...], updated in place;
+        keys/values [b, n_attn, KV, S, hd], padded buffers whose row r holds lengths[r] keys (S >
+        every length): the new token's key and value are written at index lengths[r], in place, and
+        row r attends to its own keys only; positions [b]: each row's RoPE position. Returns logits [b, vocab].
+
+        Usage: ``logits = model.step_slots(ids, ssm, conv, keys[..., :span, :], values[..., :span, :], lengths, positions)``,
+        then ``lengths += 1; positions += 1``.
+        """
+        cfg = self.cfg
+        rope = None
+        if cfg.rotary_dim:
+            cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, self.dtype)
+            rope = cos[:, None, None], sin[:, None, None]
+        x = self.model.embed_tokens(token_ids) * cfg.embedding_multiplier  # [b, d]
+        i_ssm = i_attn = 0
+        for block in self.model.layers:
+            h = rmsnorm(x, block.input_layernorm.weight, cfg.norm_eps)
+            if hasattr(block, "mamba"):
+                h = block.mamba.step(h, ssm_state[:, i_ssm], conv_state[:, i_ssm])
+                i_ssm += 1
+            else:
+                h = block.self_attn.step_slots(h, keys[:, i_attn], values[:, i_attn], lengths, rope)
+                i_attn += 1
+            x = block.ffn(x + h * cfg.residual_multiplier)
+        x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps)
+        return self.lm_head(x) / cfg.logits_scaling
 
     def shift_keys(self, keys: Tensor, delta: int) -> Tensor:
         """Keys [..., T, head_dim] read at positions p, as if read at p + delta: RoPE is a rotation,
