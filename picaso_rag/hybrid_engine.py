@@ -24,7 +24,7 @@ from .errors import PicasoError, StateMismatchError
 from .generation import Sampler, SamplingParams, TextStream
 from .hybrid import HybridLM
 from .loading import Tokenizer, fingerprint_of
-from .state import HybridState
+from .state import HybridState, HybridStateSpec, register_state_spec
 
 
 class HybridEngine(PicasoEngine):
@@ -36,6 +36,18 @@ class HybridEngine(PicasoEngine):
             raise PicasoError(f"HybridEngine needs a HybridLM, got {type(model).__name__}; use PicasoEngine for Mamba-2 models.")
         # no CUDA graphs: they replay Mamba2LM.step, and here the keys grow by one token a step
         super().__init__(model, tokenizer, fingerprint or fingerprint_of(model, tokenizer), cuda_graphs=False, **limits)
+
+    @property
+    def max_document_tokens(self) -> int:
+        """Tokens of the longest text :meth:`encode` takes (see :class:`PicasoEngine`)."""
+        return self._max_document_tokens
+
+    @max_document_tokens.setter
+    def max_document_tokens(self, value: int) -> None:
+        # a hybrid's state grows with its document: the stores of this process validate (and bound)
+        # a stored state of this model by its shapes and this longest document, whenever it changes
+        self._max_document_tokens = value
+        register_state_spec(self.fingerprint, HybridStateSpec.of_config(self.model.cfg, value))
 
     # ----------------------------------------------------------------------------- encoding
     @torch.inference_mode()
