@@ -15,7 +15,8 @@ states are dropped. A host hit moves the state back up. With ``device="cpu"`` bo
 memory (how the tests run the device tier without a GPU).
 
 Budgets are hard: the bytes held by a tier never exceed its budget, at any moment, from any
-thread. A state larger than a tier's budget is never put in that tier (a state larger than both
+thread. A state counts its real bytes (``State.nbytes``): a hybrid model's grows with its document
+(its keys and values), so a tier holds fewer long hybrid states than short ones. A state larger than a tier's budget is never put in that tier (a state larger than both
 is not cached at all; the caller still has and uses it). Every method takes one lock.
 
 Below the memory tiers, the stores (local disk, shared object store) are a cache with a fallback:
@@ -37,7 +38,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .errors import PicasoError
-from .state import State
+from .state import HybridState, State
 from .store import StoredState, StoreStatus
 
 logger = logging.getLogger("picaso_rag.cache")
@@ -218,7 +219,10 @@ def _on(state: State, device: torch.device) -> bool:
 
 
 def _pinned(state: State) -> State:
-    return replace(state, ssm=state.ssm.pin_memory(), conv=state.conv.pin_memory(), log_decay=state.log_decay.pin_memory())
+    pinned = replace(state, ssm=state.ssm.pin_memory(), conv=state.conv.pin_memory(), log_decay=state.log_decay.pin_memory())
+    if isinstance(state, HybridState):  # the keys and values: a long document's state is mostly them
+        pinned = replace(pinned, keys=state.keys.pin_memory(), values=state.values.pin_memory())
+    return pinned
 
 
 # ============================================================== the store as a cache with a fallback

@@ -1,10 +1,12 @@
 """A hybrid language model: Mamba-2 layers and a few attention layers, reading from and returning its state.
 
 One model covers IBM Granite 4.0-H (dense and MoE; attention without positions), IBM Bamba (RoPE
-attention) and this project's own small hybrid; :class:`~picaso_rag.hybrid_config.HybridConfig` says
-which. Parameter names follow transformers' ``GraniteMoeHybridForCausalLM`` (Bamba's two differing
+attention), NVIDIA Nemotron-H (one mixer a layer: Mamba-2, NoPE attention, squared-ReLU MLP or MoE)
+and this project's own small hybrid; :class:`~picaso_rag.hybrid_config.HybridConfig` says which.
+Parameter names follow transformers' ``GraniteMoeHybridForCausalLM`` (Bamba's and Nemotron-H's
 names are renamed on load), so checkpoints load as they are. The Mamba-2 layers are
-:class:`picaso_rag.model.Mamba2Mixer`, unchanged; attention is torch SDPA.
+:class:`picaso_rag.model.Mamba2Mixer`, unchanged; attention is torch SDPA. Nemotron-H's MLP and MoE
+layers read one token at a time and keep nothing: they add no state.
 
 The state of a text is what the next tokens need:
 - SSM layers: ``ssm_state`` [b, n_ssm, H, P, N], ``conv_state`` [b, n_ssm, C, W-1], ``log_decay``
@@ -174,9 +176,83 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
+class ReluSquaredMLP(nn.Module):
+    """Nemotron-H's MLP (and its shared expert): down(relu(up(x))^2), no gate."""
+
+    def __init__(self, d: int, hidden: int, bias: bool):
+        super().__init__()
+        self.up_proj = nn.Linear(d, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class SigmoidRouter(nn.Module):
+    """Nemotron-H's router (DeepSeek-V3 style): sigmoid scores; the correction bias steers which experts
+    are chosen (the best topk_groups groups by the sum of their two best scores, then the top k in
+    those), the weights are the chosen scores without it, normalised, times routed_scaling. fp32."""
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [n, d] -> (expert index [n, k], fp32 weight [n, k])."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if cfg.topk_groups < cfg.n_expert_groups:  # keep the experts of the best groups only
+            grouped = choice.view(-1, cfg.n_expert_groups, cfg.n_experts // cfg.n_expert_groups)
+            best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_groups, dim=-1).indices
+            kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = choice.masked_fill(~kept.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        top_index = choice.topk(cfg.experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, top_index)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return top_index, weights * cfg.routed_scaling
+
+
+class NemotronMoE(nn.Module):
+    """Nemotron-H's MoE layer: routed squared-ReLU experts (optionally in a smaller latent width) plus a
+    shared expert. Expert weights are [n_experts, out, in] (transformers' fused layout)."""
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        width = cfg.expert_latent_dim or cfg.d_model
+        self.gate = SigmoidRouter(cfg)
+        self.experts = nn.Module()
+        self.experts.up_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.expert_dim, width))
+        self.experts.down_proj = nn.Parameter(torch.empty(cfg.n_experts, width, cfg.expert_dim))
+        self.shared_experts = ReluSquaredMLP(cfg.d_model, cfg.shared_expert_dim, cfg.ffn_bias)
+        if cfg.expert_latent_dim:
+            self.fc1_latent_proj = nn.Linear(cfg.d_model, width, bias=cfg.ffn_bias)
+            self.fc2_latent_proj = nn.Linear(width, cfg.d_model, bias=cfg.ffn_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        top_index, top_weights = self.gate(flat)
+        h = self.fc1_latent_proj(flat) if hasattr(self, "fc1_latent_proj") else flat
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # summed in fp32, as transformers does
+        for expert in top_index.unique().tolist():  # only the experts some token chose, in index order
+            token, slot = (top_index == expert).nonzero(as_tuple=True)
+            y = F.linear(F.relu(F.linear(h[token], self.experts.up_proj[expert])).square(), self.experts.down_proj[expert])
+            out[token] += y * top_weights[token, slot, None]  # a token picks an expert at most once
+        out = out.to(x.dtype)
+        if hasattr(self, "fc2_latent_proj"):
+            out = self.fc2_latent_proj(out)
+        return out.view_as(x) + self.shared_experts(x)
+
+
 # ---------------------------------------------------------------------------------- blocks
 class HybridBlock(nn.Module):
-    """x + m * mixer(norm(x)), then x + m * ffn(norm(x)) when the model has feed-forward layers."""
+    """x + m * mixer(norm(x)), then x + m * ffn(norm(x)) when the model has feed-forward layers.
+
+    The mixer is ``mamba``, ``self_attn`` or (Nemotron-H's stateless layers) ``mlp``: a squared-ReLU
+    MLP or an MoE, which read each token alone."""
 
     def __init__(self, cfg: HybridConfig, layer_type: str):
         super().__init__()
@@ -184,8 +260,12 @@ class HybridBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if layer_type == "mamba":
             self.mamba = Mamba2Mixer(cfg.mamba_config())
-        else:
+        elif layer_type == "attention":
             self.self_attn = Attention(cfg)
+        elif layer_type == "mlp":
+            self.mlp = ReluSquaredMLP(cfg.d_model, cfg.ffn_dim, cfg.ffn_bias)
+        else:
+            self.mlp = NemotronMoE(cfg)
         if cfg.ffn != "none":
             self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.ffn == "granite":
@@ -290,6 +370,8 @@ class HybridLM(nn.Module):
                 conv_out.append(c)
                 decay_out.append(d)
                 i_ssm += 1
+            elif hasattr(block, "mlp"):  # Nemotron-H's MLP / MoE layers: no state
+                h = block.mlp(h)
             else:
                 h, k, v = block.self_attn(h, keys[:, i_attn], values[:, i_attn], rope)
                 k_out.append(k)
@@ -333,6 +415,8 @@ class HybridLM(nn.Module):
             if hasattr(block, "mamba"):
                 h = block.mamba.step(h, ssm_state[:, i_ssm], conv_state[:, i_ssm])
                 i_ssm += 1
+            elif hasattr(block, "mlp"):
+                h = block.mlp(h)
             else:
                 h, k, v = block.self_attn(h[:, None], keys[:, i_attn], values[:, i_attn], rope)
                 h = h[:, 0]
@@ -369,6 +453,8 @@ class HybridLM(nn.Module):
             if hasattr(block, "mamba"):
                 h = block.mamba.step(h, ssm_state[:, i_ssm], conv_state[:, i_ssm])
                 i_ssm += 1
+            elif hasattr(block, "mlp"):
+                h = block.mlp(h)
             else:
                 h = block.self_attn.step_slots(h, keys[:, i_attn], values[:, i_attn], lengths, rope)
                 i_attn += 1
@@ -408,6 +494,7 @@ def init_weights(model: HybridLM, seed: int = 0, std: float = 0.02) -> HybridLM:
         else:
             p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
     for block in model.model.layers:  # GPT-2 style: scale residual projections by depth
-        out = block.mamba.out_proj if hasattr(block, "mamba") else block.self_attn.o_proj
-        out.weight.div_((2 * cfg.n_layer) ** 0.5)
+        if hasattr(block, "mamba") or hasattr(block, "self_attn"):
+            out = block.mamba.out_proj if hasattr(block, "mamba") else block.self_attn.o_proj
+            out.weight.div_((2 * cfg.n_layer) ** 0.5)
     return model

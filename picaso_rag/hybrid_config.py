@@ -1,9 +1,12 @@
 """Configuration of hybrid models: Mamba-2 layers with a few attention layers (and MLPs).
 
-Three checkpoint layouts become one :class:`HybridConfig`; the model code only knows this one:
+Four checkpoint layouts become one :class:`HybridConfig`; the model code only knows this one:
 - transformers ``GraniteMoeHybridForCausalLM`` (IBM Granite 4.0-H, dense and MoE): ``layer_types``,
   ``position_embedding_type`` (``"nope"``/None: attention without positions; ``"rope"``), multipliers;
 - transformers ``BambaForCausalLM`` (IBM Bamba): ``attn_layer_indices``, RoPE on half of each head;
+- transformers ``NemotronHForCausalLM`` (NVIDIA Nemotron-H, Nemotron Nano 2 / 3): one mixer a layer,
+  by ``layers_block_type`` or ``hybrid_override_pattern`` (Mamba-2 ``M``, NoPE attention ``*``,
+  squared-ReLU MLP ``-``, MoE ``E``); its MLP and MoE layers carry no state;
 - ``picaso_hybrid``: this project's own small hybrid (no MLP, like picaso-mini).
 """
 
@@ -16,8 +19,10 @@ from typing import Any
 from .config import Mamba2Config, _dt_limit
 from .errors import CheckpointError
 
-HYBRID_MODEL_TYPES = ("granitemoehybrid", "bamba", "picaso_hybrid")
+HYBRID_MODEL_TYPES = ("granitemoehybrid", "bamba", "nemotron_h", "picaso_hybrid")
 FFN_KINDS = ("none", "granite", "llama")
+# a layer's one mixer: the two with a state, and (Nemotron-H) the two feed-forward layers without one
+LAYER_KINDS = ("mamba", "attention", "mlp", "moe")
 _MAMBA_NAMES = {"mamba", "linear_attention"}
 _ATTENTION_NAMES = {"attention", "full_attention"}
 
@@ -32,7 +37,7 @@ class HybridConfig:
     family: str  # one of HYBRID_MODEL_TYPES: the checkpoint layout (weight names) it came from
     vocab_size: int
     d_model: int
-    layer_types: tuple[str, ...]  # "mamba" or "attention", one per layer
+    layer_types: tuple[str, ...]  # one of LAYER_KINDS per layer ("mlp"/"moe": Nemotron-H's feed-forward layers)
     # Mamba-2 layers
     d_state: int = 128
     d_conv: int = 4
@@ -43,6 +48,7 @@ class HybridConfig:
     conv_bias: bool = True
     bias: bool = False  # in_proj / out_proj bias
     dt_limit: tuple[float, float] = (0.0, math.inf)
+    d_ssm: int = 0  # SSM channels (heads x headdim) where they are not expand * d_model (Nemotron-H); 0: expand * d_model
     # attention layers
     n_heads: int = 8
     n_kv_heads: int = 8
@@ -51,13 +57,23 @@ class HybridConfig:
     attention_scale: float | None = None  # None: head_dim ** -0.5
     rotary_dim: int = 0  # 0: no positional encoding (NoPE); else RoPE on the first rotary_dim channels of a head
     rope_theta: float = 10000.0
-    # feed-forward after each mixer: "none", "granite" (shared MLP, plus MoE if n_experts), "llama" (gated MLP)
+    # feed-forward after each mixer: "none", "granite" (shared MLP, plus MoE if n_experts), "llama" (gated MLP);
+    # with "none", ffn_dim/ffn_bias size Nemotron-H's "mlp" layers and the expert fields its "moe" layers
     ffn: str = "none"
     ffn_dim: int = 0
     ffn_bias: bool = False
     n_experts: int = 0
     experts_per_tok: int = 0
     expert_dim: int = 0
+    # Nemotron-H's MoE layers: a shared squared-ReLU expert beside the routed ones; the router scores
+    # experts by sigmoid (plus a correction bias for the choice only), picks topk_groups of n_expert_groups
+    # groups then experts_per_tok experts in them, and scales their normalised weights by routed_scaling
+    shared_expert_dim: int = 0
+    expert_latent_dim: int = 0  # 0: experts read d_model; else through fc1_latent_proj / fc2_latent_proj
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling: float = 1.0
     # the rest
     norm_eps: float = 1e-5
     embedding_multiplier: float = 1.0
@@ -70,9 +86,19 @@ class HybridConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "dt_limit", tuple(self.dt_limit))
-        bad = sorted(set(self.layer_types) - {"mamba", "attention"})
+        bad = sorted(set(self.layer_types) - set(LAYER_KINDS))
         if bad or not self.layer_types:
-            raise CheckpointError(f"layer types must be 'mamba' or 'attention', got {bad or 'no layers'}; fix config.json.")
+            raise CheckpointError(f"layer types must be one of {LAYER_KINDS}, got {bad or 'no layers'}; fix config.json.")
+        if "mlp" in self.layer_types and self.ffn_dim < 1:
+            raise CheckpointError(f"MLP layers need intermediate_size >= 1, got {self.ffn_dim}; fix config.json.")
+        if "moe" in self.layer_types:
+            per_group = self.n_experts // max(self.n_expert_groups, 1)
+            if (self.n_expert_groups < 1 or self.n_experts % self.n_expert_groups or per_group < 2
+                    or not 1 <= self.topk_groups <= self.n_expert_groups
+                    or not 1 <= self.experts_per_tok <= self.topk_groups * per_group):
+                raise CheckpointError(
+                    f"MoE routing does not fit: {self.n_experts} experts in {self.n_expert_groups} groups (at least 2 "
+                    f"experts a group), {self.topk_groups} groups kept, {self.experts_per_tok} experts a token; fix config.json.")
         if self.ffn not in FFN_KINDS:
             raise CheckpointError(f"unknown feed-forward kind {self.ffn!r}; one of {FFN_KINDS}.")
         if self.attn_layers and self.n_heads % self.n_kv_heads:
@@ -95,20 +121,28 @@ class HybridConfig:
         return tuple(i for i, t in enumerate(self.layer_types) if t == "attention")
 
     @property
+    def d_inner(self) -> int:
+        """Channels of the Mamba-2 layers (x, z and the gated norm)."""
+        return self.d_ssm or self.expand * self.d_model
+
+    @property
     def nheads(self) -> int:
         """Heads of the Mamba-2 layers."""
-        return self.expand * self.d_model // self.headdim
+        return self.d_inner // self.headdim
 
     @property
     def conv_dim(self) -> int:
-        return self.expand * self.d_model + 2 * self.ngroups * self.d_state
+        return self.d_inner + 2 * self.ngroups * self.d_state
 
     def mamba_config(self) -> Mamba2Config:
         """The Mamba2Config of one SSM layer: the hybrid reuses picaso_rag.model.Mamba2Mixer as is."""
-        return Mamba2Config(d_model=self.d_model, n_layer=len(self.ssm_layers), vocab_size=self.vocab_size,
-                            d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, headdim=self.headdim,
-                            ngroups=self.ngroups, chunk_size=self.chunk_size, norm_eps=self.norm_eps,
-                            conv_bias=self.conv_bias, bias=self.bias, dt_limit=self.dt_limit)
+        fields = dict(d_model=self.d_model, n_layer=len(self.ssm_layers), vocab_size=self.vocab_size,
+                      d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, headdim=self.headdim,
+                      ngroups=self.ngroups, chunk_size=self.chunk_size, norm_eps=self.norm_eps,
+                      conv_bias=self.conv_bias, bias=self.bias, dt_limit=self.dt_limit)
+        if self.d_inner != self.expand * self.d_model:
+            return _WideMamba2Config(**fields, d_ssm=self.d_ssm)
+        return Mamba2Config(**fields)
 
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of keys and values one document token adds to its state (all attention layers)."""
@@ -117,6 +151,9 @@ class HybridConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
+        for name in _FIELDS_SINCE_NEMOTRON:  # at their defaults, absent: older models keep their fingerprints
+            if d[name] == self.__dataclass_fields__[name].default:
+                d.pop(name)
         d["layer_types"] = list(self.layer_types)
         d["dt_limit"] = [self.dt_limit[0], self.dt_limit[1] if math.isfinite(self.dt_limit[1]) else "inf"]
         return d
@@ -127,7 +164,7 @@ class HybridConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "HybridConfig":
-        """Parse config.json of a Granite 4.0-H, Bamba or picaso_hybrid checkpoint.
+        """Parse config.json of a Granite 4.0-H, Bamba, Nemotron-H or picaso_hybrid checkpoint.
 
         Usage: ``HybridConfig.from_dict(json.load(open("granite-4.0-h-tiny/config.json")))``.
         """
@@ -136,6 +173,8 @@ class HybridConfig:
             return cls._from_granite(raw)
         if kind == "bamba":
             return cls._from_bamba(raw)
+        if kind == "nemotron_h":
+            return cls._from_nemotron_h(raw)
         if kind == "picaso_hybrid":
             fields = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "extra"}
             fields["dt_limit"] = tuple(math.inf if v == "inf" else float(v) for v in fields.get("dt_limit", (0.0, "inf")))
@@ -208,3 +247,99 @@ class HybridConfig:
         return cls(family="bamba", layer_types=tuple("attention" if i in attn else "mamba" for i in range(n_layer)),
                    rotary_dim=int(fields["head_dim"] * factor), rope_theta=cls._rope_theta(raw),
                    ffn="llama", ffn_dim=int(raw["intermediate_size"]), ffn_bias=bool(raw.get("mlp_bias", False)), **fields)
+
+    @classmethod
+    def _from_nemotron_h(cls, raw: dict[str, Any]) -> "HybridConfig":
+        """transformers' NemotronHConfig: its field names, its defaults (save_pretrained may leave defaults
+        out), and the legacy ``mamba_*`` names it still accepts (they win, as in its __post_init__)."""
+        defaults = dict(ssm_state_size=128, mamba_num_heads=128, mamba_head_dim=64, n_groups=8, conv_kernel=4,
+                        chunk_size=128, use_conv_bias=True, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=21504, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=7688,
+                        moe_shared_expert_intermediate_size=7688, n_group=1, topk_group=1)
+        legacy = dict(n_groups="mamba_n_groups", conv_kernel="mamba_d_conv", use_conv_bias="mamba_conv_bias",
+                      chunk_size="mamba_chunk_size", time_step_limit="mamba_dt_limit")
+
+        def get(name: str) -> Any:
+            if name in legacy and raw.get(legacy[name]) is not None:
+                return raw[legacy[name]]
+            value = raw.get(name)
+            return defaults.get(name) if value is None else value
+
+        kinds = _nemotron_layer_kinds(raw)
+        for field_name, wanted in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
+            if raw.get(field_name, wanted) != wanted:
+                raise CheckpointError(f"{field_name} {raw[field_name]!r} is not supported (only {wanted!r}, as in every "
+                                      "released Nemotron-H); fix config.json.")
+        d_model, n_heads = int(raw["hidden_size"]), int(get("num_attention_heads"))
+        mamba_heads, mamba_head_dim = int(get("mamba_num_heads")), int(get("mamba_head_dim"))
+        moe = "moe" in kinds
+        latent = raw.get("moe_latent_size")
+        eos = raw.get("eos_token_id", 2)
+        return cls(
+            family="nemotron_h", vocab_size=int(raw.get("vocab_size", 131072)), d_model=d_model, layer_types=kinds,
+            d_state=int(get("ssm_state_size")), d_conv=int(get("conv_kernel")), expand=int(raw.get("expand", 2)),
+            headdim=mamba_head_dim, d_ssm=mamba_heads * mamba_head_dim, ngroups=int(get("n_groups")),
+            chunk_size=int(get("chunk_size")), conv_bias=bool(get("use_conv_bias")), bias=bool(raw.get("use_bias", False)),
+            # the checkpoint's time_step_limit, as NVIDIA's CUDA path and vLLM apply it; transformers' mixer
+            # instead floors dt at time_step_min, an initialisation bound (see docs/hybrids.md)
+            dt_limit=_dt_limit(get("time_step_limit")),
+            n_heads=n_heads, n_kv_heads=int(get("num_key_value_heads") or n_heads),
+            head_dim=int(raw.get("head_dim") or raw.get("attention_head_dim") or 128),
+            attention_bias=False,  # transformers builds Nemotron-H's attention without biases whatever the config says
+            ffn="none", ffn_dim=int(get("intermediate_size")) if "mlp" in kinds else 0,
+            ffn_bias=bool(raw.get("mlp_bias", False)),
+            n_experts=int(get("n_routed_experts")) if moe else 0,
+            experts_per_tok=int(get("num_experts_per_tok")) if moe else 0,
+            expert_dim=int(get("moe_intermediate_size")) if moe else 0,
+            shared_expert_dim=int(get("moe_shared_expert_intermediate_size")) if moe else 0,
+            expert_latent_dim=int(latent) if moe and latent else 0,
+            n_expert_groups=int(get("n_group")) if moe else 1, topk_groups=int(get("topk_group")) if moe else 1,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)), routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
+            norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=False,  # NemotronHForCausalLM never ties its lm_head to the embedding
+            eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+
+# Nemotron-H names its layers by letter (hybrid_override_pattern) or by name (layers_block_type; transformers 5
+# renamed "mamba"/"attention" to "linear_attention"/"full_attention")
+_NEMOTRON_LETTERS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+_NEMOTRON_NAMES = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention", "full_attention": "attention",
+                   "mlp": "mlp", "moe": "moe"}
+
+
+def _nemotron_layer_kinds(raw: dict[str, Any]) -> tuple[str, ...]:
+    names = raw.get("layers_block_type") or raw.get("layer_types")
+    if names:
+        unknown = sorted({n for n in names if n not in _NEMOTRON_NAMES})
+        if unknown:
+            raise CheckpointError(f"unknown Nemotron-H layer types {unknown}; expected {sorted(_NEMOTRON_NAMES)}.")
+        return tuple(_NEMOTRON_NAMES[n] for n in names)
+    pattern = raw.get("hybrid_override_pattern")
+    if not pattern:
+        raise CheckpointError("Nemotron-H config.json has neither layers_block_type nor hybrid_override_pattern; "
+                              "restore the checkpoint's config.json.")
+    unknown = sorted(set(pattern) - set(_NEMOTRON_LETTERS))
+    if unknown:
+        raise CheckpointError(f"hybrid_override_pattern has unknown layer letters {unknown}; expected M (Mamba-2), "
+                              "* (attention), - (MLP) or E (MoE).")
+    if len(pattern) != int(raw.get("num_hidden_layers") or len(pattern)):
+        raise CheckpointError(f"hybrid_override_pattern has {len(pattern)} layers but num_hidden_layers is "
+                              f"{raw['num_hidden_layers']}; fix config.json.")
+    return tuple(_NEMOTRON_LETTERS[c] for c in pattern)
+
+
+# fields added with Nemotron-H: left out of to_dict() at their defaults
+_FIELDS_SINCE_NEMOTRON = ("d_ssm", "shared_expert_dim", "expert_latent_dim", "n_expert_groups", "topk_groups",
+                          "norm_topk_prob", "routed_scaling")
+
+
+@dataclass(frozen=True)
+class _WideMamba2Config(Mamba2Config):
+    """A Mamba-2 layer whose SSM width is not expand * d_model (Nemotron-H: mamba_num_heads * mamba_head_dim,
+    e.g. 128 x 80 = 10,240 channels beside a 4,480-wide Nemotron Nano 9B v2); Mamba2Mixer reads cfg.d_inner."""
+
+    d_ssm: int = 0
+
+    @property
+    def d_inner(self) -> int:
+        return self.d_ssm

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Mamba2Config
 from .errors import CheckpointError
-from .hybrid import HybridLM
+from .hybrid import HybridLM, SigmoidRouter
 from .hybrid_config import HybridConfig, is_hybrid_config
 from .model import Mamba2LM
 
@@ -158,8 +159,9 @@ def load_checkpoint(
     """Load a Mamba-2 checkpoint (mamba_ssm or transformers layout) and its tokenizer.
 
     Hybrids load too, as a :class:`~picaso_rag.hybrid.HybridLM`: transformers'
-    ``GraniteMoeHybridForCausalLM`` (Granite 4.0-H, dense and MoE), ``BambaForCausalLM`` and
-    this project's ``picaso_hybrid`` checkpoints (see :func:`load_hybrid_checkpoint`).
+    ``GraniteMoeHybridForCausalLM`` (Granite 4.0-H, dense and MoE), ``BambaForCausalLM``,
+    ``NemotronHForCausalLM`` (Nemotron-H, dense and MoE) and this project's ``picaso_hybrid``
+    checkpoints (see :func:`load_hybrid_checkpoint`).
 
     ``tokenizer``: a tokenizer.json path or :class:`Tokenizer`; default: tokenizer.json in the directory.
     ``dtype``: default fp32 on CPU, bf16 on CUDA.
@@ -173,12 +175,13 @@ def load_checkpoint(
         raw_config = json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{directory / 'config.json'} is not valid JSON ({exc}); restore the checkpoint's config.json.") from exc
-    if is_hybrid_config(raw_config):  # Granite 4.0-H, Bamba, picaso_hybrid: Mamba-2 and attention layers
+    if is_hybrid_config(raw_config):  # Granite 4.0-H, Bamba, Nemotron-H, picaso_hybrid: Mamba-2 and attention layers
         return load_hybrid_checkpoint(directory, raw_config, device, dtype, _load_tokenizer(directory, tokenizer))
     if raw_config.get("model_type") in _OTHER_HYBRIDS:
         raise CheckpointError(
             f"{directory} is a {raw_config['model_type']} hybrid, which picaso-rag does not load yet; supported: pure "
-            "Mamba-2 checkpoints and the hybrids Granite 4.0-H (granitemoehybrid) and Bamba (see docs/hybrids.md)."
+            "Mamba-2 checkpoints and the hybrids Granite 4.0-H (granitemoehybrid), Bamba and Nemotron-H (nemotron_h) "
+            "(see docs/hybrids.md)."
         )
     if not isinstance(raw_config, dict):
         raise CheckpointError(f"{directory / 'config.json'} is a JSON {type(raw_config).__name__}, not an object; restore the checkpoint's config.json.")
@@ -241,15 +244,49 @@ def save_checkpoint(model: Mamba2LM, tokenizer: Tokenizer, directory: str | os.P
 
 
 # ------------------------------------------------------------------------------------ hybrids
-_OTHER_HYBRIDS = ("nemotron_h", "jamba", "zamba", "zamba2", "falcon_h1", "plamo2")
+_OTHER_HYBRIDS = ("jamba", "zamba", "zamba2", "falcon_h1", "plamo2")
 # transformers 5 renames Granite's MoE weights on load; checkpoints on the hub keep the original names
 _HYBRID_RENAMES = {
     "granitemoehybrid": (("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
                          ("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
                          ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
     "bamba": ((".pre_ff_layernorm.", ".post_attention_layernorm."), ("model.final_layernorm.", "model.norm.")),
+    "nemotron_h": (),  # per layer: _nemotron_h_names
     "picaso_hybrid": (),
 }
+_NEMOTRON_MIXER = {"mamba": "mamba", "attention": "self_attn", "mlp": "mlp", "moe": "mlp"}
+
+
+def _nemotron_h_names(weights: dict[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
+    """Nemotron-H's names as HybridLM's: ``backbone.`` (the hub's) or ``model.`` (transformers'),
+    ``embeddings``/``norm_f``, each layer's ``norm`` and ``mixer`` (named here by its kind); the hub's
+    one tensor per expert (``experts.{e}.up_proj.weight``) stacked into transformers' [n_experts, out, in].
+    Multi-token-prediction weights (``mtp.*``) are dropped, as transformers drops them."""
+    renamed: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in weights.items():
+        if name.startswith("mtp."):
+            continue
+        name = re.sub(r"^backbone\.", "model.", name)
+        name = name.replace("model.embeddings.", "model.embed_tokens.").replace("model.norm_f.", "model.norm.")
+        match = re.match(r"model\.layers\.(\d+)\.(norm|mixer)\.(.*)", name)
+        if match and int(match[1]) < cfg.n_layer:
+            i, part, rest = int(match[1]), match[2], match[3]
+            if part == "norm":
+                name = f"model.layers.{i}.input_layernorm.{rest}"
+            else:
+                name = f"model.layers.{i}.{_NEMOTRON_MIXER[cfg.layer_types[i]]}.{rest}"
+        expert = re.match(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", name)
+        if expert:
+            per_expert.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = tensor
+        else:
+            renamed[name] = tensor
+    for name, experts in per_expert.items():
+        if sorted(experts) != list(range(cfg.n_experts)):
+            raise CheckpointError(f"{name}: the checkpoint has experts {sorted(experts)[:8]}... but config.json says "
+                                  f"n_routed_experts = {cfg.n_experts}; restore the checkpoint's config.json and weights.")
+        renamed[name] = torch.stack([experts[e] for e in range(cfg.n_experts)])
+    return renamed
 
 
 def load_hybrid_checkpoint(
@@ -267,6 +304,8 @@ def load_hybrid_checkpoint(
     weights = _read_weights(directory)
     for old, new in _HYBRID_RENAMES[cfg.family]:
         weights = {k.replace(old, new): v for k, v in weights.items()}
+    if cfg.family == "nemotron_h":
+        weights = _nemotron_h_names(weights, cfg)
     model = HybridLM(cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
@@ -285,7 +324,13 @@ def load_hybrid_checkpoint(
                               "restore the checkpoint's own config.json and weights.") from None
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return model.to(device=device, dtype=dtype).eval(), tok
+    model = model.to(device=device, dtype=dtype).eval()
+    for name, module in model.named_modules():
+        if isinstance(module, SigmoidRouter):  # routers stay fp32, as transformers keeps them: in bf16 the
+            module.float()                     # correction bias would lose the small gaps that pick the experts
+            for key, tensor in module.state_dict().items():
+                tensor.copy_(weights[f"{name}.{key}"])
+    return model, tok
 
 
 def save_hybrid_checkpoint(model: HybridLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:

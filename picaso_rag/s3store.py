@@ -44,8 +44,10 @@ from .store import (
     StoredState,
     StoreStatus,
     check_header_shapes,
+    check_storable,
     encode_state_file,
     load_mac_key,
+    read_bound,
     read_state_header,
     read_state_tensors,
     state_from_file,
@@ -54,6 +56,7 @@ from .store import (
 )
 
 _LAYOUT = "v1"
+_HEADER_ONLY_BOUND = 1 << 62  # listing reads headers only: no tensor byte is read, whatever the size described
 
 
 
@@ -65,7 +68,8 @@ class S3StateStore:
     the states in it; ``client``: a boto3 S3 client (default: one from ``endpoint_url``, the
     environment's credentials, and short timeouts); ``precision``: how states are stored, "fp8"
     by default (e4m3 with a per-head scale: half of bf16, a quarter of fp32, at a measured cost
-    under 0.001 nats/token; docs/scaling.md), or "bf16" / "fp32"; ``mac_key``: the secret (bytes) or the path of a key file shared by every
+    under 0.001 nats/token; docs/scaling.md; a hybrid's keys and values with a per-channel scale,
+    picaso_rag.precision), or "bf16" / "fp32"; ``mac_key``: the secret (bytes) or the path of a key file shared by every
     replica (see :func:`~picaso_rag.store.load_mac_key`); ``max_state_bytes``: most tensor bytes
     read for a model whose shapes this process does not know.
 
@@ -129,6 +133,7 @@ class S3StateStore:
         Returns the object name. Raises :class:`StoreUnavailableError` if the store cannot be reached.
         """
         payload = encode_state_file(state, node_id, text=text, mac_key=self._mac_key, precision=self.precision)
+        check_storable(state, payload, state_spec_for(state.fingerprint), self.max_state_bytes)  # never an unreadable object
         name = self.object_name(node_id, state.fingerprint)
         with self._call("write", name):
             self.client.put_object(Bucket=self.bucket, Key=name, Body=payload, ContentType="application/octet-stream")
@@ -180,7 +185,7 @@ class S3StateStore:
             return StoredState(StoreStatus.MISSING, None, path, "no state stored for this node")
         body = response["Body"]
         try:
-            header = read_state_header(body, None, self.max_state_bytes)
+            header = read_state_header(body, None, read_bound(spec, self.max_state_bytes))  # a hybrid's grows with its document
             size = int(response.get("ContentLength", -1))
             if size != header.file_size:  # before a byte of tensor data is read
                 raise StateFileError(f"truncated or padded: the object has {size} bytes, its header describes {header.file_size}")
@@ -239,7 +244,7 @@ class S3StateStore:
                         with self._call("read", item["Key"]):
                             response = self.client.get_object(Bucket=self.bucket, Key=item["Key"],
                                                               Range=f"bytes=0-{8 + MAX_HEADER_BYTES - 1}")
-                        header = read_state_header(response["Body"], None, self.max_state_bytes)
+                        header = read_state_header(response["Body"], None, _HEADER_ONLY_BOUND)  # a ranged GET: header only
                     except (StateFileError, _NotFound):
                         continue
                     if header.node_id:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -126,8 +126,19 @@ class StateSpec:
 
     def check(self, state: "State") -> None:
         """Raise :class:`StateMismatchError` if ``state``'s shapes are not this model's."""
+        self.check_shapes({name: tuple(t.shape) for name, t in _state_tensors(state).items()})
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise :class:`StateMismatchError` if tensors of these shapes (by name, as in a state file)
+        are not a state of this model: a Mamba-2 model's states hold no keys and values."""
+        self._check_fixed(shapes)
+        if "keys" in shapes:
+            raise StateMismatchError("a hybrid model's state (it holds keys and values), but this model is a Mamba-2 "
+                                     "model; re-encode the document with this model.")
+
+    def _check_fixed(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         for name, shape in self.shapes().items():
-            found = tuple(getattr(state, name).shape)
+            found = shapes.get(name)
             if found != shape:
                 raise StateMismatchError(f"state {name} has shape {found}, this model's states have {shape}; "
                                          "re-encode the document with this model.")
@@ -146,7 +157,14 @@ _SPECS: dict[str, StateSpec] = {}
 
 
 def register_state_spec(fingerprint: str, spec: StateSpec) -> None:
-    """Record the state shapes of the model ``fingerprint`` (PicasoEngine does it for itself)."""
+    """Record the state shapes of the model ``fingerprint`` (PicasoEngine does it for itself).
+
+    For a hybrid model, engines of one model with different ``max_document_tokens`` in one process
+    register the largest: a store of this process then reads every state any of them wrote.
+    """
+    known = _SPECS.get(fingerprint)
+    if isinstance(spec, HybridStateSpec) and isinstance(known, HybridStateSpec) and replace(known, max_tokens=0) == replace(spec, max_tokens=0):
+        spec = replace(spec, max_tokens=max(spec.max_tokens, known.max_tokens))
     _SPECS[fingerprint] = spec
 
 
@@ -212,3 +230,70 @@ class HybridState(State):
     def tensors(self) -> dict[str, Tensor]:
         """The tensors to serialise: State's, the keys and values (a store keeps ``position`` in its metadata)."""
         return {**super().tensors(), "keys": self.keys.contiguous(), "values": self.values.contiguous()}
+
+
+def _state_tensors(state: State) -> dict[str, Tensor]:
+    out = {"ssm": state.ssm, "conv": state.conv, "log_decay": state.log_decay}
+    if isinstance(state, HybridState):
+        out.update(keys=state.keys, values=state.values)
+    return out
+
+
+@dataclass(frozen=True)
+class HybridStateSpec(StateSpec):
+    """The shapes every state of one hybrid model has: the SSM layers' fixed ``ssm``/``conv``/
+    ``log_decay`` (as :class:`StateSpec`), and ``keys``/``values`` [n_attn, kv_heads, T, head_dim]
+    with T at most ``max_tokens`` (the engine's ``max_document_tokens``: a store keeps documents'
+    states, never compositions). ``max_nbytes`` follows: the largest file this model can write.
+
+    Usage: ``spec = HybridStateSpec.of_config(engine.model.cfg, engine.max_document_tokens); spec.check(state)``.
+    """
+
+    kv: tuple[int, int, int] = (0, 0, 0)  # [n_attn, kv_heads, head_dim]
+    max_tokens: int = 0
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values per token, in fp32 (the largest a store writes)."""
+        return 4 * 2 * _numel(self.kv)
+
+    @property
+    def max_nbytes(self) -> int:
+        """Bytes of the largest file payload of this model's state: fp32 everywhere, ``max_tokens``
+        of keys and values (and fp8's fixed scales, which a file of very few tokens may hold)."""
+        return super().max_nbytes + self.max_tokens * self.kv_bytes_per_token + 2 * 4 * _numel(self.kv)
+
+    @classmethod
+    def of_config(cls, cfg: Any, max_tokens: int = 1 << 17) -> "HybridStateSpec":  # type: ignore[override]
+        """From a :class:`~picaso_rag.hybrid_config.HybridConfig` and the longest document (tokens) its states hold."""
+        n_ssm = len(cfg.ssm_layers)
+        return cls((n_ssm, cfg.nheads, cfg.headdim, cfg.d_state), (n_ssm, cfg.conv_dim, cfg.d_conv - 1),
+                   kv=(len(cfg.attn_layers), cfg.n_kv_heads, cfg.head_dim), max_tokens=int(max_tokens))
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._check_fixed(shapes)
+        keys, values = shapes.get("keys"), shapes.get("values")
+        if keys is None or values is None:
+            raise StateMismatchError("a Mamba-2 model's state (no keys and values), but this model is a hybrid; "
+                                     "re-encode the document with this model.")
+        if len(keys) != 4 or (keys[0], keys[1], keys[3]) != self.kv or values != keys:
+            expected = f"[{self.kv[0]}, {self.kv[1]}, n_tokens, {self.kv[2]}]"
+            raise StateMismatchError(f"state keys {tuple(keys)} / values {tuple(values)}, this model's are {expected}; "
+                                     "re-encode the document with this model.")
+        if keys[2] > self.max_tokens:
+            raise StateMismatchError(
+                f"state holds keys of {keys[2]:,} tokens, more than the {self.max_tokens:,} this model's document states "
+                "may hold (engine.max_document_tokens); raise engine.max_document_tokens in the process that reads it, "
+                "or split the document.")
+        for name in ("keys_scale", "values_scale"):  # fp8 files
+            if name in shapes and tuple(shapes[name]) != self.kv:
+                raise StateMismatchError(f"state {name} has shape {tuple(shapes[name])}, this model's are {self.kv}; "
+                                         "re-encode the document with this model.")
+
+
+def state_spec_of(cfg: Any, max_tokens: int = 1 << 17) -> StateSpec:
+    """The :class:`StateSpec` of a Mamba-2 config, or the :class:`HybridStateSpec` of a hybrid one
+    (whose documents hold at most ``max_tokens`` tokens). Usage: ``state_spec_of(engine.model.cfg)``."""
+    if hasattr(cfg, "attn_layers"):
+        return HybridStateSpec.of_config(cfg, max_tokens)
+    return StateSpec.of_config(cfg)

@@ -12,7 +12,8 @@ Usage::
 
 Layout: ``<directory>/v1/<fingerprint[:16]>/<key[:2]>/<key>.safetensors`` with
 ``key = sha256(node id)[:32]`` (node ids may hold any character and any length; file names may not).
-Every file is plain safetensors (no pickle): the tensors ``ssm``, ``conv``, ``log_decay`` and
+Every file is plain safetensors (no pickle): the tensors ``ssm``, ``conv``, ``log_decay`` (a hybrid
+model's state adds ``keys`` and ``values``; fp8 files add their scales: picaso_rag.precision) and
 string metadata (format, node id (inline up to 4 KiB) and its sha256, full fingerprint, token count,
 sha256 of the text the state was encoded from, a sha256 checksum over the tensor bytes and that
 metadata, and with ``mac`` an HMAC-SHA256 of that checksum under the store's secret key).
@@ -26,7 +27,10 @@ Reading is bounded and never follows links below the store's directory: each dir
 is opened relative to its parent with ``O_NOFOLLOW`` (a symlinked stripe or model directory is
 refused), a state file is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file (fstat),
 at most :data:`MAX_HEADER_BYTES` of header are read, and tensor bytes only after the header
-described exactly the file's size and this model's state shapes. A file that does not verify
+described exactly the file's size and this model's state shapes (a hybrid's: its fixed SSM shapes,
+its keys' and values' layers, heads and head size, at most its longest document's tokens; the
+bound on a file's size follows, see :class:`~picaso_rag.state.HybridStateSpec`). A put refuses,
+before writing anything, a state that this process's readers would refuse. A file that does not verify
 (truncated, bit flip, garbled or wrongly typed header, wrong shapes, NaN, missing or wrong MAC) is
 reported as ``corrupt``, never loaded, and never raises. See docs/guarantees.md (threat model).
 
@@ -75,19 +79,23 @@ logger = logging.getLogger("picaso_rag.store")
 FORMAT = "picaso-state/1"
 _LAYOUT = "v1"
 _TENSORS = ("ssm", "conv", "log_decay")
-_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4, "ssm_scale": 2}
+_RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4, "ssm_scale": 2, "keys_scale": 3, "values_scale": 3}
 # a hybrid model's state (picaso_rag.state.HybridState) adds its attention layers' keys and values,
 # and its next position in the metadata
 _HYBRID_TENSORS = ("keys", "values")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
-# storage precision fp8 (picaso_rag.precision): ssm in e4m3 with one fp32 scale per (layer, head)
+# storage precision fp8 (picaso_rag.precision): ssm in e4m3 with one fp32 scale per (layer, head);
+# a hybrid's keys and values in e4m3 with one fp32 scale per (layer, kv head, channel)
 _SCALE_TENSORS = ("ssm_scale",)
+_KV_SCALE_TENSORS = ("keys_scale", "values_scale")
+_FP8_NAMES = ("ssm",) + _HYBRID_TENSORS  # the tensors an fp8 file holds in e4m3
 _FILE_DTYPES = {**_DTYPES, "F8_E4M3": torch.float8_e4m3fn}
 _FILE_ITEMSIZE = {**_ITEMSIZE, "F8_E4M3": 1}
 MAX_HEADER_BYTES = 64 * 1024  # a state's header is under 1 KiB (4 KiB inline node id at most, escaped x6)
 MAX_INLINE_NODE_ID_BYTES = 4096  # longer ids are recorded (and checked) by their sha256 only
 DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound for a model whose state shapes this process does not know
+_HEADER_ONLY_BOUND = 1 << 62  # listing reads headers only: no tensor byte is read, whatever the size described
 _STATE_FILE = re.compile(r"[0-9a-f]{32}\.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAC_DOMAIN = b"picaso-state-mac/1\0"
@@ -227,9 +235,9 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise StateFileError("header metadata holds a value that is not a string")
     names = set(header) - {"__metadata__"}
-    if names not in (set(_TENSORS), set(_TENSORS + _HYBRID_TENSORS), set(_TENSORS + _SCALE_TENSORS)):
-        raise StateFileError(f"expected tensors {_TENSORS} (and {_HYBRID_TENSORS} for a hybrid model, or "
-                             f"{_SCALE_TENSORS} for fp8), found {sorted(names)[:8]}")
+    if names not in _NAME_SETS:
+        raise StateFileError(f"expected tensors {_TENSORS} (and {_HYBRID_TENSORS} for a hybrid model; fp8 files add "
+                             f"{_SCALE_TENSORS}, and {_KV_SCALE_TENSORS} for a hybrid), found {sorted(names)[:8]}")
     _check_metadata(metadata)
     hybrid = "keys" in names
     fp8 = "ssm_scale" in names
@@ -237,16 +245,17 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         raise StateFileError(f"metadata position {_short_repr(metadata.get('position'))} is not a non-negative integer")
 
     tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    for name in _TENSORS + (_HYBRID_TENSORS if hybrid else ()) + (_SCALE_TENSORS if fp8 else ()):
+    for name in (_TENSORS + (_HYBRID_TENSORS if hybrid else ()) + (_SCALE_TENSORS if fp8 else ())
+                 + (_KV_SCALE_TENSORS if fp8 and hybrid else ())):
         info = header[name]
         if not isinstance(info, dict):
             raise StateFileError(f"tensor {name}: entry is a {type(info).__name__}, not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _FILE_DTYPES:
             raise StateFileError(f"tensor {name}: dtype {_short_repr(dtype)} is not one of {sorted(_FILE_DTYPES)}")
-        if (dtype == "F8_E4M3") != (fp8 and name == "ssm") or (name == "ssm_scale" and dtype != "F32"):
-            raise StateFileError(f"tensor {name}: dtype {dtype}; fp8 files hold ssm in F8_E4M3 with an F32 ssm_scale, "
-                                 "every other tensor in F32, BF16 or F16")
+        if (dtype == "F8_E4M3") != (fp8 and name in _FP8_NAMES) or (name.endswith("_scale") and dtype != "F32"):
+            raise StateFileError(f"tensor {name}: dtype {dtype}; fp8 files hold ssm (and a hybrid's keys and values) in "
+                                 "F8_E4M3 with F32 scales, every other tensor in F32, BF16 or F16")
         if name == "log_decay" and dtype != "F32":
             raise StateFileError(f"tensor log_decay: dtype {dtype}, log-decays are stored in F32")
         if (not isinstance(shape, list) or len(shape) != _RANKS[name]
@@ -255,8 +264,6 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and 0 <= o < (1 << 62) for o in offsets)):
             raise StateFileError(f"tensor {name}: data_offsets {_short_repr(offsets)} is not a pair of non-negative ints")
-        if spec is not None and tuple(shape) != spec.shapes().get(name, tuple(shape)):
-            raise StateFileError(f"tensor {name}: shape {tuple(shape)}, this model's states have {spec.shapes()[name]}")
         numel = 1
         for d in shape:
             numel *= d
@@ -265,6 +272,14 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         tensors[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     if fp8 and tensors["ssm_scale"][1] != tensors["ssm"][1][:2]:
         raise StateFileError(f"ssm_scale shape {tensors['ssm_scale'][1]} is not ssm's [n_layer, nheads] {tensors['ssm'][1][:2]}")
+    if fp8 and hybrid:
+        for name in _HYBRID_TENSORS:
+            shape = tensors[name][1]
+            if tensors[f"{name}_scale"][1] != (shape[0], shape[1], shape[3]):
+                raise StateFileError(f"{name}_scale shape {tensors[f'{name}_scale'][1]} is not {name}'s "
+                                     f"[n_attn, kv_heads, head_dim] {(shape[0], shape[1], shape[3])}")
+    if spec is not None:  # this model's exact shapes (and, for a hybrid, its longest document)
+        check_header_shapes_of(tensors, spec)
     if not fp8 and tensors["ssm"][0] != tensors["conv"][0]:
         raise StateFileError(f"ssm is {tensors['ssm'][0]} but conv is {tensors['conv'][0]}; both are stored in one dtype")
     if hybrid and (tensors["keys"][0] != tensors["ssm"][0] or tensors["values"][1] != tensors["keys"][1]):
@@ -279,6 +294,10 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
     if position > bound:
         raise StateFileError(f"the header describes {position} bytes of tensors, more than a state's {bound}")
     return StateHeader(header_len, dict(metadata), tensors, position)
+
+
+_NAME_SETS = (set(_TENSORS), set(_TENSORS + _HYBRID_TENSORS), set(_TENSORS + _SCALE_TENSORS),
+              set(_TENSORS + _HYBRID_TENSORS + _SCALE_TENSORS + _KV_SCALE_TENSORS))
 
 
 def _check_metadata(metadata: dict[str, str]) -> None:
@@ -354,13 +373,11 @@ def state_from_file(header: StateHeader, tensors: dict[str, torch.Tensor], spec:
     """The :class:`State` of a decoded file; raises :class:`StateFileError` for inconsistent shapes,
     another model's shapes (``spec``), NaN/inf or a positive log-decay."""
     try:
-        if "ssm_scale" in tensors:  # fp8: rescaled to fp32 (picaso_rag.precision)
-            state = dequantize(tensors, int(header.metadata["n_tokens"]), header.fingerprint)
+        if "ssm_scale" in tensors or "keys" in tensors:  # fp8 (rescaled to fp32), or a hybrid model's state
+            state = dequantize(tensors, int(header.metadata["n_tokens"]), header.fingerprint,
+                               position=int(header.metadata["position"]) if "keys" in tensors else None)
         else:
             state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(header.metadata["n_tokens"]), header.fingerprint)
-        if "keys" in tensors:  # a hybrid model's state
-            state = HybridState(state.ssm, state.conv, state.log_decay, state.n_tokens, state.fingerprint,
-                                keys=tensors["keys"], values=tensors["values"], position=int(header.metadata["position"]))
         if spec is not None:
             spec.check(state)
         state.check_finite()
@@ -381,8 +398,8 @@ def encode_state_file(state: State, node_id: str, text: str | None = None, dtype
     state.check_finite()  # never write a state that could not be read back
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.tensors().items()}
     if precision is not None:
-        if dtype is not None or isinstance(state, HybridState):
-            raise PicasoError("give a storage precision or a dtype, not both (and no precision for a hybrid model's state).")
+        if dtype is not None:
+            raise PicasoError("give a storage precision or a dtype, not both.")
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in quantize(state, precision).items()}
     if dtype is not None:
         for name in ("ssm", "conv") + tuple(n for n in _HYBRID_TENSORS if n in tensors):
@@ -469,7 +486,8 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
     """sha256 over the metadata (without checksum and mac) and every tensor's dtype, shape and raw bytes."""
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in metadata.items() if k not in ("checksum", "mac")}, sort_keys=True).encode())
-    for name in _TENSORS + tuple(n for n in _HYBRID_TENSORS + _SCALE_TENSORS if n in tensors):
+    # (this order keeps the checksums of every earlier file: new names only ever come last)
+    for name in _TENSORS + tuple(n for n in _HYBRID_TENSORS + _SCALE_TENSORS + _KV_SCALE_TENSORS if n in tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy
@@ -534,7 +552,8 @@ class StateStore:
     True (HMAC-SHA256 with a secret in ``<directory>.mac-key``, created 0600 on first use) or the
     path of a key file; with a key, a file not written with it is CORRUPT. ``max_state_bytes``:
     most tensor bytes read for a model whose shapes this process does not know (an engine of the
-    model registers its exact shapes: see :class:`~picaso_rag.state.StateSpec`).
+    model registers its exact shapes: see :class:`~picaso_rag.state.StateSpec`; a hybrid's bound
+    is its largest state, which grows with its ``max_document_tokens``).
 
     Usage: ``store = StateStore("./picaso_db/states", mac=True); store.put(node_id, state, text=text)``.
     """
@@ -672,6 +691,7 @@ class StateStore:
         """
         path = self.path(node_id, state.fingerprint)
         payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key, precision=self.precision)
+        check_storable(state, payload, state_spec_for(state.fingerprint), self.max_state_bytes)
         key = self._key(node_id)
         with self._writable():
             with self._lock(node_id):
@@ -767,7 +787,7 @@ class StateStore:
             return StoredState(StoreStatus.CORRUPT, None, path, f"unreadable: {exc}")
         try:
             reader = _FdReader(fd)
-            header = read_state_header(reader, None, self.max_state_bytes)
+            header = read_state_header(reader, None, read_bound(spec, self.max_state_bytes))
             size = os.fstat(fd).st_size
             if size != header.file_size:
                 raise StateFileError(f"truncated or padded: the file has {size} bytes, its header describes {header.file_size}")
@@ -888,7 +908,8 @@ class StateStore:
         except OSError as exc:
             return StoreEntry(path, model, StoreStatus.CORRUPT, detail=f"unreadable: {exc}")
         try:
-            header = read_state_header(_FdReader(fd), state_spec_for(model), self.max_state_bytes)
+            spec = state_spec_for(model)
+            header = read_state_header(_FdReader(fd), spec, read_bound(spec, self.max_state_bytes) if spec else _HEADER_ONLY_BOUND)
             size = os.fstat(fd).st_size
         except StateFileError as exc:
             return StoreEntry(path, model, StoreStatus.CORRUPT, detail=str(exc))
@@ -970,10 +991,41 @@ class StateStore:
 
 
 def check_header_shapes(header: StateHeader, spec: StateSpec) -> None:
-    """Check a parsed header against a model's exact shapes (raises :class:`StateFileError`)."""
-    for name, (_, shape, _, _) in header.tensors.items():
-        if shape != spec.shapes().get(name, shape):
-            raise StateFileError(f"tensor {name}: shape {shape}, this model's states have {spec.shapes()[name]}")
+    """Check a parsed header against a model's exact shapes (raises :class:`StateFileError`): a
+    Mamba-2 model's fixed shapes; a hybrid's fixed SSM shapes, its keys' and values' layers, heads
+    and head size, and at most its longest document's tokens (:class:`~picaso_rag.state.HybridStateSpec`)."""
+    check_header_shapes_of(header.tensors, spec)
+
+
+def check_header_shapes_of(tensors: dict[str, tuple[str, tuple[int, ...], int, int]], spec: StateSpec) -> None:
+    try:
+        spec.check_shapes({name: info[1] for name, info in tensors.items()})
+    except StateMismatchError as exc:
+        raise StateFileError(f"not a state of this model: {exc}") from None
+
+
+def read_bound(spec: StateSpec | None, max_state_bytes: int) -> int:
+    """Most tensor bytes to accept in a file of a model with ``spec``: the model's own largest state
+    (a hybrid's grows with its longest document), at least ``max_state_bytes``."""
+    return max(max_state_bytes, spec.max_nbytes) if spec is not None else max_state_bytes
+
+
+def check_storable(state: State, payload: bytes, spec: StateSpec | None, max_state_bytes: int) -> None:
+    """Refuse (before anything is written) a state file that a reader of this process would refuse:
+    a hybrid state longer than its model's registered longest document, or a payload above the bound
+    of a model whose shapes are not registered. Raises :class:`PicasoError` naming the fix."""
+    if isinstance(state, HybridState) and spec is not None:
+        try:
+            spec.check(state)
+        except StateMismatchError as exc:
+            raise PicasoError(f"not stored: {exc}") from None
+    data = len(payload) - 8 - struct.unpack("<Q", payload[:8])[0]
+    bound = read_bound(spec, max_state_bytes)
+    if data > bound:
+        raise PicasoError(
+            f"not stored: this state's file holds {data:,} bytes of tensors, above the {bound:,} a store reads for a "
+            "model whose state shapes this process does not know. Load the model's engine in this process (it registers "
+            "its shapes and longest document), or pass max_state_bytes to the store (readers too).")
 
 
 def _atomic_write(dir_fd: int, name: str, payload: bytes) -> None:

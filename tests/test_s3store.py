@@ -207,3 +207,38 @@ def test_shared_tier_of_the_resolver_falls_back_when_down(engine, server, tmp_pa
         assert same(got, want)
     assert writer.flush(30) and writer.stats().failed == 3  # the write-backs to it failed, counted, not raised
     writer.close()
+
+
+def test_hybrid_states_in_fp8_by_default_with_the_model_spec(server, tokenizer, request):
+    """A hybrid model's states (SSM tensors, and keys and values that grow with the document): fp8
+    by default (keys and values too, per-channel scales), fp32 bit for bit, and an object of another
+    shape under this model's name refused by the model's registered spec."""
+    from picaso_rag import PicasoEngine
+    from picaso_rag.hybrid import HybridLM, init_weights
+    from picaso_rag.hybrid_config import HybridConfig
+    from picaso_rag.precision import roundtrip, state_nbytes
+
+    from .conftest import TEXTS
+
+    cfg = HybridConfig(family="picaso_hybrid", vocab_size=50288, d_model=64, layer_types=("mamba", "attention"), n_heads=4,
+                       n_kv_heads=2, head_dim=16, d_state=16, headdim=16, ngroups=1, chunk_size=16)
+    hybrid = PicasoEngine(init_weights(HybridLM(cfg), seed=0), tokenizer)
+    state = hybrid.encode([TEXTS[2]])[0]
+    fp8 = S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client())
+    fp32 = S3StateStore(server.BUCKET, prefix=request.node.name + "32", client=server.client(), precision="fp32")
+    sizes = {}
+    for store in (fp8, fp32):
+        name = store.put("n", state, text=TEXTS[2])
+        sizes[store.precision] = server.client().head_object(Bucket=server.BUCKET, Key=name)["ContentLength"]
+        found = store.get("n", hybrid.fingerprint, text=TEXTS[2])
+        want = roundtrip(state, store.precision, dtype=found.state.ssm.dtype)
+        assert found.ok and found.state.position == state.position
+        assert all(torch.equal(t, want.tensors()[n]) for n, t in found.state.tensors().items())
+        assert 0 < sizes[store.precision] - state_nbytes(cfg, store.precision, state.n_keys) < 1536  # + the header
+    assert sizes["fp8"] < 0.4 * sizes["fp32"]
+    planted = type(state)(state.ssm, state.conv, state.log_decay, 3, hybrid.fingerprint, keys=state.keys[:, :1].contiguous(),
+                          values=state.values[:, :1].contiguous(), position=3)  # one kv head: another model's shape
+    server.client().put_object(Bucket=server.BUCKET, Key=fp8.object_name("n", hybrid.fingerprint),
+                               Body=encode_state_file(planted, "n", text=TEXTS[2]))
+    found = fp8.get("n", hybrid.fingerprint, text=TEXTS[2])
+    assert found.status is StoreStatus.CORRUPT and "not a state of this model" in found.detail
