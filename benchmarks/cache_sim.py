@@ -26,6 +26,10 @@ copy of one state from pinned memory, fetch_store the measured load of one state
 store (8 loaded in parallel, as ``StateStore.get_many``). Capacities are tier bytes / bytes per
 state, for bf16 and fp8 states (picaso_rag.precision). Mean and p99 over the measured queries,
 after a warm-up.
+
+Bytes per state: the costs file's ``state_bytes`` when it has them (benchmarks/miss_latency.py
+writes them for any model, a hybrid's at the run's document length: its keys and values grow with
+the document), else from the official Mamba-2 shape it names (``d_model``, ``n_layer``).
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def plot(report: dict, path: Path) -> None:
             ax.axhline(costs["ttft_gpu_ms"][0], color="gray", ls="--", label="every state on the GPU")
             ax.set_yscale("log")
     axes[1].legend(fontsize=6)
-    fig.suptitle(f"{report['n_docs']:,} documents, Zipf retrievals, k={report['k']}, mamba2-{report['shape']} "
+    fig.suptitle(f"{report['n_docs']:,} documents, Zipf retrievals, k={report['k']}, {report.get('model', 'mamba2-' + report['shape'])} "
                  f"costs measured on the {costs['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -207,9 +211,16 @@ def main() -> None:
              "fetch_pinned_fp8_ms": measured["fetch_pinned_fp8_dequantize_ms"],
              "fetch_store_ms": measured["fetch_store_ms"], "concat_ttft_ms": measured["concat_ttft_ms"]}
     k = measured["k"]
-    cfg = Mamba2Config(d_model=measured["d_model"], n_layer=measured["n_layer"], vocab_size=50288)
-    state_bytes = {p: state_nbytes(cfg, p) for p in ("bf16", "fp8")}
-    report = {"method": args.method, "n_docs": args.docs, "k": k, "shape": measured["shape"], "queries": args.queries, "warmup": args.warmup,
+    if "state_bytes" in measured:  # any model (a hybrid's at the measured document length)
+        state_bytes = {p: int(measured["state_bytes"][p]) for p in ("bf16", "fp8")}
+    else:  # result files of a random Mamba-2 at an official shape
+        cfg = Mamba2Config(d_model=measured["d_model"], n_layer=measured["n_layer"], vocab_size=50288)
+        state_bytes = {p: state_nbytes(cfg, p) for p in ("bf16", "fp8")}
+    model = measured.get("model", f"mamba2-{measured['shape']}")
+    if model.startswith("random "):
+        model = model[len("random "):]
+    report = {"method": args.method, "n_docs": args.docs, "k": k, "shape": measured["shape"], "model": model,
+              "queries": args.queries, "warmup": args.warmup,
               "seed": args.seed, "state_bytes": state_bytes, "tiers": TIERS, "costs": costs,
               "command": " ".join(["python", "benchmarks/cache_sim.py", *sys.argv[1:]]), "results": {}}
     for exponent in args.exponents:
@@ -236,7 +247,7 @@ def main() -> None:
     setting = ("steady state (Che's approximation)" if args.method == "che"
                else f"a trace of {args.queries:,} queries after {args.warmup:,} of warm-up")
     lines = [f"{args.docs:,} documents, Zipf exponent s, k = {k}, {setting}, {args.queries:,} queries sampled; "
-             f"mamba2-{measured['shape']} costs measured on the {measured['device']} ({args.costs}); concatenation "
+             f"{model} costs measured on the {measured['device']} ({args.costs}); concatenation "
              f"{costs['concat_ttft_ms']:.0f} ms, every state on the GPU {costs['ttft_gpu_ms'][0]:.1f} ms", "",
              "| s | states | tiers | states held (GPU / host / disk) | hit rate | queries without a miss | mean TTFT | p99 TTFT |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,8 @@
 """Peak memory and time of encoding one long document into a state, on this machine.
 
 Each size runs in a fresh process (peak RSS = ``ru_maxrss`` of that process, so sizes do not mix);
+any checkpoint directory (``--model``), hybrids included, whose state adds keys and values per
+token (``state_kv_bytes_per_token``; ``state_mib`` is the whole state in the model's dtype);
 the baseline is the same process after loading the model and tokenizing, before encoding.
 The text is WikiText-2 test (../shared/data), repeated to the length asked for.
 
@@ -51,9 +53,13 @@ def one(chars: int, model: str, segment: int) -> dict:
     state = engine.encode([text])[0]
     seconds = time.perf_counter() - start
     assert state.n_tokens == n_tokens and bool(torch.isfinite(state.ssm).all())
+    # a hybrid model's state grows with the document (keys and values of its attention layers)
+    kv_per_token = getattr(state, "kv_bytes_per_token", 0)
     return {"chars": chars, "tokens": n_tokens, "max_document_tokens": cap, "segment_tokens": segment, "baseline_rss_mib": round(baseline, 1),
             "peak_rss_mib": round(rss_mib(), 1), "encode_peak_over_baseline_mib": round(rss_mib() - baseline, 1),
-            "encode_s": round(seconds, 2), "tokens_per_s": round(n_tokens / seconds)}
+            "encode_s": round(seconds, 2), "tokens_per_s": round(n_tokens / seconds),
+            "state_mib": round(state.nbytes / 2**20, 3), "state_kv_bytes_per_token": kv_per_token,
+            "state_fixed_mib": round((state.nbytes - kv_per_token * n_tokens) / 2**20, 3)}
 
 
 def main() -> None:

@@ -16,12 +16,18 @@ concatenation (the 10 documents and the query read as one prompt, our engine), a
 costs the simulation (benchmarks/cache_sim.py) takes: fetching one state from pinned memory, from
 the local store (page cache), fp8 vs bf16 transfers, and encoding 1..k documents in one batch.
 Medians of --repeats after a warm-up.
+
+``--model DIR``: a checkpoint directory instead of a random model at --shape (any model
+``PicasoEngine.from_pretrained`` loads, hybrids included; its own tokenizer unless --tokenizer).
+A hybrid's state grows with its document, so ``state_bytes`` (what cache_sim.py sizes its tiers
+by) is measured at this run's document length.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import fields, replace
 import hashlib
 import json
 import platform
@@ -37,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, State, StateCache, StateStore, Tokenizer, init_weights  # noqa: E402
 from picaso_rag.cache import StateResolver, StateWriter  # noqa: E402
-from picaso_rag.precision import dequantize, quantize  # noqa: E402
+from picaso_rag.precision import dequantize, quantize, state_nbytes  # noqa: E402
 
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "780m": (1536, 48), "1.3b": (2048, 48), "2.7b": (2560, 64),
           "tiny": (64, 2)}  # tiny: a CPU check of this script
@@ -67,9 +73,19 @@ def median_ms(fn: Callable[[], object], repeats: int, setup: Callable[[], object
     return statistics.median(times)
 
 
+def host_copy(state: State, pin: bool) -> State:
+    """``state`` in host memory, every tensor (a hybrid's keys and values too) pinned if ``pin``."""
+    host = state.to("cpu")
+    if not pin:
+        return host
+    return replace(host, **{f.name: getattr(host, f.name).pin_memory() for f in fields(host)
+                            if isinstance(getattr(host, f.name), torch.Tensor)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--tokenizer", help="tokenizer.json (needed without --model)")
+    parser.add_argument("--model", help="a checkpoint directory (Mamba-2 or hybrid) instead of a random model at --shape")
     parser.add_argument("--shape", default="2.7b", choices=list(SHAPES))
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--doc-tokens", type=int, default=512)
@@ -86,25 +102,36 @@ def main() -> None:
     missing = [int(m) for m in args.missing.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = Tokenizer.from_file(args.tokenizer)
+    if args.model:
+        engine = PicasoEngine.from_pretrained(args.model, device=device, dtype=dtype, tokenizer=args.tokenizer)
+        tokenizer, cfg = engine.tokenizer, engine.model.cfg
+        args.shape = Path(args.model).name
+        d_model, n_layer = cfg.d_model, cfg.n_layer
+    else:
+        if not args.tokenizer:
+            raise SystemExit("give --tokenizer (or --model, a checkpoint directory with its tokenizer)")
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+        d_model, n_layer = SHAPES[args.shape]
+        cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+        with torch.device(device):
+            model = init_weights(Mamba2LM(cfg).to(dtype), seed=0)
+        engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"miss-{args.shape}".encode()).hexdigest())
     tokenizer.eos_token_id = None  # random weights: never stop early
-
-    d_model, n_layer = SHAPES[args.shape]
-    cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
-    with torch.device(device):
-        model = init_weights(Mamba2LM(cfg).to(dtype), seed=0)
-    engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"miss-{args.shape}".encode()).hexdigest())
     rng = torch.Generator().manual_seed(0)
     k, n = args.k, args.doc_tokens
-    docs = torch.randint(0, 50000, (k, n), generator=rng).tolist()
+    docs = torch.randint(0, min(50000, cfg.vocab_size), (k, n), generator=rng).tolist()
     texts = [tokenizer.decode(d) for d in docs]  # the resolver encodes texts (as it does for retrieved nodes)
-    query = torch.randint(0, 50000, (args.query_tokens,), generator=rng).tolist()
+    query = torch.randint(0, min(50000, cfg.vocab_size), (args.query_tokens,), generator=rng).tolist()
     states = engine.encode(texts, batch_size=k)
     keys = [f"doc-{i}" for i in range(k)]
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                     "torch": torch.__version__, "shape": args.shape, "d_model": d_model, "n_layer": n_layer, "k": k,
                     "doc_tokens": n, "doc_tokens_actual": [s.n_tokens for s in states], "query_tokens": len(query),
-                    "state_MiB": states[0].nbytes / 2**20, "repeats": args.repeats, "command": " ".join(sys.argv)}
+                    "state_MiB": states[0].nbytes / 2**20, "repeats": args.repeats, "command": " ".join(sys.argv),
+                    "model": args.model or f"random mamba2-{args.shape}", "hybrid": hasattr(cfg, "attn_layers"),
+                    # bytes of one stored state (a hybrid's at this run's mean document length)
+                    "state_bytes": {p: state_nbytes(cfg, p, round(statistics.mean(s.n_tokens for s in states)))
+                                    for p in ("bf16", "fp8")}}
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -122,15 +149,14 @@ def main() -> None:
         save()
 
         # ---- per-state fetch costs: pinned host -> GPU (bf16, fp8 + dequantize), local store -> GPU
-        pinned = [State(s.ssm.cpu().pin_memory() if device == "cuda" else s.ssm.cpu(), s.conv.cpu(), s.log_decay.cpu(),
-                        s.n_tokens, s.fingerprint) for s in states]
+        pinned = [host_copy(s, pin=device == "cuda") for s in states]
         fp8 = {name: t.cpu() for name, t in quantize(states[0], "fp8").items()}
         if device == "cuda":
             fp8 = {name: t.pin_memory() for name, t in fp8.items()}
         result["fetch_pinned_ms"] = median_ms(lambda: pinned[0].to(device, non_blocking=True), args.repeats)
         result["fetch_pinned_fp8_dequantize_ms"] = median_ms(
             lambda: dequantize({nm: t.to(device, non_blocking=True) for nm, t in fp8.items()}, n, engine.fingerprint,
-                               dtype=dtype), args.repeats)
+                               dtype=dtype, position=getattr(states[0], "position", None)), args.repeats)
         store_dir = tempfile.TemporaryDirectory()
         store = StateStore(store_dir.name)
         store.put("probe", states[0])
