@@ -1,12 +1,14 @@
 """Time a LlamaIndex query answered with PICASO against concatenation, same model, same pipeline.
 
     python benchmarks/llamaindex_query_time.py [--d-model 768 --layers 24] [--k 5]
+    python benchmarks/llamaindex_query_time.py --model path/to/checkpoint     # any model, hybrids included
 
 A randomly initialised Mamba-2 of the given shape (default: mamba2-130m's) with the GPT-NeoX
 tokenizer from ../shared/data, documents of about 350 tokens built from examples/data/corpus.md,
 Chroma in a temporary directory, MiniLM embeddings, a stock query engine (compact mode). Prints
 tokens read at query time and the median query time for each method. Answers are noise (random
-weights); the work done per query is the real one.
+weights); the work done per query is the real one. ``--model DIR``: a checkpoint directory instead
+(``PicasoEngine.from_pretrained``: a Mamba-2 or a hybrid model, its own tokenizer), the pipeline unchanged.
 """
 
 from __future__ import annotations
@@ -45,11 +47,17 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help="a checkpoint directory (Mamba-2 or hybrid) instead of a random Mamba-2")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
-    cfg = Mamba2Config(d_model=args.d_model, n_layer=args.layers, vocab_size=50288, d_state=128, headdim=64, chunk_size=256)
-    engine = PicasoEngine(init_weights(Mamba2LM(cfg), seed=0).to(args.device), Tokenizer.from_file(TOKENIZER))
+    if args.model:
+        engine = PicasoEngine.from_pretrained(args.model, device=args.device)
+        described = f"{Path(args.model).name} ({type(engine.model).__name__}, {engine.model.cfg.n_layer} layers)"
+    else:
+        cfg = Mamba2Config(d_model=args.d_model, n_layer=args.layers, vocab_size=50288, d_state=128, headdim=64, chunk_size=256)
+        engine = PicasoEngine(init_weights(Mamba2LM(cfg), seed=0).to(args.device), Tokenizer.from_file(TOKENIZER))
+        described = f"random Mamba-2, d_model {args.d_model}, {args.layers} layers"
     paragraphs = [p.strip() for p in (REPO / "examples" / "data" / "corpus.md").read_text().split("\n\n") if p.strip()]
     docs = [Document(text=" ".join(paragraphs[(i + j) % len(paragraphs)] for j in range(6)), id_=f"d{i}")
             for i in range(len(paragraphs))]
@@ -65,7 +73,7 @@ def main() -> None:
         index = VectorStoreIndex.from_documents(docs, storage_context=StorageContext.from_defaults(vector_store=vector_store),
                                                 embed_model=embed, transformations=[SentenceSplitter(chunk_size=1024), PicasoStateEncoder(llm, show_progress=False)])
         ingest_s = time.perf_counter() - start
-        figures: dict = {"model": f"random Mamba-2, d_model {args.d_model}, {args.layers} layers", "device": args.device,
+        figures: dict = {"model": described, "device": args.device,
                          "torch_threads": torch.get_num_threads(), "k": args.k, "max_new_tokens": args.max_new_tokens,
                          "ingest_s": round(ingest_s, 2), "methods": {}}
         for method in ["picaso-s", "concat"]:
