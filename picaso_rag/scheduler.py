@@ -14,6 +14,12 @@ document state, or None) and its own sampling parameters. One worker thread runs
 Greedy tokens equal :meth:`PicasoEngine.generate`'s for every request (tests/test_scheduler.py);
 sampling uses the same per-request seeded :class:`Sampler`, so seeded samples match too.
 
+A hybrid model (:class:`~picaso_rag.hybrid_engine.HybridEngine`: Mamba-2 and attention layers)
+gets a :class:`HybridScheduler` from the same ``Scheduler(engine, ...)`` call: each row also holds
+its attention layers' keys and values (its documents', its prompt's, its generated tokens'), in a
+padded batch buffer bounded by ``max_slot_tokens`` per row and ``max_kv_bytes`` in all; decoding is
+batched over the rows with a key mask (tests/test_hybrid_serving.py). The Mamba-2 path is unchanged.
+
 Usage::
 
     with Scheduler(engine, max_batch=64) as scheduler:
@@ -44,6 +50,10 @@ from .state import State
 _ids = itertools.count(1)
 _END = object()
 
+# bounds of a hybrid model's keys and values in the scheduler (HybridScheduler; Mamba-2 rows are fixed-size)
+MAX_SLOT_TOKENS = 32_768  # keys per row: its documents' + prompt + max_new_tokens
+MAX_KV_BYTES = 2 << 30  # the padded key/value buffer of all rows together
+
 
 class QueueFullError(PicasoError):
     """The scheduler's waiting queue is full: retry later (an HTTP server answers 503)."""
@@ -51,6 +61,10 @@ class QueueFullError(PicasoError):
 
 class SchedulerClosedError(PicasoError):
     """The scheduler was closed; create a new one."""
+
+
+class KVBudgetError(PicasoError):
+    """A hybrid request whose keys and values could never fit the scheduler's bounds (an HTTP server answers 400)."""
 
 
 @dataclass
@@ -112,6 +126,8 @@ class Request:
         self._pieces: queue.SimpleQueue | None = queue.SimpleQueue() if on_event is None else None
         self._cancelled = threading.Event()
         self.last_token = 0
+        # hybrid models (HybridScheduler): keys the row may hold at most, holds now, and its RoPE position
+        self.kv_reserved = self.kv_len = self.position = 0
 
     @property
     def cancelled(self) -> bool:
@@ -177,20 +193,28 @@ class Scheduler:
     one joining forward (long prompts, as in concatenation, join a few at a time so decoding rows
     are not stalled long); ``cuda_graphs``: on CUDA, decode by replaying graphs captured at
     ``buckets`` (powers of two up to ``max_batch``), all captured when the scheduler starts.
+    ``max_slot_tokens``, ``max_kv_bytes``: the bounds of a hybrid model's keys and values (see
+    :class:`HybridScheduler`, which ``Scheduler(hybrid_engine, ...)`` returns); a Mamba-2 model's
+    rows are fixed-size and ignore them.
     """
+
+    def __new__(cls, engine: PicasoEngine | None = None, *args, **kwargs):  # None: copy and pickle call __new__ bare
+        if cls is Scheduler and engine is not None:
+            from .hybrid_engine import HybridEngine  # (hybrid_engine imports the engine module, as this one does)
+
+            if isinstance(engine, HybridEngine):  # its rows also hold keys and values
+                cls = HybridScheduler
+        return super().__new__(cls)
 
     def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
                  max_read_batch: int | None = None, cuda_graphs: bool = True, read_graph_rows: int = 32,
-                 read_graph_lengths: tuple[int, ...] = (64, 128), start: bool = True):
-        if max_batch < 1 or max_queue < 0 or max_read_tokens < 1:
-            raise PicasoError(f"max_batch must be >= 1, max_queue >= 0 and max_read_tokens >= 1; got {max_batch}, "
-                              f"{max_queue}, {max_read_tokens}.")
-        from .hybrid_engine import HybridEngine  # (hybrid_engine imports the engine module, as this one does)
-
-        if isinstance(engine, HybridEngine):  # its rows would need per-request key/value caches and a key mask
-            raise PicasoError("the batched scheduler serves Mamba-2 models; hybrid models (attention layers) are not "
-                              "batched yet: serve a hybrid one request at a time with engine.stream(...), or use a "
-                              "Mamba-2 checkpoint with picaso-rag serve.")
+                 read_graph_lengths: tuple[int, ...] = (64, 128), start: bool = True,
+                 max_slot_tokens: int = MAX_SLOT_TOKENS, max_kv_bytes: int = MAX_KV_BYTES):
+        if max_batch < 1 or max_queue < 0 or max_read_tokens < 1 or max_slot_tokens < 1 or max_kv_bytes < 1:
+            raise PicasoError(f"max_batch, max_read_tokens, max_slot_tokens and max_kv_bytes must be >= 1 and max_queue "
+                              f">= 0; got {max_batch}, {max_read_tokens}, {max_slot_tokens}, {max_kv_bytes}, {max_queue}.")
+        self.max_slot_tokens = max_slot_tokens
+        self.max_kv_bytes = max_kv_bytes
         self.engine = engine
         self.model = engine.model
         self.max_batch = max_batch
@@ -459,6 +483,203 @@ class Scheduler:
                 self.conv[hole].copy_(self.conv[source])
                 self.active[hole] = self.active[source]
             del self.active[n - len(holes):]
+
+
+class HybridScheduler(Scheduler):
+    """:class:`Scheduler` for a hybrid model (Mamba-2 and attention layers); ``Scheduler(engine, ...)``
+    returns one for a :class:`~picaso_rag.hybrid_engine.HybridEngine`, so callers need not know.
+
+    A row (slot) holds what :meth:`HybridEngine.generate` holds for one request: the SSM layers'
+    states (fixed-size, as for Mamba-2) and the attention layers' keys and values: the composed
+    union of its documents', then its prompt's and its generated tokens'. The keys and values of
+    all rows live in one buffer ``keys``/``values`` [rows, n_attn, kv_heads, capacity, head_dim],
+    row r holding ``kv_len`` keys and zeros or stale keys after them; a decode step writes each
+    row's new key at its own length and attends with a key mask (:meth:`HybridLM.step_slots`),
+    each row at its own RoPE position. Why padding: SDPA takes one dense [rows, keys] layout, and
+    the buffer is read only up to the longest row (the padding costs memory, not attention time).
+
+    Bounds (a row's keys grow with every token, so both are enforced when a request joins):
+    - ``max_slot_tokens``: a request may hold at most this many keys, its documents' + prompt +
+      ``max_new_tokens`` (reserved whole at join, so a running row never runs out); above it,
+      :meth:`submit` raises :class:`KVBudgetError` naming the setting;
+    - ``max_kv_bytes``: the buffer of all rows, padded to the longest reservation (rows x capacity
+      x bytes per token), never exceeds it; a request that would push it past waits in the queue
+      (in order: no later request overtakes it) until rows leave; one that could not fit even
+      alone is refused at :meth:`submit`. While the buffer is resized the old one is held too.
+      An idle scheduler holds no keys.
+
+    Prompts are read one request at a time (each from its own composed state, eagerly); decoding
+    is batched over all rows, eagerly (no CUDA graphs: the keys grow a token a step).
+    """
+
+    def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
+                 max_read_batch: int | None = None, cuda_graphs: bool = True, read_graph_rows: int = 32,
+                 read_graph_lengths: tuple[int, ...] = (64, 128), start: bool = True,
+                 max_slot_tokens: int = MAX_SLOT_TOKENS, max_kv_bytes: int = MAX_KV_BYTES):
+        super().__init__(engine, max_batch, max_queue, max_read_tokens, max_read_batch, cuda_graphs=False,
+                         start=False, max_slot_tokens=max_slot_tokens, max_kv_bytes=max_kv_bytes)
+        cfg = self.model.cfg
+        self.kv_bytes_per_token = cfg.kv_bytes_per_token(bytes_per_value=self.model.dtype.itemsize)
+        self.keys: Tensor | None = None  # [rows, n_attn, kv_heads, capacity, head_dim]; None while idle
+        self.values: Tensor | None = None
+        self.kv_waits = 0  # times the head of the queue waited for the key/value budget
+        if start:
+            self.start()
+
+    def _empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Zero SSM states of the SSM layers only, layer-major as :meth:`Scheduler._empty_state`."""
+        cfg, kw = self.model.cfg, dict(device=self.engine.device, dtype=self.model.dtype)
+        n_ssm = len(cfg.ssm_layers)
+        ssm = torch.zeros(n_ssm, batch, cfg.nheads, cfg.headdim, cfg.d_state, **kw).transpose(0, 1)
+        conv = torch.zeros(n_ssm, batch, cfg.conv_dim, cfg.d_conv - 1, **kw).transpose(0, 1)
+        return ssm, conv
+
+    # ----------------------------------------------------------------------------------- public
+    def submit(self, prompt: Tokens, state: State | None = None, *,
+               on_event: Callable[[Request, str | None], None] | None = None, **sampling) -> Request:
+        """As :meth:`Scheduler.submit`; also raises :class:`KVBudgetError` for a request whose keys
+        (its documents' + prompt + ``max_new_tokens``) exceed ``max_slot_tokens`` or ``max_kv_bytes``."""
+        params = sampling.pop("params", None) or SamplingParams(**sampling)
+        prompt_ids = self.engine.tokenize(prompt)
+        if state is not None:
+            self.engine._check(state)
+        n_keys = state.n_keys if state is not None else 0  # type: ignore[attr-defined]
+        need = n_keys + len(prompt_ids) + params.max_new_tokens
+        what = (f"this request needs room for {need:,} keys per attention layer ({n_keys:,} of its documents, "
+                f"{len(prompt_ids):,} of its prompt, {params.max_new_tokens:,} new tokens)")
+        if need > self.max_slot_tokens:
+            raise KVBudgetError(f"{what}, above the scheduler's max_slot_tokens = {self.max_slot_tokens:,} "
+                                "(picaso-rag serve --max-slot-tokens); ask for fewer documents or new tokens, or raise it.")
+        if need * self.kv_bytes_per_token > self.max_kv_bytes:
+            raise KVBudgetError(f"{what}: {need * self.kv_bytes_per_token:,} bytes, above the scheduler's max_kv_bytes = "
+                                f"{self.max_kv_bytes:,} (picaso-rag serve --max-kv-bytes); ask for fewer documents or "
+                                "new tokens, or raise it.")
+        return super().submit(prompt_ids, state, on_event=on_event, params=params)
+
+    def stats(self) -> dict:
+        figures = super().stats()
+        with self._cv:
+            keys = self.keys
+            figures["kv"] = {"max_slot_tokens": self.max_slot_tokens, "max_kv_bytes": self.max_kv_bytes,
+                             "bytes_per_token": self.kv_bytes_per_token,
+                             "buffer_bytes": 2 * keys.numel() * keys.element_size() if keys is not None else 0,
+                             "tokens_held": sum(r.kv_len for r in self.active), "waits_for_budget": self.kv_waits}
+        return figures
+
+    # ----------------------------------------------------------------------------------- worker
+    def _take_joining(self) -> list[Request]:
+        """Waiting requests, in order, that fit the free rows, the read budget and the key/value budget."""
+        joining: list[Request] = []
+        cap = min(self.max_batch - len(self.active), self.max_read_batch)
+        read = 0
+        longest = max((r.kv_reserved for r in self.active), default=0)
+        while self.waiting and len(joining) < cap:
+            request = self.waiting[0]
+            if request.cancelled:
+                self._end(self.waiting.popleft(), "cancelled")
+                continue
+            if joining and read + len(request.prompt_ids) > self.max_read_tokens:  # prompts are read one by one
+                break
+            n_keys = request.state.n_keys if request.state is not None else 0  # type: ignore[attr-defined]
+            reserve = n_keys + len(request.prompt_ids) + request.params.max_new_tokens
+            rows = len(self.active) + len(joining) + 1
+            if rows * max(longest, reserve) * self.kv_bytes_per_token > self.max_kv_bytes:
+                self.kv_waits += 1  # it waits for rows to leave (submit refused any request that cannot fit alone)
+                break
+            request.kv_reserved = reserve
+            joining.append(self.waiting.popleft())
+            longest = max(longest, reserve)
+            read += len(request.prompt_ids)
+        return joining
+
+    def _fit_kv(self, rows: int, tokens: int) -> None:
+        """Make the buffer hold ``rows`` rows of ``tokens`` keys (the active rows' keys kept), with
+        slack (fewer resizes) only where the budget allows it."""
+        have_rows, have_tokens = (0, 0) if self.keys is None else (self.keys.shape[0], self.keys.shape[3])
+        if rows <= have_rows and tokens <= have_tokens:
+            return
+        slack_rows = min(self.max_batch, max(have_rows, 1 << (rows - 1).bit_length()))
+        slack_tokens = min(self.max_slot_tokens, max(have_tokens, -(-tokens // 256) * 256))
+        per_token = self.kv_bytes_per_token
+        new_rows, new_tokens = next((r, t) for r, t in ((slack_rows, slack_tokens), (rows, slack_tokens),
+                                                        (slack_rows, tokens), (rows, tokens))
+                                    if r >= rows and t >= tokens and r * t * per_token <= self.max_kv_bytes)
+        cfg = self.model.cfg
+        shape = (new_rows, len(cfg.attn_layers), cfg.n_kv_heads, new_tokens, cfg.head_dim)
+        # zeros, not empty: masked keys weigh exactly 0, but 0 x NaN garbage in a value would be NaN
+        keys = torch.zeros(shape, device=self.engine.device, dtype=self.model.dtype)
+        values = torch.zeros_like(keys)
+        n = len(self.active)
+        if self.keys is not None and n:
+            span = min(have_tokens, max(r.kv_len for r in self.active))
+            keys[:n, :, :, :span].copy_(self.keys[:n, :, :, :span])
+            values[:n, :, :, :span].copy_(self.values[:n, :, :, :span])  # type: ignore[index]
+        self.keys, self.values = keys, values
+
+    @torch.inference_mode()
+    def _join(self, joining: list[Request]) -> None:
+        """Read each joining prompt from its own state (the forward engine.generate runs); the state
+        after it, keys and values included, goes into a free row."""
+        engine, model = self.engine, self.model
+        start = len(self.active)
+        if not start:  # (after a failed step the batch was cleared without _release)
+            self.keys = self.values = None
+        self._fit_kv(start + len(joining), max(r.kv_reserved for r in self.active + joining))
+        logits = []
+        for row, r in enumerate(joining, start):
+            ssm, conv, keys, values, position, _, _ = engine._start(r.state)  # type: ignore[attr-defined]
+            out = model(torch.tensor([r.prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv, keys=keys,
+                        values=values, position=position, logits="last")
+            self.ssm[row].copy_(out.ssm_state[0])
+            self.conv[row].copy_(out.conv_state[0])
+            n_doc, n = keys.shape[3], len(r.prompt_ids)
+            self.keys[row, :, :, :n_doc].copy_(keys[0])  # type: ignore[index]
+            self.keys[row, :, :, n_doc:n_doc + n].copy_(out.keys[0])  # type: ignore[index]
+            self.values[row, :, :, :n_doc].copy_(values[0])  # type: ignore[index]
+            self.values[row, :, :, n_doc:n_doc + n].copy_(out.values[0])  # type: ignore[index]
+            r.kv_len, r.position = n_doc + n, position + n
+            r.state = None
+            logits.append(out.logits[0, -1])
+        now = time.perf_counter()
+        for r in joining:
+            r.timings.read = now
+        with self._cv:
+            self.active.extend(joining)
+        self._advance(list(range(start, start + len(joining))), torch.stack(logits))
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        n = len(self.active)
+        rows = torch.tensor([[r.last_token, r.kv_len, r.position] for r in self.active], dtype=torch.long)
+        tokens, lengths, positions = rows.to(self.engine.device, non_blocking=True).unbind(1)
+        span = max(r.kv_len for r in self.active) + 1  # the keys any row reads this step
+        logits = self.model.step_slots(tokens, self.ssm[:n], self.conv[:n], self.keys[:n, :, :, :span],  # type: ignore[index]
+                                       self.values[:n, :, :, :span], lengths, positions)  # type: ignore[index]
+        for r in self.active:
+            r.kv_len += 1
+            r.position += 1
+        self.steps += 1
+        self.rows_decoded += n
+        self._advance(list(range(n)), logits)
+
+    def _release(self, rows: list[int]) -> None:
+        """As :meth:`Scheduler._release`, moving the keys and values too; an emptied batch frees its buffer."""
+        with self._cv:
+            holes = sorted(set(rows))
+            gone = set(holes)
+            n = len(self.active)
+            keep_tail = [i for i in range(n - len(holes), n) if i not in gone]
+            fill = [h for h in holes if h < n - len(holes)]
+            for hole, source in zip(fill, keep_tail):
+                self.ssm[hole].copy_(self.ssm[source])
+                self.conv[hole].copy_(self.conv[source])
+                length = self.active[source].kv_len
+                self.keys[hole, :, :, :length].copy_(self.keys[source, :, :, :length])  # type: ignore[index]
+                self.values[hole, :, :, :length].copy_(self.values[source, :, :, :length])  # type: ignore[index]
+                self.active[hole] = self.active[source]
+            del self.active[n - len(holes):]
+            if not self.active:
+                self.keys = self.values = None
 
 
 def tokens_of(engine: PicasoEngine, prompts: Sequence[Tokens]) -> list[list[int]]:

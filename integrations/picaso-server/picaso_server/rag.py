@@ -60,6 +60,10 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20  # request body, refused before it is read
     max_batch: int = 64
     max_queue: int = 256  # requests waiting for the GPU; more in flight: 503
+    # hybrid models only (attention layers): keys per row (documents + prompt + max_tokens; more: 400) and
+    # bytes of all rows' keys and values (more: the request waits for rows to leave); see picaso_rag.scheduler
+    max_slot_tokens: int = 32_768
+    max_kv_bytes: int = 2 << 30
     prepare_threads: int = 2  # retrieval, state loading and composition (bounded: no thread per request)
     api_key: str | None = None
     conv: str = "mean"
