@@ -18,11 +18,18 @@ For each shape (random bf16 weights: speed does not depend on them), k documents
   ``generate`` with CUDA graphs.
 Times are medians of ``--repeats`` runs after a warm-up, taken with CUDA events; peak GPU memory is
 what a call allocates beyond what was already allocated (model weights, resident states).
+
+``--model DIR`` benches a checkpoint at its own shape instead (any model ``PicasoEngine.from_pretrained``
+loads, hybrids included; mamba_ssm's baseline only for Mamba-2 models, so a hybrid's speed-ups are
+against our own concatenation); a hybrid's composition floor adds reading and writing the union
+of the documents' keys and values. ``--device cpu`` runs the same script on the CPU with wall-clock
+timing (a check of the script, e.g. with a tiny checkpoint; not a measurement to publish).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import platform
@@ -44,10 +51,21 @@ SHAPES = {"130m": (768, 24), "370m": (1024, 48), "780m": (1536, 48), "1.3b": (20
 VOCAB = 50288  # 50277 padded to a multiple of 16, as the released checkpoints
 
 
+DEVICE = "cuda"  # --device
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """(median ms, peak MiB allocated beyond what was allocated before) over ``repeats`` CUDA-event-timed calls."""
+    """(median ms, peak MiB allocated beyond what was allocated before) over ``repeats`` CUDA-event-timed calls
+    (on the CPU: wall clock, and no peak)."""
     for _ in range(warmup):
         fn()
+    if DEVICE == "cpu":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times), 0.0
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -65,16 +83,42 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[
 
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(1 << 30 if DEVICE == "cuda" else 1 << 26, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     ms, _ = median_ms(lambda: dst.copy_(src), 10, warmup=2)
-    return 2 * (1 << 30) / (ms / 1000)
+    return 2 * src.numel() / (ms / 1000)
 
 
 def on_gpu(cfg: Mamba2Config) -> Mamba2LM:
-    """A bf16 model built on the GPU directly (a 2.7B model built on the CPU takes a minute)."""
-    with torch.device("cuda"):
-        return Mamba2LM(cfg).to(torch.bfloat16)
+    """A bf16 model built on the GPU directly (a 2.7B model built on the CPU takes a minute); fp32 on the CPU."""
+    with torch.device(DEVICE):
+        return Mamba2LM(cfg).to(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+
+
+def host_copy(state: State) -> State:
+    """``state`` in host memory, every tensor pinned on CUDA (a hybrid's keys and values too)."""
+    host = state.to("cpu")
+    if DEVICE != "cuda":
+        return host
+    return dataclasses.replace(host, **{f.name: getattr(host, f.name).pin_memory() for f in dataclasses.fields(host)
+                                        if isinstance(getattr(host, f.name), torch.Tensor)})
+
+
+def load_engine(name: str, args, tokenizer) -> tuple[PicasoEngine, object]:
+    """(engine, mamba_ssm's model of the same weights or None): a random Mamba-2 at an official shape,
+    or the checkpoint of ``--model`` (mamba_ssm's baseline only for a Mamba-2 model on CUDA)."""
+    if args.model:
+        engine = PicasoEngine.from_pretrained(args.model, device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else None,
+                                              tokenizer=tokenizer)
+        engine.tokenizer.eos_token_id = None  # never stop early, as mamba_ssm's generate without eos
+        if isinstance(engine.model, Mamba2LM) and DEVICE == "cuda":
+            return engine, mamba_ssm_model(engine.model.cfg.d_model, engine.model.cfg.n_layer, engine.model.state_dict())
+        return engine, None
+    d_model, n_layer = SHAPES[name]
+    cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+    model = init_weights(on_gpu(cfg), seed=0)
+    engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"latency-{name}".encode()).hexdigest())
+    return engine, mamba_ssm_model(d_model, n_layer, model.state_dict()) if DEVICE == "cuda" else None
 
 
 def mamba_ssm_model(d_model: int, n_layer: int, state_dict: dict):
@@ -126,38 +170,41 @@ def checks(tokenizer) -> dict:
 
 def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save: Callable[[], None]) -> None:
     """Fill ``result`` run by run, calling ``save`` after each (a killed run keeps what it measured)."""
-    d_model, n_layer = SHAPES[name]
-    cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
-    model = init_weights(on_gpu(cfg), seed=0)
-    engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"latency-{name}".encode()).hexdigest())
-    theirs = mamba_ssm_model(d_model, n_layer, model.state_dict())
-    result.update({"d_model": d_model, "n_layer": n_layer, "runs": []})
+    engine, theirs = load_engine(name, args, tokenizer)
+    model = engine.model
+    d_model, n_layer = model.cfg.d_model, model.cfg.n_layer
+    result.update({"d_model": d_model, "n_layer": n_layer, "model": args.model or f"random mamba2-{name}",
+                   "hybrid": not isinstance(model, Mamba2LM), "runs": []})
     rng = torch.Generator().manual_seed(0)
-    query = torch.randint(0, 50000, (args.query_tokens,), generator=rng).tolist()
+    top = min(50000, model.cfg.vocab_size)
+    query = torch.randint(0, top, (args.query_tokens,), generator=rng).tolist()
     reps = args.repeats
 
     # ---- encoding against a plain batched prefill, decoding against mamba_ssm's generate
-    batch = torch.randint(0, 50000, (args.encode_batch, 512), generator=rng)
-    batch_list, batch_ids = batch.tolist(), batch.cuda()
+    batch = torch.randint(0, top, (args.encode_batch, 512), generator=rng)
+    batch_list, batch_ids = batch.tolist(), batch.to(DEVICE)
     with torch.inference_mode():
         t_encode, _ = median_ms(lambda: engine.encode(batch_list, batch_size=args.encode_batch), reps)
-        t_prefill, _ = median_ms(lambda: theirs(batch_ids, num_last_tokens=1), reps)
         t_forward, _ = median_ms(lambda: model(batch_ids, logits="none"), reps)
+        # without mamba_ssm's model (a hybrid, or the CPU), our plain forward is the prefill baseline
+        t_prefill = median_ms(lambda: theirs(batch_ids, num_last_tokens=1), reps)[0] if theirs is not None else t_forward
     n_batch = args.encode_batch * 512
     result["encode"] = {"batch": args.encode_batch, "doc_tokens": 512, "encode_tokens_per_s": n_batch / t_encode * 1000,
-                        "mamba_ssm_prefill_tokens_per_s": n_batch / t_prefill * 1000,
+                        "mamba_ssm_prefill_tokens_per_s": n_batch / t_prefill * 1000 if theirs is not None else None,
                         "our_forward_tokens_per_s": n_batch / t_forward * 1000, "encode_vs_prefill": t_prefill / t_encode}
-    query_ids = torch.tensor([query], device="cuda")
+    query_ids = torch.tensor([query], device=DEVICE)
     new = args.answer_tokens
     with torch.inference_mode():
         ours_1, _ = median_ms(lambda: engine.generate(query, max_new_tokens=1), reps)
         ours_n, _ = median_ms(lambda: engine.generate(query, max_new_tokens=new), reps)
-        theirs_1, _ = median_ms(lambda: theirs.generate(query_ids, max_length=len(query) + 1, cg=True), reps)
-        theirs_n, _ = median_ms(lambda: theirs.generate(query_ids, max_length=len(query) + new, cg=True), reps)
-    result["decode"] = {"ours_ms_per_token": (ours_n - ours_1) / (new - 1),
-                        "mamba_ssm_ms_per_token": (theirs_n - theirs_1) / (new - 1)}
+        if theirs is not None:
+            theirs_1, _ = median_ms(lambda: theirs.generate(query_ids, max_length=len(query) + 1, cg=True), reps)
+            theirs_n, _ = median_ms(lambda: theirs.generate(query_ids, max_length=len(query) + new, cg=True), reps)
+    result["decode"] = {"ours_ms_per_token": (ours_n - ours_1) / (new - 1)}
     result["decode"]["ours_tokens_per_s"] = 1000 / result["decode"]["ours_ms_per_token"]
-    result["decode"]["mamba_ssm_tokens_per_s"] = 1000 / result["decode"]["mamba_ssm_ms_per_token"]
+    if theirs is not None:
+        result["decode"]["mamba_ssm_ms_per_token"] = (theirs_n - theirs_1) / (new - 1)
+        result["decode"]["mamba_ssm_tokens_per_s"] = 1000 / result["decode"]["mamba_ssm_ms_per_token"]
     print(name, "encode", result["encode"], "decode", result["decode"], flush=True)
     save()
 
@@ -168,13 +215,15 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
     store_dir = tempfile.TemporaryDirectory()
     store = StateStore(store_dir.name)
     for n_doc in args.doc_tokens:
-        docs = torch.randint(0, 50000, (k_max, n_doc), generator=rng).tolist()
+        docs = torch.randint(0, top, (k_max, n_doc), generator=rng).tolist()
         gpu_states = engine.encode(docs, batch_size=4)
-        pinned = [State(s.ssm.cpu().pin_memory(), s.conv.cpu().pin_memory(), s.log_decay.cpu().pin_memory(),
-                        s.n_tokens, s.fingerprint) for s in gpu_states]
+        pinned = [host_copy(s) for s in gpu_states]
         for i, s in enumerate(gpu_states):
             store.put(f"doc-{n_doc}-{i}", s)
         state_bytes = gpu_states[0].ssm.numel() * gpu_states[0].ssm.element_size()
+        # a hybrid's composition also copies the documents' keys and values into their union (read + write)
+        kv_bytes = sum(t.numel() * t.element_size() for t in (gpu_states[0].keys, gpu_states[0].values)) \
+            if hasattr(gpu_states[0], "keys") else 0
         result["state_MiB"] = gpu_states[0].nbytes / 2**20
 
         for k in args.ks:
@@ -183,24 +232,25 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
                 return
             run = {"k": k, "doc_tokens": n_doc}
             prompt = sum(docs[:k], []) + query
-            prompt_ids = torch.tensor([prompt], device="cuda")
+            prompt_ids = torch.tensor([prompt], device=DEVICE)
             r = max(3, reps // 2) if len(prompt) > 8000 else reps
             with torch.inference_mode():
                 run["concat_ours_ttft_ms"], run["concat_ours_ttft_peak_MiB"] = median_ms(
                     lambda: engine.generate(prompt, max_new_tokens=1), r)
                 run["concat_ours_answer_ms"], _ = median_ms(lambda: engine.generate(prompt, max_new_tokens=new), r)
-                run["concat_mamba_ssm_ttft_ms"], run["concat_mamba_ssm_ttft_peak_MiB"] = median_ms(
-                    lambda: int(theirs(prompt_ids, num_last_tokens=1).logits[0, -1].argmax()), r)
-                run["concat_mamba_ssm_answer_ms"], _ = median_ms(
-                    lambda: theirs.generate(prompt_ids, max_length=len(prompt) + new, cg=True), r)
+                if theirs is not None:
+                    run["concat_mamba_ssm_ttft_ms"], run["concat_mamba_ssm_ttft_peak_MiB"] = median_ms(
+                        lambda: int(theirs(prompt_ids, num_last_tokens=1).logits[0, -1].argmax()), r)
+                    run["concat_mamba_ssm_answer_ms"], _ = median_ms(
+                        lambda: theirs.generate(prompt_ids, max_length=len(prompt) + new, cg=True), r)
 
             def fetch(where: str) -> list:
                 if where == "gpu":
                     return gpu_states[:k]
                 if where == "pinned":
-                    return [s.to("cuda", non_blocking=True) for s in pinned[:k]]
+                    return [s.to(DEVICE, non_blocking=True) for s in pinned[:k]]
                 found = store.get_many([f"doc-{n_doc}-{i}" for i in range(k)], engine.fingerprint)
-                return [f.state.to("cuda", non_blocking=True) for f in found]
+                return [f.state.to(DEVICE, non_blocking=True) for f in found]
 
             for method in args.methods:
                 for where in ("gpu", "pinned", "disk"):
@@ -217,9 +267,9 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
                 weights = log_weights(torch.stack([s.log_decay for s in gpu_states[:k]], -1), method).exp().float().movedim(-1, 0)
                 run[f"{method}_compose_ms"], _ = median_ms(lambda: engine.compose(gpu_states[:k], method), reps)
                 run[f"{method}_compose_kernel_ms"], _ = median_ms(lambda: weighted_sum(ssm_list, weights), reps)
-            run["compose_floor_ms"] = (k + 1) * state_bytes / bandwidth * 1000
-            baseline_ttft = min(run["concat_ours_ttft_ms"], run["concat_mamba_ssm_ttft_ms"])
-            baseline_answer = min(run["concat_ours_answer_ms"], run["concat_mamba_ssm_answer_ms"])
+            run["compose_floor_ms"] = ((k + 1) * state_bytes + 2 * k * kv_bytes) / bandwidth * 1000
+            baseline_ttft = min(run["concat_ours_ttft_ms"], run.get("concat_mamba_ssm_ttft_ms", float("inf")))
+            baseline_answer = min(run["concat_ours_answer_ms"], run.get("concat_mamba_ssm_answer_ms", float("inf")))
             for method in args.methods:
                 for where in ("gpu", "pinned", "disk"):
                     run[f"{method}_{where}_ttft_speedup"] = baseline_ttft / run[f"{method}_{where}_ttft_ms"]
@@ -240,8 +290,9 @@ def summarize(results: dict) -> dict:
             continue
         runs = shape.get("runs", [])
         name = shape["shape"]
-        row = {"encode_vs_prefill": shape["encode"]["encode_vs_prefill"],
-               "decode_vs_mamba_ssm": shape["decode"]["mamba_ssm_ms_per_token"] / shape["decode"]["ours_ms_per_token"]}
+        row = {"encode_vs_prefill": shape["encode"]["encode_vs_prefill"]}
+        if "mamba_ssm_ms_per_token" in shape["decode"]:  # not for a hybrid (no mamba_ssm model) nor on the CPU
+            row["decode_vs_mamba_ssm"] = shape["decode"]["mamba_ssm_ms_per_token"] / shape["decode"]["ours_ms_per_token"]
         for r in runs:
             if r["k"] == 10 and r["doc_tokens"] == 512:
                 row["ttft_speedup_k10_512_gpu"] = r["picaso-s_gpu_ttft_speedup"]
@@ -287,6 +338,7 @@ def table(path: Path) -> str:
             continue
         concat = min(run["concat_ours_ttft_ms"], run["concat_mamba_ssm_ttft_ms"])
         answer = summary.get("answer_speedup_2048_mean_gpu")
+        decode = summary.get("decode_vs_mamba_ssm")  # none for a hybrid (no mamba_ssm model of it)
         lines.append(
             f"| mamba2-{shape['shape']} | {shape['state_MiB']:.0f} | {concat:.1f} ms | "
             f"{run['picaso-s_gpu_ttft_ms']:.1f} ms ({run['picaso-s_gpu_ttft_speedup']:.1f}x) | "
@@ -294,7 +346,7 @@ def table(path: Path) -> str:
             f"{run['picaso-s_disk_ttft_ms']:.0f} ms ({run['picaso-s_disk_ttft_speedup']:.2f}x) | "
             f"{f'{answer:.2f}x' if answer else 'not measured (time budget)'} | "
             f"{summary['compose_kernel_vs_floor_min_k5plus']:.0%} | {summary['encode_vs_prefill']:.0%} | "
-            f"{summary['decode_vs_mamba_ssm']:.2f}x |")
+            f"{f'{decode:.2f}x' if decode else 'no mamba_ssm model'} |")
     return "\n".join(lines)
 
 
@@ -334,7 +386,9 @@ def plot(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", help="tokenizer.json (any; only detokenisation uses it)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (any; only detokenisation uses it; default with --model: its own)")
+    parser.add_argument("--model", help="a checkpoint directory (Mamba-2 or hybrid) benched at its own shape instead of --shapes")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a check of this script (wall clock)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--ks", default="1,2,5,10,20")
     parser.add_argument("--doc-tokens", default="512,2048")
@@ -363,12 +417,20 @@ def main() -> None:
     args.doc_tokens = [int(n) for n in args.doc_tokens.split(",")]
     args.methods = args.methods.split(",")
 
-    if not triton_kernels_available():
-        raise SystemExit("needs CUDA and mamba-ssm (scripts/gpu_setup.sh build)")
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    tokenizer.eos_token_id = None  # random weights: never stop early, as mamba_ssm's generate without eos
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not triton_kernels_available():
+        raise SystemExit("needs CUDA and mamba-ssm (scripts/gpu_setup.sh build); --device cpu checks the script")
+    if not args.tokenizer and not args.model:
+        raise SystemExit("give --tokenizer (or --model, a checkpoint directory with its tokenizer)")
+    tokenizer = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
+    if tokenizer is not None:
+        tokenizer.eos_token_id = None  # random weights: never stop early, as mamba_ssm's generate without eos
+    if args.model:
+        args.shapes = Path(args.model).name  # one run, at the checkpoint's own shape
     deadline = time.monotonic() + args.budget_s
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    results = {"device": device_name, "torch": torch.__version__, "python": platform.python_version(),
                "args": {k: v for k, v in vars(args).items() if k not in ("out", "plot")}, "shapes": []}
     try:
         import mamba_ssm
@@ -396,7 +458,8 @@ def main() -> None:
             result["error"] = traceback.format_exc()
             print(result["error"], flush=True)
         save()
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     print(json.dumps(results.get("summary"), indent=1))
 
 
