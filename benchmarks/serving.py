@@ -5,6 +5,9 @@ scheduler in concatenation mode and one-request-at-a-time serving (GPU, in-proce
     PYTHONPATH=. python benchmarks/serving.py --tokenizer TOKENIZER.json --out docs/benchmarks/serving_h200.json
     python benchmarks/serving.py --plot docs/benchmarks/serving_h200.json   # the PNG, anywhere
     python benchmarks/serving.py --http --out docs/benchmarks/serving_http_cpu.json   # HTTP overhead, CPU
+    python benchmarks/serving.py --model DIR ...   # a checkpoint directory instead of --shape: Mamba-2 or hybrid
+    python benchmarks/serving.py --model DIR --device cpu --clients 1,4 --modes picaso,serial --k 3 --doc-tokens 32 \
+        --pool 6 --question-tokens 8 --answer-tokens 8 --ramp 0.5 --window 2 --out /tmp/serving.json   # a CPU smoke run
 
 Workload (issue 13): mamba2-2.7b shape with random bf16 weights; a pool of stored document states
 (512 tokens each); each request draws k = 10 of them, has a 64-token question and a 128-token
@@ -21,7 +24,11 @@ decode step at each bucket against its memory-bandwidth floor (weights + the bat
 and written, at the measured copy bandwidth).
 
 The GPU machine has no FastAPI: ``--http`` measures what the HTTP layer adds (picaso-server on
-127.0.0.1, CPU, tiny model) against the same requests submitted to the scheduler in-process.
+127.0.0.1, CPU, tiny model or ``--model``) against the same requests submitted to the scheduler in-process.
+
+A hybrid checkpoint (``--model``; Granite 4.0-H, Bamba) runs the same workload through the same
+``Scheduler`` call (a HybridScheduler: eager batched decoding, no graphs, so no decode-floor table);
+benchmarks/hybrid_serving.py is the short GPU check of batched against one-at-a-time hybrid decoding.
 """
 
 from __future__ import annotations
@@ -97,7 +104,7 @@ def run_load(mode: str, n_clients: int, engine: PicasoEngine, scheduler: Schedul
     stop = threading.Event()
 
     def question() -> list[int]:
-        return [rng.randrange(1000, 50000) for _ in range(args.question_tokens)]
+        return [rng.randrange(1000, min(50000, engine.model.cfg.vocab_size)) for _ in range(args.question_tokens)]
 
     def start_request() -> None:
         if stop.is_set():
@@ -202,22 +209,31 @@ def decode_floor(engine: PicasoEngine, scheduler: Scheduler, buckets: list[int])
 
 
 def gpu_main(args) -> None:
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    tokenizer.eos_token_id = None  # random weights: answers run to their 128 tokens
-    d_model, n_layer = SHAPES[args.shape]
-    cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
-    with torch.device("cuda"):
-        model = init_weights(Mamba2LM(cfg).to(torch.bfloat16), seed=0)
-    engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"serving-{args.shape}".encode()).hexdigest())
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    cuda = args.device == "cuda"
+    if args.model:  # a checkpoint directory: Mamba-2 or hybrid (PicasoEngine returns a HybridEngine for a hybrid)
+        engine = PicasoEngine.from_pretrained(args.model, device=args.device, dtype=torch.bfloat16 if cuda else None,
+                                              tokenizer=args.tokenizer)
+        engine.tokenizer.eos_token_id = None  # answers run to their --answer-tokens
+    else:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+        tokenizer.eos_token_id = None  # random weights: answers run to their 128 tokens
+        d_model, n_layer = SHAPES[args.shape]
+        cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+        with torch.device(args.device):
+            model = init_weights(Mamba2LM(cfg).to(torch.bfloat16 if cuda else torch.float32), seed=0)
+        engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"serving-{args.shape}".encode()).hexdigest())
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "python": platform.python_version(), "model": args.model or f"random mamba2-{args.shape} shape",
+           "engine": type(engine).__name__, "date": time.strftime("%Y-%m-%d"),
+           "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         args.out.write_text(json.dumps(out, indent=1) + "\n")
 
     gen = torch.Generator().manual_seed(0)
-    pool_tokens = torch.randint(1000, 50000, (args.pool, args.doc_tokens), generator=gen).tolist()
+    vocab = min(50000, engine.model.cfg.vocab_size)
+    pool_tokens = torch.randint(1000, vocab, (args.pool, args.doc_tokens), generator=gen).tolist()
     start = time.perf_counter()
     pool_states = engine.encode(pool_tokens, batch_size=8)
     out["pool"] = {"states": args.pool, "doc_tokens": args.doc_tokens, "state_MB": round(pool_states[0].nbytes / 1e6, 2),
@@ -229,8 +245,9 @@ def gpu_main(args) -> None:
     out["graph_capture_s"] = round(time.perf_counter() - start, 2)
     out["scheduler"] = scheduler.stats()
     print("pool", out["pool"], "capture", out["graph_capture_s"], flush=True)
-    out["decode_floor"] = decode_floor(engine, scheduler, [b for b in scheduler.graphs.buckets if b in clients or b == 1])
-    print(json.dumps(out["decode_floor"]), flush=True)
+    if scheduler.graphs is not None:  # (a hybrid, or the CPU, decodes eagerly: no graphs to time)
+        out["decode_floor"] = decode_floor(engine, scheduler, [b for b in scheduler.graphs.buckets if b in clients or b == 1])
+        print(json.dumps(out["decode_floor"]), flush=True)
     save()
     # warm-up: the read kernels at the shapes they will see
     run_load("picaso", 4, engine, scheduler, None, pool_states, pool_tokens, argparse.Namespace(**{**vars(args), "ramp": 0.0, "window": 2.0}), 99)
@@ -307,8 +324,9 @@ def plot(path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[1].set_yscale("log")
-    fig.suptitle(f"Serving, mamba2-2.7b shape, k=10 x 512-token documents, 64-token questions, 128-token answers ({out['device']})",
-                 fontsize=9)
+    a = out["args"]
+    fig.suptitle(f"Serving, {out.get('model', 'random mamba2-2.7b shape')}, k={a['k']} x {a['doc_tokens']}-token documents, "
+                 f"{a['question_tokens']}-token questions, {a['answer_tokens']}-token answers ({out['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
     print("wrote", path.with_suffix(".png"))
@@ -327,7 +345,7 @@ def http_main(args) -> None:
     from picaso_server import RagPipeline, ServerSettings, ServerThread, create_app, load_embed_model
     import tempfile
 
-    engine = random_engine(corpus_paragraphs())
+    engine = PicasoEngine.from_pretrained(args.model) if args.model else random_engine(corpus_paragraphs())
     with tempfile.TemporaryDirectory() as db:
         llm = PicasoLLM(engine=engine, state_store=open_state_store(db))
         index, _ = open_index(db, llm, load_embed_model(), show_progress=False)
@@ -355,7 +373,8 @@ def http_main(args) -> None:
                     inproc.append(t_in * 1000)
                     http.append(t_http * 1000)
         scheduler.close()
-    result = {"device": "cpu (this CPU machine)", "date": time.strftime("%Y-%m-%d"), "requests": len(http),
+    result = {"device": "cpu (this CPU machine)", "model": args.model or "tiny random Mamba-2", "engine": type(engine).__name__,
+              "date": time.strftime("%Y-%m-%d"), "requests": len(http),
               "max_tokens": n_tokens, "in_process_ms_p50": round(statistics.median(inproc), 2),
               "http_ms_p50": round(statistics.median(http), 2),
               "http_overhead_ms_p50": round(statistics.median(np.array(http) - np.array(inproc)), 2),
@@ -369,6 +388,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", help="tokenizer.json (detokenisation only), e.g. the GPT-NeoX one")
     parser.add_argument("--shape", default="2.7b", choices=list(SHAPES))
+    parser.add_argument("--model", help="a checkpoint directory (Mamba-2 or hybrid) instead of a random --shape")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (figures from it are not the GPU's)")
     parser.add_argument("--clients", default="1,4,16,64,256")
     parser.add_argument("--modes", default="picaso,concat,serial")
     parser.add_argument("--k", type=int, default=10)
@@ -395,8 +416,9 @@ def main() -> None:
     elif args.http:
         http_main(args)
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("needs CUDA (and mamba-ssm: scripts/gpu_setup.sh build); --http runs on the CPU")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("needs CUDA (and mamba-ssm: scripts/gpu_setup.sh build), or --device cpu for a smoke run; "
+                             "--http runs on the CPU")
         gpu_main(args)
         try:
             plot(args.out)

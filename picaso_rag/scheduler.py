@@ -495,8 +495,9 @@ class HybridScheduler(Scheduler):
     all rows live in one buffer ``keys``/``values`` [rows, n_attn, kv_heads, capacity, head_dim],
     row r holding ``kv_len`` keys and zeros or stale keys after them; a decode step writes each
     row's new key at its own length and attends with a key mask (:meth:`HybridLM.step_slots`),
-    each row at its own RoPE position. Why padding: SDPA takes one dense [rows, keys] layout, and
-    the buffer is read only up to the longest row (the padding costs memory, not attention time).
+    each row at its own RoPE position. Why padding: SDPA takes one dense [rows, keys] layout; a
+    step reads the buffer only up to the longest row's keys (shorter rows' padding up to there is
+    read and masked), and the rest of the capacity costs memory only.
 
     Bounds (a row's keys grow with every token, so both are enforced when a request joins):
     - ``max_slot_tokens``: a request may hold at most this many keys, its documents' + prompt +

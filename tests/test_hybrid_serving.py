@@ -196,3 +196,19 @@ def test_server_serves_a_hybrid_to_the_openai_client(family, tmp_path):
             client.chat.completions.create(model="tiny-bamba", messages=body(*asks[0])[0], max_tokens=450)
         scheduler = httpx.get(url + "/health").json()["scheduler"]
     assert scheduler["kv"]["max_slot_tokens"] == 400 and scheduler["steps"] > 0 and scheduler["active"] == 0
+
+
+def test_gpu_check_script_cpu_path(tmp_path):
+    """benchmarks/hybrid_serving.py (the H200 check of batched against one-at-a-time hybrid decoding)
+    on its CPU path: it runs, and in fp32 every batched answer equals the same request alone."""
+    import importlib.util
+
+    from .llamaindex_world import REPO
+
+    spec = importlib.util.spec_from_file_location("hybrid_serving", REPO / "benchmarks" / "hybrid_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--device", "cpu", "--tiny", "--batches", "1,4", "--serial", "4", "--pool", "6", "--doc-tokens", "24",
+                       "--k", "3", "--question-tokens", "6", "--answer-tokens", "6", "--out", str(tmp_path / "h.json")])
+    assert [row["greedy_agreement"] for row in out["batched"]] == ["1/1", "4/4"]
+    assert out["batched"][1]["mean_decode_batch"] == 4.0 and (tmp_path / "h.json").is_file()
