@@ -523,7 +523,7 @@ class HybridScheduler(Scheduler):
         self.kv_bytes_per_token = cfg.kv_bytes_per_token(bytes_per_value=self.model.dtype.itemsize)
         self.keys: Tensor | None = None  # [rows, n_attn, kv_heads, capacity, head_dim]; None while idle
         self.values: Tensor | None = None
-        self.kv_waits = 0  # times the head of the queue waited for the key/value budget
+        self.kv_waits = 0  # loop turns at which the head of the queue waited for the key/value budget
         if start:
             self.start()
 
