@@ -74,3 +74,12 @@ def test_state_precision_reports_bytes_per_token_of_a_hybrid(checkpoint, tmp_pat
         {"fp32": 256, "bf16": 128, "fp8": 64}
     ours = report["hybrid_bytes"]["picaso-hybrid-12"]  # the figure docs/hybrids.md cites
     assert ours["bytes_per_token"]["bf16"] == 3072 and ours["ssm_layers"] == 10
+
+
+def test_the_gpu_check_of_hybrid_states_runs_its_cpu_path(tokenizer):
+    check = benchmark("hybrid_states_gpu_check")
+    cfg = HybridConfig(family="picaso_hybrid", vocab_size=50288, d_model=64, layer_types=("mamba", "attention"),
+                       n_heads=4, n_kv_heads=2, head_dim=16, d_state=16, headdim=16, ngroups=1, chunk_size=16)
+    out = check.check_states("cpu", tokenizer, cfg, doc_tokens=32)
+    assert out["fp8_same_bytes_as_cpu"] and out["store_fp8_file_MiB"] < out["store_bf16_file_MiB"] < out["store_fp32_file_MiB"]
+    assert 0 < out["fp8_keys_values_only_kl_max"] and 0 < out["bf16_logit_change_over_documents_effect"] < 1
