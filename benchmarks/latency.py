@@ -20,8 +20,8 @@ Times are medians of ``--repeats`` runs after a warm-up, taken with CUDA events;
 what a call allocates beyond what was already allocated (model weights, resident states).
 
 ``--model DIR`` benches a checkpoint at its own shape instead (any model ``PicasoEngine.from_pretrained``
-loads, hybrids included; mamba_ssm's baseline only for Mamba-2 models, so a hybrid's speed-ups are
-against our own concatenation); a hybrid's composition floor adds reading and writing the union
+loads, hybrids included; without mamba_ssm's baseline, which is built for the official shapes, so
+its speed-ups are against our own concatenation); a hybrid's composition floor adds reading and writing the union
 of the documents' keys and values. ``--device cpu`` runs the same script on the CPU with wall-clock
 timing (a check of the script, e.g. with a tiny checkpoint; not a measurement to publish).
 """
@@ -106,13 +106,12 @@ def host_copy(state: State) -> State:
 
 def load_engine(name: str, args, tokenizer) -> tuple[PicasoEngine, object]:
     """(engine, mamba_ssm's model of the same weights or None): a random Mamba-2 at an official shape,
-    or the checkpoint of ``--model`` (mamba_ssm's baseline only for a Mamba-2 model on CUDA)."""
+    or the checkpoint of ``--model`` (mamba_ssm's baseline only for the official shapes, on CUDA: its
+    model is built with their configuration, which a checkpoint's need not share)."""
     if args.model:
         engine = PicasoEngine.from_pretrained(args.model, device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else None,
                                               tokenizer=tokenizer)
         engine.tokenizer.eos_token_id = None  # never stop early, as mamba_ssm's generate without eos
-        if isinstance(engine.model, Mamba2LM) and DEVICE == "cuda":
-            return engine, mamba_ssm_model(engine.model.cfg.d_model, engine.model.cfg.n_layer, engine.model.state_dict())
         return engine, None
     d_model, n_layer = SHAPES[name]
     cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
