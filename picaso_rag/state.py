@@ -163,7 +163,8 @@ def register_state_spec(fingerprint: str, spec: StateSpec) -> None:
     register the largest: a store of this process then reads every state any of them wrote.
     """
     known = _SPECS.get(fingerprint)
-    if isinstance(spec, HybridStateSpec) and isinstance(known, HybridStateSpec) and replace(known, max_tokens=0) == replace(spec, max_tokens=0):
+    both_hybrid = isinstance(spec, HybridStateSpec) and isinstance(known, HybridStateSpec)
+    if both_hybrid and replace(known, max_tokens=0) == replace(spec, max_tokens=0):
         spec = replace(spec, max_tokens=max(spec.max_tokens, known.max_tokens))
     _SPECS[fingerprint] = spec
 
