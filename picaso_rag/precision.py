@@ -100,7 +100,10 @@ def _to_fp8(t: Tensor, reduce: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """(e4m3 tensor, fp32 scale) with the largest magnitude over the ``reduce`` dims mapped to 448."""
     t = t.float()
     # over no element (a state with no keys) or all zeros: scale 1 (any scale is exact for zeros; 0 would divide by zero)
-    amax = t.abs().amax(dim=reduce) if all(t.shape[d] for d in reduce) else t.new_zeros([n for d, n in enumerate(t.shape) if d not in reduce])
+    if all(t.shape[d] for d in reduce):
+        amax = t.abs().amax(dim=reduce)
+    else:
+        amax = t.new_zeros([n for d, n in enumerate(t.shape) if d not in reduce])
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (t / _expand(scale, reduce)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q.contiguous(), scale.contiguous()
