@@ -85,17 +85,17 @@ wait)  # there
     [ -e $W/trained ] && echo trained || echo "still training"
     ;;
 evaluate)  # there
-    cp $W/runs/hybrid/history.json $R/history-hybrid.json; cp $W/runs/mamba/history.json $R/history-mamba.json
+    cp $W/runs/hybrid/history.json $R/history-hybrid.json; cp $W/runs/mamba/history.json $R/history-mamba.json 2>/dev/null
     cp $W/runs/hybrid/checkpoint/config.json $R/hybrid-config.json
     cd $F
-    for m in hybrid mamba picaso-mini; do
+    for m in ${MODELS:-hybrid mamba picaso-mini}; do
         dir=$W/runs/$m/checkpoint; [ $m = picaso-mini ] && dir=models/picaso-mini
         ( timeout ${EVAL_S:-400} python3 benchmarks/quality.py --model $dir --retrieval-cache docs/results/wikitext-retrieval.json \
               --batch-size 64 --out $R/wikitext-$m > $R/wikitext-$m.log 2>&1
           timeout ${QA_S:-150} python3 benchmarks/qa_quality.py --model $dir --dataset hotpotqa --no-generate --out $R/hotpotqa-$m > $R/hotpotqa-$m.log 2>&1 ) &
     done
     wait
-    for m in hybrid mamba picaso-mini; do cat $R/wikitext-$m.md $R/hotpotqa-$m.md 2>/dev/null || tail -n 5 $R/wikitext-$m.log $R/hotpotqa-$m.log; done
+    for m in ${MODELS:-hybrid mamba picaso-mini}; do cat $R/wikitext-$m.md $R/hotpotqa-$m.md 2>/dev/null || tail -n 5 $R/wikitext-$m.log $R/hotpotqa-$m.log; done
     nvidia-smi --query-gpu=name --format=csv,noheader > $R/device.txt
     tar czf "$OUT/hybrid_results.tar.gz" -C $W results
     # the checkpoint (about 35 MB) comes back in parts of 15 MB (the device tool returns files of 16 MiB at most)
