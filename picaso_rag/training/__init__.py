@@ -7,7 +7,8 @@ Command line: ``python -m picaso_rag.training --help``.
 """
 
 from .data import PassagePairs, TokenWindows, iter_corpus_documents, split_passages, tokenize_to_file, train_tokenizer
-from .train import MODES, TrainConfig, composition_loss, finetune_batches, lm_loss, pretrain_batches, train
+from .train import (MODES, TrainConfig, composition_loss, finetune_batches, hybrid_composition_loss, lm_loss,
+                    pretrain_batches, train)
 
 __all__ = [
     "MODES",
@@ -16,6 +17,7 @@ __all__ = [
     "TrainConfig",
     "composition_loss",
     "finetune_batches",
+    "hybrid_composition_loss",
     "iter_corpus_documents",
     "lm_loss",
     "pretrain_batches",

@@ -5,6 +5,7 @@
     python -m picaso_rag.training pretrain  --data train.bin --tokenizer tok.json --time-budget 480 --out runs/pretrain
     python -m picaso_rag.training pretrain  ... --attn-layers 3 9 --out runs/hybrid   # a hybrid: 2 of 12 layers attention
     python -m picaso_rag.training finetune  --model runs/pretrain/checkpoint --data train.bin --mode bp2c --out runs/bp2c
+    python -m picaso_rag.training finetune  --model runs/hybrid/checkpoint ... # a hybrid: its attention layers compose too
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn-layers", type=int, nargs="*", default=[],
                    help="a hybrid: these layers (0-based) are attention without positions (NoPE), the rest Mamba-2")
 
-    p2 = sub.add_parser("finetune", help="composition fine-tuning (BP2C or BPTC) of any Mamba-2 checkpoint")
+    p2 = sub.add_parser("finetune", help="composition fine-tuning (BP2C or BPTC) of a Mamba-2 or hybrid checkpoint")
     p2.add_argument("--model", required=True)
     p2.add_argument("--data", required=True, help="uint16 token file (documents separated by EOS)")
     p2.add_argument("--mode", choices=MODES, default="bp2c")

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..compose import METHODS, compose_tensors
-from ..hybrid import HybridLM
+from ..hybrid import HybridLM, HybridOutput
 from ..loading import Tokenizer, save_checkpoint, save_hybrid_checkpoint
 from ..model import Mamba2LM
 from .data import PassagePairs, TokenWindows
@@ -53,7 +53,7 @@ def lm_loss(model: Mamba2LM, inputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def composition_loss(model: Mamba2LM, contexts: Tensor, targets: Tensor, separator: Tensor,
+def composition_loss(model: Mamba2LM | HybridLM, contexts: Tensor, targets: Tensor, separator: Tensor,
                      method: str = "picaso-s", mode: str = "bp2c") -> Tensor:
     """Loss of the target read from the composed state of the contexts.
 
@@ -62,9 +62,13 @@ def composition_loss(model: Mamba2LM, contexts: Tensor, targets: Tensor, separat
     composed state; tokens 1..T-1 are scored (a state carries no logits for token 0).
     BP2C: the contexts' pass runs without gradient (states as a store would serve them).
     BPTC: gradients flow through the composition into every context's pass.
+    A :class:`~picaso_rag.hybrid.HybridLM` composes its attention layers too
+    (:func:`hybrid_composition_loss`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(model, HybridLM):
+        return hybrid_composition_loss(model, contexts, targets, separator, method, mode)
     B, k = contexts.shape[:2]
     ssm = conv = None
     if k:
@@ -77,6 +81,59 @@ def composition_loss(model: Mamba2LM, contexts: Tensor, targets: Tensor, separat
     return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten())
 
 
+def hybrid_composition_loss(model: HybridLM, contexts: Tensor, targets: Tensor, separator: Tensor,
+                            method: str = "picaso-s", mode: str = "bp2c") -> Tensor:
+    """:func:`composition_loss` for a hybrid: the target is read from the composed SSM states and
+    the union of the contexts' keys and values, as :func:`picaso_rag.compose.compose_hybrid` composes
+    them (one batched pass; every context of a batch has S + len(separator) tokens, so the unions of
+    the rows have equal length and stack). BP2C / BPTC as for Mamba-2 models: the keys and values
+    are detached with the SSM states in BP2C, and carry gradients into the contexts' pass in BPTC.
+
+    Usage: ``loss = hybrid_composition_loss(model, contexts, targets, torch.tensor(sep_ids), "picaso-s", "bptc")``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    B, k = contexts.shape[:2]
+    state, position = {}, 0
+    if k:
+        docs = torch.cat([contexts, separator.expand(B, k, -1)], dim=-1).flatten(0, 1)
+        with torch.set_grad_enabled(mode == "bptc"):
+            state, position = compose_hybrid_batch(model, model(docs, logits="none"), B, k, method)
+    logits = model(targets[:, :-1], position=position, **state).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten())
+
+
+def compose_hybrid_batch(model: HybridLM, out: HybridOutput, B: int, k: int, method: str) -> tuple[dict[str, Tensor], int]:
+    """Compose B rows of k documents of equal length, read from nothing in one pass (``out`` of
+    ``model(docs)``, docs [B * k, L], row-major). Differentiable. Returns (the keyword arguments of
+    ``HybridLM.forward``: ssm_state, conv_state, keys, values; the position to read on at).
+
+    As compose_hybrid with no prefix: SSM layers by :func:`compose_tensors` (conv "mean"); attention
+    layers: the union of the documents' keys and values, document after document along the token
+    axis; positions: documents in parallel at 0..L-1 and reading on at L, or, for CASO, document j
+    moved by j * L (RoPE only) and reading on at k * L. Documents are in the batch's order (the
+    retrieval order), as the Mamba-2 loss composes them: attention over a union does not depend on
+    its order; compose_hybrid's canonical order only makes the sums bitwise order-free (and, for
+    PICASO-R, picks one of the cyclic orders: with k <= 2 there is only one).
+    Usage: ``state, position = compose_hybrid_batch(model, model(docs, logits="none"), B, k, "picaso-s")``.
+    """
+    unflat = lambda t: t.unflatten(0, (B, k))  # noqa: E731
+    if out.ssm_state.shape[1]:
+        ssm, conv, _ = compose_tensors(unflat(out.ssm_state), unflat(out.conv_state), unflat(out.log_decay), method)
+    else:  # attention layers only: empty SSM states of the right batch
+        ssm, conv = unflat(out.ssm_state)[:, 0], unflat(out.conv_state)[:, 0]
+    keys, values = unflat(out.keys), unflat(out.values)  # [B, k, n_attn, kv_heads, L, head_dim]
+    doc_len = keys.shape[4]
+    if method == "caso":  # one document after the other, as in a concatenation
+        if model.cfg.rotary_dim:
+            keys = torch.stack([model.shift_keys(keys[:, j], j * doc_len) for j in range(k)], dim=1)
+        position = k * doc_len
+    else:  # in parallel, reading on after the longest (all are L long)
+        position = doc_len
+    union = lambda t: t.permute(0, 2, 3, 1, 4, 5).flatten(3, 4)  # noqa: E731  [B, n_attn, kv_heads, k * L, head_dim]
+    return {"ssm_state": ssm, "conv_state": conv, "keys": union(keys), "values": union(values)}, position
+
+
 def pretrain_batches(data: TokenWindows, device: torch.device) -> Iterator[Callable[[Mamba2LM], Tensor]]:
     for inputs, targets in data:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -84,8 +141,9 @@ def pretrain_batches(data: TokenWindows, device: torch.device) -> Iterator[Calla
 
 
 def finetune_batches(pairs: PassagePairs, batch_size: int, separator: list[int], device: torch.device,
-                     method: str, mode: str, max_k: int = 10, seed: int = 0) -> Iterator[Callable[[Mamba2LM], Tensor]]:
-    """Epochs over the passage pairs; k drawn uniformly from {0..max_k} per batch, as in the paper."""
+                     method: str, mode: str, max_k: int = 10, seed: int = 0) -> Iterator[Callable[[Mamba2LM | HybridLM], Tensor]]:
+    """Epochs over the passage pairs; k drawn uniformly from {0..max_k} per batch, as in the paper.
+    All contexts of a batch have one length (segments of one size), so a hybrid's key/value unions stack."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     rng = random.Random(seed)
@@ -99,7 +157,7 @@ def finetune_batches(pairs: PassagePairs, batch_size: int, separator: list[int],
             yield lambda model, c=contexts, t=targets: composition_loss(model, c, t, sep, method, mode)
 
 
-def _param_groups(model: Mamba2LM, weight_decay: float) -> list[dict]:
+def _param_groups(model: Mamba2LM | HybridLM, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -109,7 +167,7 @@ def _param_groups(model: Mamba2LM, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model: Mamba2LM, tokenizer: Tokenizer, batches: Iterator[Callable[[Mamba2LM], Tensor]], cfg: TrainConfig,
+def train(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, batches: Iterator[Callable[[Mamba2LM | HybridLM], Tensor]], cfg: TrainConfig,
           name: str = "train") -> dict:
     """Run the loop; writes ``out_dir/checkpoint`` (bf16, loadable by PicasoEngine), ``history.json``
     and ``loss.png``. Returns the history. Usage: see ``python -m picaso_rag.training --help``."""
