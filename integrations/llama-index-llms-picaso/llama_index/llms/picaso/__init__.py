@@ -1,4 +1,4 @@
-"""LlamaIndex integration of picaso-rag: answers read from composed Mamba-2 document states (PICASO).
+"""LlamaIndex integration of picaso-rag: answers read from composed document states of Mamba-2 or hybrid models (PICASO).
 
 Usage::
 

@@ -10,7 +10,8 @@ Given a prompt, the LLM finds the documents its postprocessor handed off for thi
 spans of the prompt with an unforgeable per-retrieval token, see ``handoff.py``), replaces each
 block of documents by the composition of their stored states, and reads only the text around them
 (the template and the query) before generating. Without a postprocessor, or for prompts that hold
-no handed-off document, it is a plain Mamba-2 completion model that reads the whole prompt.
+no handed-off document, it is a plain completion model that reads the whole prompt. The model is
+a Mamba-2 or a hybrid checkpoint (the shipped models/picaso-mini is a hybrid; docs/hybrids.md).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class StateResolution:
 
 
 class PicasoLLM(CustomLLM):
-    """Mamba-2 LLM over composed document states (PICASO). See the module docstring.
+    """Mamba-2 or hybrid LLM over composed document states (PICASO). See the module docstring.
 
     Pass ``model`` (checkpoint directory or hub id) or an existing ``engine`` (a
     :class:`picaso_rag.PicasoEngine`, e.g. shared between several LLMs). ``state_store``: where
@@ -84,7 +85,7 @@ class PicasoLLM(CustomLLM):
     kept in memory only).
     """
 
-    model: str | None = Field(default=None, description="Mamba-2 checkpoint directory or hub id.")
+    model: str | None = Field(default=None, description="Mamba-2 or hybrid checkpoint directory, or hub id.")
     tokenizer: str | None = Field(default=None, description="tokenizer.json path or tokenizer directory "
                                                             "(default: the one in the checkpoint).")
     device: str = Field(default="cpu", description="Torch device, e.g. 'cuda'.")
