@@ -1,9 +1,11 @@
-"""Quickstart: a LlamaIndex RAG pipeline over Chroma that answers from composed Mamba-2 states.
+"""Quickstart: a LlamaIndex RAG pipeline over Chroma that answers from composed document states.
 
     python examples/quickstart.py [--model DIR] [--db ./picaso_db] [--k 3] [--method picaso-s]
 
 1. Ingests the bundled corpus (examples/data/corpus.md) into an embedded Chroma under ./picaso_db
-   (MiniLM embeddings), encoding each chunk's Mamba-2 state once into ./picaso_db/states.
+   (MiniLM embeddings), encoding each chunk's state once into ./picaso_db/states (the shipped
+   picaso-mini is a hybrid: the state of its 10 Mamba-2 layers plus its 2 attention layers' keys
+   and values).
 2. For three questions with a known answer, retrieves k chunks with a stock LlamaIndex query engine
    and shows what PICASO does with them, against the same model reading them (concatenation):
    - how likely the model finds the true answer (its mean log-probability per token) with the
@@ -11,7 +13,7 @@
    - the same in every order of the k documents: PICASO's figure and answer are identical in all
      of them, concatenation's change with the order;
    - the tokens read at query time (PICASO reads the template and the question, not the documents).
-3. Prints what the model says, labelled for what it is: models/picaso-mini is an 18M-parameter base
+3. Prints what the model says, labelled for what it is: models/picaso-mini is a 17.4M-parameter base
    model trained on a small corpus; it cannot answer questions in free form, so the likelihood of
    the true answer is the figure to look at.
 
@@ -78,7 +80,7 @@ def answer_logprob(llm: PicasoLLM, nodes: list, question: str, answer: str, how:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Mamba-2 checkpoint directory or hub id; 'random' for the tiny random model "
+    parser.add_argument("--model", help="Mamba-2 or hybrid checkpoint directory, or hub id; 'random' for the tiny random model "
                                         "(default: models/picaso-mini if present, else random)")
     parser.add_argument("--db", default="picaso_db", help="directory for Chroma and the state store (default ./picaso_db)")
     parser.add_argument("--k", type=int, default=3, help="chunks retrieved per question")
