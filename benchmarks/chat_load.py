@@ -11,7 +11,8 @@ the server's limit (2 MiB), 1 client announcing a 300 MB body (raw socket). A va
 answered (200, an answer and its sources); a bad one must get a 4xx, never a 5xx. The server's RSS
 and thread count are read from /proc after every tenth of the requests: they must reach a
 plateau (``plateau``: the second half's maximum against the value at half-time). ``--json`` writes
-the figures (default docs/benchmarks/chat_load_cpu.json).
+the figures (default docs/benchmarks/chat_load_cpu.json; the committed one was measured on
+picaso-mini v1, all Mamba-2, git f59fcf9, before models/picaso-mini became the hybrid v2).
 """
 
 from __future__ import annotations

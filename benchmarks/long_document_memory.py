@@ -8,7 +8,10 @@ The text is WikiText-2 test (../shared/data), repeated to the length asked for.
 
 Usage::
 
-    python benchmarks/long_document_memory.py            # 62.5K, 250K and 1M characters, picaso-mini
+    python benchmarks/long_document_memory.py            # 62.5K, 250K and 1M characters, models/picaso-mini
+
+(docs/benchmarks/long_document_memory_cpu.json was measured on picaso-mini v1, all Mamba-2, git
+f59fcf9; models/picaso-mini is now the hybrid v2, whose state also grows with the document.)
     python benchmarks/long_document_memory.py --chars 250000 --segment 8192 --out result.json
 """
 

@@ -3,6 +3,10 @@
     python benchmarks/qa_quality.py --model models/picaso-mini --dataset hotpotqa --out docs/results/hotpotqa-picaso-mini
     python benchmarks/qa_quality.py --model models/picaso-mini --dataset squad --k 1 2 5 10 --out docs/results/squad-picaso-mini
 
+(models/picaso-mini is the shipped hybrid, picaso-mini v2, since commit a2722c6: the committed
+docs/results/{hotpotqa,squad}-picaso-mini* were measured on picaso-mini v1, all Mamba-2, git
+f59fcf9; v2's HotpotQA is in docs/results/hybrid, from scripts/hybrid_gpu_run.sh.)
+
 Contexts: HotpotQA, the question's 10 paragraphs (in the dataset's order); SQuAD, the top-k of all
 646 paragraphs by MiniLM cosine to the question (cached in --retrieval-cache). Every context is
 followed by "\\n\\n"; the prompt "Question: {q}\\nAnswer:" is read after the (composed) context.

@@ -2,6 +2,10 @@
 
     python benchmarks/quality.py --model models/picaso-mini --out docs/results/wikitext-picaso-mini
 
+(models/picaso-mini is the shipped hybrid, picaso-mini v2, since commit a2722c6: the committed
+docs/results/wikitext-pretrained* were measured on picaso-mini v1, all Mamba-2, git f59fcf9; v2's
+are in docs/results/hybrid, from scripts/hybrid_gpu_run.sh.)
+
 Protocol (docs/evaluation.md): each WikiText-2 test article is cut into passages of
 2 x segment_len tokens, each passage split into two equal segments; the database is all segments.
 For each second segment, the k segments most similar to the segment before it (MiniLM cosine,

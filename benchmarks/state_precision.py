@@ -18,6 +18,10 @@ benchmarks/quality.py and benchmarks/qa_quality.py with ``--state-precision fp32
         --no-perplexity --out docs/results/precision-wikitext-picaso-mini-cpu100
     python benchmarks/qa_quality.py --model models/picaso-mini --dataset hotpotqa --k 0 10 --methods none picaso-s \\
         --state-precision fp32 bf16 fp8 --no-generate --limit 30 --out docs/results/precision-hotpotqa-picaso-mini-cpu30
+
+The committed precision-*-picaso-mini-* results (this script's defaults) were measured on picaso-mini
+v1 (all Mamba-2, git f59fcf9). Since commit a2722c6 models/picaso-mini is the hybrid v2, whose shape
+is the ``picaso-hybrid-12`` row; run now, the two commands above measure v2 (give another --out).
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ HYBRIDS = {
     "picaso-hybrid-12": (HybridConfig(family="picaso_hybrid", vocab_size=16384, d_model=384,
                                       layer_types=tuple("attention" if i in (5, 11) else "mamba" for i in range(12)),
                                       d_state=128, headdim=64, n_heads=6, n_kv_heads=6, head_dim=64),
-                         "our hybrid: the picaso-mini recipe with layers 5 and 11 NoPE attention, 6 heads x 64 (picaso_rag.training --attn-layers 5 11)"),
+                         "our hybrid, the shipped picaso-mini (v2): the picaso-mini recipe with layers 5 and 11 NoPE attention, "
+                         "6 heads x 64 (picaso_rag.training --attn-layers 5 11)"),
     "granite-4.0-h-tiny-like": (_granite_like(1536, 12, 4, 48),
                                 "assumed Granite-4.0-H-Tiny-like shapes: d_model 1536, 40 layers (attention at 5, 15, 25, 35), "
                                 "4 KV heads x 128, Mamba-2 48 heads x 64, d_state 128; check a checkpoint's config.json with --configs"),
@@ -86,8 +91,10 @@ def bytes_table(extra: list[Path] = ()) -> dict:
     for name, (d_model, n_layer) in SHAPES.items():
         cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=50288)
         table[name] = {p: state_nbytes(cfg, p) for p in PRECISIONS}
-    mini = Mamba2Config.from_dict(json.loads((RESULTS.parents[1] / "models" / "picaso-mini" / "config.json").read_text()))
-    table["picaso-mini"] = {p: state_nbytes(mini, p) for p in PRECISIONS}
+    # picaso-mini v1 (all Mamba-2, shipped until a2722c6; `git show f59fcf9:models/picaso-mini/config.json`):
+    # the shipped models/picaso-mini is now the hybrid row picaso-hybrid-12
+    v1 = Mamba2Config(d_model=384, n_layer=12, vocab_size=16384)
+    table["picaso-mini v1"] = {p: state_nbytes(v1, p) for p in PRECISIONS}
     for path in extra:  # Mamba-2 checkpoints given with --configs
         raw = json.loads(path.read_text())
         if not is_hybrid_config(raw):
@@ -123,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     report = {"bytes_per_state": bytes_table(args.configs), "hybrid_bytes": hybrid_bytes_table(args.configs),
               "quality": quality(args.wikitext, args.hotpotqa),
-              "sources": [str(args.wikitext), str(args.hotpotqa)], "machine": "this CPU machine (picaso-mini, fp32 model)",
+              "sources": [str(args.wikitext), str(args.hotpotqa)], "machine": "this CPU machine (fp32 model; the default sources: picaso-mini v1, all Mamba-2, git f59fcf9)",
               "command": " ".join(["python", "benchmarks/state_precision.py", *sys.argv[1:]])}
     lines = ["Bytes per stored state (tensors; a file adds a header under 1 KiB), from the official configs", "",
              "| shape | fp32 | bf16 | fp8 (e4m3, per-head scale) | one million states, bf16 | one million states, fp8 |",
@@ -144,8 +151,8 @@ def main() -> None:
                      f"{per['fp32']:,} / {per['bf16']:,} / {per['fp8']:,} | "
                      f"{short['bf16'] / 2**20:.2f} / {short['fp8'] / 2**20:.2f} MiB | "
                      f"{long_['bf16'] / 2**30:.2f} / {long_['fp8'] / 2**30:.2f} GiB | {row['tokens_where_kv_equals_fixed_bf16']:,} |")
-    lines += ["", "Quality cost on this CPU machine, models/picaso-mini, PICASO-S, states stored at each precision and read back "
-              "(NLL in nats/token; delta against fp32 states)", "",
+    lines += ["", "Quality cost on this CPU machine, the sources' model (by default picaso-mini v1, all Mamba-2, git f59fcf9), "
+              "PICASO-S, states stored at each precision and read back (NLL in nats/token; delta against fp32 states)", "",
               "| protocol | items | fp32 | bf16 (delta) | fp8 (delta) |", "|---|---|---|---|---|"]
     for name, row in report["quality"].items():
         lines.append(f"| {name} | {row['n']} | {row['fp32']['nll']:.4f} | {row['bf16']['nll']:.4f} ({row['bf16']['delta']:+.5f}) | "
