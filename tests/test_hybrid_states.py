@@ -95,7 +95,7 @@ def test_reading_the_query_from_stored_states_stays_close(hybrid, states):
     format (bf16 2^-8, fp8 2^-4), i.e. this shallow model does not amplify storage errors beyond a
     stored value's own (measured: 0.09% and 0.45%); (2) the KL divergence from the fp32 next-token
     distributions (the expected extra NLL, nats/token) stays below 0.001, the scale at which
-    docs/scaling.md accepted fp8 for Mamba-2 states (<= 0.0003 measured on picaso-mini; measured
+    docs/scaling.md accepted fp8 for Mamba-2 states (<= 0.0003 measured on picaso-mini v1; measured
     here: 1e-6 and 1.5e-5). A broken scale or axis moves the logits by the documents' whole effect.
     Deeper random models amplify more: benchmarks/hybrid_states_gpu_check.py reports a 12-layer one."""
     reference, _ = hybrid.read(QUERY, state=hybrid.compose(states))
