@@ -206,3 +206,26 @@ def test_cli_finetunes_a_hybrid_checkpoint_end_to_end(tmp_path, tokenizer):
         ctx = engine.compose(engine.encode(TEXTS[:2]), "picaso-s")
         logits, _ = engine.read(" Paris", state=ctx)
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid", "nemotron_h"])
+def test_fine_tuned_transformers_hybrids_save_as_loadable_checkpoints(tmp_path, tokenizer, family):
+    """finetune saves any HybridLM (Granite 4.0-H with MoE and RoPE, Nemotron-H with MLP/MoE layers) as
+    a picaso_hybrid checkpoint that loads as the same model (bf16 weights, identical logits)."""
+    from picaso_rag.training.train import save
+
+    shape = dict(vocab_size=50304, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_state=8, chunk_size=8)
+    cfg = (HybridConfig(family=family, layer_types=("mamba", "attention"), headdim=16, ffn="granite", ffn_dim=48, n_experts=4,
+                        experts_per_tok=2, expert_dim=16, rotary_dim=8, embedding_multiplier=2.0, residual_multiplier=0.5,
+                        logits_scaling=3.0, **shape)
+           if family == "granitemoehybrid" else
+           HybridConfig(family=family, layer_types=("mamba", "attention", "mlp", "moe"), headdim=8, d_ssm=48, ngroups=2, ffn_dim=40,
+                        n_experts=8, experts_per_tok=2, expert_dim=16, shared_expert_dim=24, n_expert_groups=2, routed_scaling=2.0, **shape))
+    model = init_weights(HybridLM(cfg), seed=0, std=0.1)
+    save(model, tokenizer, tmp_path / "ck")
+    loaded, _ = load_checkpoint(tmp_path / "ck", dtype=torch.float32)
+    expected = HybridLM(cfg)
+    expected.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 50000, (1, 9), generator=torch.Generator().manual_seed(0))
+    assert loaded.cfg.family == "picaso_hybrid" and loaded.cfg.layer_types == cfg.layer_types
+    torch.testing.assert_close(loaded(ids).logits, expected.to(torch.bfloat16).float()(ids).logits, rtol=0, atol=0)
