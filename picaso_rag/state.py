@@ -1,4 +1,5 @@
-"""The fixed-size state of a text under one model: what gets stored, composed and read from."""
+"""The state of a text under one model: what gets stored, composed and read from (fixed-size for
+a Mamba-2 model; a hybrid's adds its attention layers' keys and values, which grow with the text)."""
 
 from __future__ import annotations
 
