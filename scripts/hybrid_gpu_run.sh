@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train our small hybrid (the picaso-mini recipe, layers 5 and 11 NoPE attention) and, as a control
 # trained side by side with the identical schedule, the same recipe all Mamba-2; then the WikiText
-# protocol and HotpotQA (answer NLL) for both and for the shipped picaso-mini.
+# protocol and HotpotQA (answer NLL) for both and for models/picaso-mini (v1, all Mamba-2, when this ran
+# on 2026-11-30; the hybrid it trained has shipped as picaso-mini since: docs/model-card.md).
 #
 # The device machine reaches nothing and receives at most 64 MiB a call with the working tree
 # (40.5 MB of it tracked), so the corpus (nine xz shards, 115 MB) travels in parts over several calls
