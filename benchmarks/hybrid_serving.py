@@ -16,7 +16,7 @@ Compositions are made before the clock starts: what is timed is serving.
 - ``serial``: ``engine.generate`` one request after another (what serving a hybrid meant before:
   one at a time);
 - ``batched``: B requests submitted at once to ``Scheduler(engine, max_batch=B)`` (a
-  HybridScheduler: prompts read one by one, decoding batched over all rows with a key mask), for
+  HybridScheduler: joining prompts read in one forward, decoding batched over all rows with a key mask), for
   each B of ``--batches``; output tokens/s from the first submission to the last token, the
   inter-token latency, the mean decode batch.
 - ``greedy_agreement``: the batched answers against the same requests generated alone (exact in

@@ -57,16 +57,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # -------------------------------------------------------------------------------- attention
-def attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, key_lengths: Tensor | None = None) -> Tensor:
     """Causal attention of the l new queries over T = past + l keys: every past key is visible
     (the state's keys form a set; with several documents, their union), the new ones causally.
-    q [b, H, l, d]; k, v [b, KV, T, d] (grouped-query heads share keys). Returns [b, H, l, d]."""
+    q [b, H, l, d]; k, v [b, KV, T, d] (grouped-query heads share keys). Returns [b, H, l, d].
+    ``key_lengths`` [b]: rows whose pasts are of different lengths, padded after their own keys
+    (several requests read at once): row r sees its first key_lengths[r] past keys only."""
     l, T = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if T == l:  # nothing before: plain causal attention (the flash kernel on CUDA)
         return F.scaled_dot_product_attention(q, k, v, is_causal=l > 1, scale=scale, enable_gqa=gqa)
-    mask = torch.arange(T, device=q.device)[None, :] <= torch.arange(l, device=q.device)[:, None] + (T - l)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if l == 1 else mask, scale=scale, enable_gqa=gqa)
+    past = T - l
+    key, query = torch.arange(T, device=q.device)[None, :], torch.arange(l, device=q.device)[:, None]
+    mask = key <= query + past  # [l, T]
+    if key_lengths is not None:  # [b, 1, l, T]: a row's padding between its past and the new keys is never seen
+        mask = mask & ((key >= past) | (key < key_lengths[:, None, None]))[:, None]
+    elif l == 1:
+        mask = None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -80,8 +88,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.attention_bias)
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else hd ** -0.5
 
-    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [b, l, d]; past_k/past_v [b, KV, T, hd]. Returns (output, the new tokens' keys, values)."""
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, rope: tuple[Tensor, Tensor] | None,
+                key_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [b, l, d]; past_k/past_v [b, KV, T, hd] (key_lengths: see :func:`attend`).
+        Returns (output, the new tokens' keys, values)."""
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, -1, self.cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, -1, self.cfg.head_dim).transpose(1, 2)
@@ -90,7 +100,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         keys = k if past_k.shape[2] == 0 else torch.cat([past_k.to(k.dtype), k], dim=2)
         values = v if past_v.shape[2] == 0 else torch.cat([past_v.to(v.dtype), v], dim=2)
-        y = attend(q, keys, values, self.scale)
+        y = attend(q, keys, values, self.scale, key_lengths)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, -1)), k, v
 
     def step_slots(self, x: Tensor, keys: Tensor, values: Tensor, lengths: Tensor,
@@ -328,9 +338,15 @@ class HybridLM(nn.Module):
         return (torch.zeros(batch, n_ssm, cfg.nheads, cfg.headdim, cfg.d_state, **kw),
                 torch.zeros(batch, n_ssm, cfg.conv_dim, cfg.d_conv - 1, **kw), kv, kv.clone())
 
-    def _rope(self, position: int, length: int) -> tuple[Tensor, Tensor] | None:
+    def _rope(self, position: int | Tensor, length: int) -> tuple[Tensor, Tensor] | None:
+        """cos/sin [length, rotary_dim] from ``position``, or [b, 1, length, rotary_dim] from a
+        position per row (a tensor [b]); None without RoPE."""
         if not self.cfg.rotary_dim:
             return None
+        if isinstance(position, Tensor):
+            positions = position.to(self.device)[:, None] + torch.arange(length, device=self.device)[None, :]
+            cos, sin = rope_cos_sin(positions.flatten(), self.cfg.rotary_dim, self.cfg.rope_theta, self.dtype)
+            return cos.view(len(position), 1, length, -1), sin.view(len(position), 1, length, -1)
         positions = torch.arange(position, position + length, device=self.device)
         return rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta, self.dtype)
 
@@ -341,13 +357,17 @@ class HybridLM(nn.Module):
         conv_state: Tensor | None = None,
         keys: Tensor | None = None,
         values: Tensor | None = None,
-        position: int = 0,
+        position: int | Tensor = 0,
         lengths: Tensor | None = None,
         logits: str = "all",
+        key_lengths: Tensor | None = None,
     ) -> HybridOutput:
         """Read ``input_ids`` [b, l] (rows right-padded to ``lengths``) after the given state (none if None).
 
-        ``position``: RoPE position of the first token. ``logits``: "all", "last" or "none".
+        ``position``: RoPE position of the first token, or one per row (a tensor [b]).
+        ``key_lengths`` [b]: rows whose states hold different numbers of keys, each padded after its
+        own (several requests read at once); None: every key of ``keys`` is a row's.
+        ``logits``: "all", "last" or "none".
         """
         cfg = self.cfg
         b, l = input_ids.shape
@@ -373,7 +393,7 @@ class HybridLM(nn.Module):
             elif hasattr(block, "mlp"):  # Nemotron-H's MLP / MoE layers: no state
                 h = block.mlp(h)
             else:
-                h, k, v = block.self_attn(h, keys[:, i_attn], values[:, i_attn], rope)
+                h, k, v = block.self_attn(h, keys[:, i_attn], values[:, i_attn], rope, key_lengths)
                 k_out.append(k)
                 v_out.append(v)
                 i_attn += 1

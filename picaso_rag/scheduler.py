@@ -509,8 +509,9 @@ class HybridScheduler(Scheduler):
       alone is refused at :meth:`submit`. While the buffer is resized the old one is held too.
       An idle scheduler holds no keys.
 
-    Prompts are read one request at a time (each from its own composed state, eagerly); decoding
-    is batched over all rows, eagerly (no CUDA graphs: the keys grow a token a step).
+    Joining prompts are read in one forward, each row from its own composed state (its keys padded
+    after its own and masked: ``key_lengths``; its own RoPE position), eagerly; decoding is batched
+    over all rows, eagerly (no CUDA graphs: the keys grow a token a step).
     """
 
     def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
@@ -579,7 +580,7 @@ class HybridScheduler(Scheduler):
             if request.cancelled:
                 self._end(self.waiting.popleft(), "cancelled")
                 continue
-            if joining and read + len(request.prompt_ids) > self.max_read_tokens:  # prompts are read one by one
+            if joining and read + len(request.prompt_ids) > self.max_read_tokens:  # the prompts read in one forward
                 break
             n_keys = request.state.n_keys if request.state is not None else 0  # type: ignore[attr-defined]
             reserve = n_keys + len(request.prompt_ids) + request.params.max_new_tokens
@@ -619,34 +620,45 @@ class HybridScheduler(Scheduler):
 
     @torch.inference_mode()
     def _join(self, joining: list[Request]) -> None:
-        """Read each joining prompt from its own state (the forward engine.generate runs); the state
-        after it, keys and values included, goes into a free row."""
+        """Read the joining prompts in one forward, each row from its own state: prompts right-padded,
+        each row's keys padded after its own (``key_lengths`` masks the padding), each row at its own
+        RoPE position; the state after it, keys and values included, goes into a free row."""
         engine, model = self.engine, self.model
-        start = len(self.active)
+        start, k, device = len(self.active), len(joining), engine.device
         if not start:  # (after a failed step the batch was cleared without _release)
             self.keys = self.values = None
-        self._fit_kv(start + len(joining), max(r.kv_reserved for r in self.active + joining))
-        logits = []
-        for row, r in enumerate(joining, start):
-            ssm, conv, keys, values, position, _, _ = engine._start(r.state)  # type: ignore[attr-defined]
-            out = model(torch.tensor([r.prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv, keys=keys,
-                        values=values, position=position, logits="last")
-            self.ssm[row].copy_(out.ssm_state[0])
-            self.conv[row].copy_(out.conv_state[0])
-            n_doc, n = keys.shape[3], len(r.prompt_ids)
-            self.keys[row, :, :, :n_doc].copy_(keys[0])  # type: ignore[index]
-            self.keys[row, :, :, n_doc:n_doc + n].copy_(out.keys[0])  # type: ignore[index]
-            self.values[row, :, :, :n_doc].copy_(values[0])  # type: ignore[index]
-            self.values[row, :, :, n_doc:n_doc + n].copy_(out.values[0])  # type: ignore[index]
-            r.kv_len, r.position = n_doc + n, position + n
+        self._fit_kv(start + k, max(r.kv_reserved for r in self.active + joining))
+        begun = [engine._start(r.state) for r in joining]  # type: ignore[attr-defined]
+        n_docs = [b[2].shape[3] for b in begun]
+        lengths = [len(r.prompt_ids) for r in joining]
+        ids = torch.zeros(k, max(lengths), dtype=torch.long)
+        for row, r in enumerate(joining):
+            ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        cfg = model.cfg
+        past = torch.zeros(k, len(cfg.attn_layers), cfg.n_kv_heads, max(n_docs), cfg.head_dim, device=device, dtype=model.dtype)
+        past_values = torch.zeros_like(past)
+        for row, (_, _, keys, values, _, _, _) in enumerate(begun):
+            past[row, :, :, :n_docs[row]] = keys[0]
+            past_values[row, :, :, :n_docs[row]] = values[0]
+        ragged_prompts, ragged_keys = len(set(lengths)) > 1, len(set(n_docs)) > 1
+        out = model(ids.to(device), ssm_state=torch.cat([b[0] for b in begun]), conv_state=torch.cat([b[1] for b in begun]),
+                    keys=past, values=past_values, position=torch.tensor([b[4] for b in begun], device=device),
+                    lengths=torch.tensor(lengths, device=device) if ragged_prompts else None,
+                    key_lengths=torch.tensor(n_docs, device=device) if ragged_keys else None, logits="last")
+        self.ssm[start:start + k].copy_(out.ssm_state)
+        self.conv[start:start + k].copy_(out.conv_state)
+        for row, r in enumerate(joining):
+            slot, n_doc, n = start + row, n_docs[row], lengths[row]
+            self.keys[slot, :, :, :n_doc + n].copy_(torch.cat([past[row, :, :, :n_doc], out.keys[row, :, :, :n]], dim=2))  # type: ignore[index]
+            self.values[slot, :, :, :n_doc + n].copy_(torch.cat([past_values[row, :, :, :n_doc], out.values[row, :, :, :n]], dim=2))  # type: ignore[index]
+            r.kv_len, r.position = n_doc + n, begun[row][4] + n
             r.state = None
-            logits.append(out.logits[0, -1])
         now = time.perf_counter()
         for r in joining:
             r.timings.read = now
         with self._cv:
             self.active.extend(joining)
-        self._advance(list(range(start, start + len(joining))), torch.stack(logits))
+        self._advance(list(range(start, start + k)), out.logits[:, 0])
 
     @torch.inference_mode()
     def _decode(self) -> None:

@@ -169,6 +169,35 @@ def test_batched_encoding_equals_one_at_a_time(hybrid_engines):
             torch.testing.assert_close(state.tensors()[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_prompts_read_together_from_states_of_different_lengths_equal_one_at_a_time(hybrid_engines):
+    """What the batched scheduler's join runs: rows with pasts of different lengths (padded after
+    their own keys, ``key_lengths``), prompts right-padded, each row at its own RoPE position, read
+    in one forward; each row's logits and new keys equal reading it alone."""
+    engine = hybrid_engines
+    states = engine.encode(DOCS)
+    contexts = [engine.compose(states[:2], "picaso-s"), engine.compose(states[2:], "picaso-s"), None]
+    prompts = [engine.tokenize(t) for t in (QUERY, " Cells", " Where does the Rhine rise? It rises in")]
+    begun = [engine._start(c) for c in contexts]
+    n_docs, lengths = [b[2].shape[3] for b in begun], [len(p) for p in prompts]
+    assert len(set(n_docs)) == 3 and len(set(lengths)) == 3 and len({b[4] for b in begun}) == 3
+    model, cfg = engine.model, engine.model.cfg
+    # padding of large garbage: were it seen, it would dominate the attention (NaN cannot be used: 0 x NaN)
+    past = torch.randn(3, len(cfg.attn_layers), cfg.n_kv_heads, max(n_docs), cfg.head_dim) * 100
+    past_values = torch.randn_like(past) * 100
+    ids = torch.zeros(3, max(lengths), dtype=torch.long)
+    for row, (b, p) in enumerate(zip(begun, prompts)):
+        past[row, :, :, :n_docs[row]], past_values[row, :, :, :n_docs[row]] = b[2][0], b[3][0]
+        ids[row, :len(p)] = torch.tensor(p)
+    out = model(ids, ssm_state=torch.cat([b[0] for b in begun]), conv_state=torch.cat([b[1] for b in begun]), keys=past,
+                values=past_values, position=torch.tensor([b[4] for b in begun]), lengths=torch.tensor(lengths),
+                key_lengths=torch.tensor(n_docs), logits="last")
+    for row, (b, p) in enumerate(zip(begun, prompts)):
+        alone = model(torch.tensor([p]), ssm_state=b[0], conv_state=b[1], keys=b[2], values=b[3], position=b[4], logits="last")
+        torch.testing.assert_close(out.logits[row], alone.logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.keys[row, :, :, :len(p)], alone.keys[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.ssm_state[row], alone.ssm_state[0], rtol=1e-4, atol=1e-5)
+
+
 def test_store_keeps_hybrid_states_with_their_guarantees(hybrid_engines, tmp_path):
     engine = hybrid_engines
     store = StateStore(tmp_path / "states")
