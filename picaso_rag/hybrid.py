@@ -103,7 +103,7 @@ class Attention(nn.Module):
         y = attend(q, keys, values, self.scale, key_lengths)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, -1)), k, v
 
-    def step_slots(self, x: Tensor, keys: Tensor, values: Tensor, lengths: Tensor,
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, lengths: Tensor,
                    rope: tuple[Tensor, Tensor] | None) -> Tensor:
         """One new token per row, each row over its own keys (a continuous batch's slots).
 
@@ -419,46 +419,14 @@ class HybridLM(nn.Module):
                             stack(k_out, empty_kv), stack(v_out, empty_kv))
 
     def step(self, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor, keys: Tensor, values: Tensor,
-             position: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Decode one token per row at ``position``: token_ids [b]. The SSM states are updated in
-        place; the keys and values, one token longer, are returned with the logits [b, vocab].
-
-        Usage: ``logits, keys, values = model.step(ids, ssm, conv, keys, values, position)``.
-        """
-        cfg = self.cfg
-        rope = self._rope(position, 1)
-        x = self.model.embed_tokens(token_ids) * cfg.embedding_multiplier  # [b, d]
-        new_k, new_v = [], []
-        i_ssm = i_attn = 0
-        for block in self.model.layers:
-            h = rmsnorm(x, block.input_layernorm.weight, cfg.norm_eps)
-            if hasattr(block, "mamba"):
-                h = block.mamba.step(h, ssm_state[:, i_ssm], conv_state[:, i_ssm])
-                i_ssm += 1
-            elif hasattr(block, "mlp"):
-                h = block.mlp(h)
-            else:
-                h, k, v = block.self_attn(h[:, None], keys[:, i_attn], values[:, i_attn], rope)
-                h = h[:, 0]
-                new_k.append(k)
-                new_v.append(v)
-                i_attn += 1
-            x = block.ffn(x + h * cfg.residual_multiplier)
-        x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps)
-        if new_k:
-            keys = torch.cat([keys, torch.stack(new_k, 1).to(keys.dtype)], dim=3)
-            values = torch.cat([values, torch.stack(new_v, 1).to(values.dtype)], dim=3)
-        return self.lm_head(x) / cfg.logits_scaling, keys, values
-
-    def step_slots(self, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor, keys: Tensor, values: Tensor,
-                   lengths: Tensor, positions: Tensor) -> Tensor:
-        """Decode one token for each of b rows, each from its own state (the slots of a continuous batch,
-        picaso_rag.scheduler): token_ids [b]; ssm_state/conv_state [b, n_ssm, ...], updated in place;
+             lengths: Tensor, positions: Tensor) -> Tensor:
+        """Decode one token for each of b rows, each from its own state (one request's decoding, or
+        the slots of a continuous batch, picaso_rag.scheduler): token_ids [b]; ssm_state/conv_state [b, n_ssm, ...], updated in place;
         keys/values [b, n_attn, KV, S, hd], padded buffers whose row r holds lengths[r] keys (S >
         every length): the new token's key and value are written at index lengths[r], in place, and
         row r attends to its own keys only; positions [b]: each row's RoPE position. Returns logits [b, vocab].
 
-        Usage: ``logits = model.step_slots(ids, ssm, conv, keys[..., :span, :], values[..., :span, :], lengths, positions)``,
+        Usage: ``logits = model.step(ids, ssm, conv, keys[..., :span, :], values[..., :span, :], lengths, positions)``,
         then ``lengths += 1; positions += 1``.
         """
         cfg = self.cfg
@@ -476,7 +444,7 @@ class HybridLM(nn.Module):
             elif hasattr(block, "mlp"):
                 h = block.mlp(h)
             else:
-                h = block.self_attn.step_slots(h, keys[:, i_attn], values[:, i_attn], lengths, rope)
+                h = block.self_attn.step(h, keys[:, i_attn], values[:, i_attn], lengths, rope)
                 i_attn += 1
             x = block.ffn(x + h * cfg.residual_multiplier)
         x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps)

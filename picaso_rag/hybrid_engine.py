@@ -156,7 +156,7 @@ class HybridEngine(PicasoEngine):
 
 
 class _HybridStream(_Stream):
-    """_Stream's iterator for a hybrid model: decoding appends each token's keys and values."""
+    """_Stream's iterator for a hybrid model: each decoded token's key and value go into a buffer sized for the request."""
 
     def _run(self, engine: HybridEngine, prompt_ids: list[int], state: HybridState | None,  # type: ignore[override]
              params: SamplingParams) -> Iterator[str]:
@@ -164,14 +164,20 @@ class _HybridStream(_Stream):
             raise PicasoError("the prompt has no tokens; pass a non-empty query.")
         sampler, stream = Sampler(params), TextStream(engine.tokenizer.decode, params.stop)
         ssm, conv, keys, values, position, _, _ = engine._start(state)
-        model = engine.model
+        model, device = engine.model, engine.device
         with torch.inference_mode():
-            out = model(torch.tensor([prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv,
+            out = model(torch.tensor([prompt_ids], device=device), ssm_state=ssm, conv_state=conv,
                         keys=keys, values=values, position=position, logits="last")
             # fresh tensors: decoding updates the SSM states in place
             logits, ssm, conv = out.logits[0, -1], out.ssm_state, out.conv_state
-            keys, values = torch.cat([keys, out.keys], dim=3), torch.cat([values, out.values], dim=3)
-        position += len(prompt_ids)
+            # one buffer for every key this request will hold: a step writes its key in place (no copy a token)
+            n_keys = keys.shape[3] + len(prompt_ids)
+            shape = (*keys.shape[:3], n_keys + params.max_new_tokens, keys.shape[4])
+            key_buffer, value_buffer = keys.new_zeros(shape), values.new_zeros(shape)
+            key_buffer[:, :, :, :n_keys] = torch.cat([keys, out.keys.to(keys.dtype)], dim=3)
+            value_buffer[:, :, :, :n_keys] = torch.cat([values, out.values.to(values.dtype)], dim=3)
+        lengths = torch.tensor([n_keys], device=device)
+        positions = torch.tensor([position + len(prompt_ids)], device=device)
         finish = "length"
         for _ in range(params.max_new_tokens):
             token = sampler(logits)
@@ -185,9 +191,12 @@ class _HybridStream(_Stream):
                 finish = "stop"
                 break
             with torch.inference_mode():
-                logits, keys, values = model.step(torch.tensor([token], device=engine.device), ssm, conv, keys, values, position)
-                logits = logits[0]
-            position += 1
+                span = n_keys + 1  # the keys this step reads: the ones so far and its own
+                logits = model.step(torch.tensor([token], device=device), ssm, conv, key_buffer[:, :, :, :span],
+                                    value_buffer[:, :, :, :span], lengths, positions)[0]
+            n_keys += 1
+            lengths += 1
+            positions += 1
         tail = stream.flush()
         if tail:
             yield tail

@@ -494,7 +494,7 @@ class HybridScheduler(Scheduler):
     union of its documents', then its prompt's and its generated tokens'. The keys and values of
     all rows live in one buffer ``keys``/``values`` [rows, n_attn, kv_heads, capacity, head_dim],
     row r holding ``kv_len`` keys and zeros or stale keys after them; a decode step writes each
-    row's new key at its own length and attends with a key mask (:meth:`HybridLM.step_slots`),
+    row's new key at its own length and attends with a key mask (:meth:`HybridLM.step`),
     each row at its own RoPE position. Why padding: SDPA takes one dense [rows, keys] layout; a
     step reads the buffer only up to the longest row's keys (shorter rows' padding up to there is
     read and masked), and the rest of the capacity costs memory only.
@@ -666,7 +666,7 @@ class HybridScheduler(Scheduler):
         rows = torch.tensor([[r.last_token, r.kv_len, r.position] for r in self.active], dtype=torch.long)
         tokens, lengths, positions = rows.to(self.engine.device, non_blocking=True).unbind(1)
         span = max(r.kv_len for r in self.active) + 1  # the keys any row reads this step
-        logits = self.model.step_slots(tokens, self.ssm[:n], self.conv[:n], self.keys[:n, :, :, :span],  # type: ignore[index]
+        logits = self.model.step(tokens, self.ssm[:n], self.conv[:n], self.keys[:n, :, :, :span],  # type: ignore[index]
                                        self.values[:n, :, :, :span], lengths, positions)  # type: ignore[index]
         for r in self.active:
             r.kv_len += 1
