@@ -104,7 +104,9 @@ def _to_fp8(t: Tensor, reduce: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         amax = t.abs().amax(dim=reduce)
     else:
         amax = t.new_zeros([n for d, n in enumerate(t.shape) if d not in reduce])
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # a tensor divisor, not the Python number: CUDA divides by a CPU scalar as a * (1/b), one bit off
+    # the CPU's a / b at times, and a state quantised on a GPU would then differ from the same on a CPU
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     q = (t / _expand(scale, reduce)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q.contiguous(), scale.contiguous()
 
