@@ -6,7 +6,6 @@ saved with save_pretrained, loaded from their directories; fp32 on the CPU.
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 
@@ -21,15 +20,14 @@ from picaso_rag.hybrid import HybridLM, init_weights
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.hybrid_engine import HybridEngine
 from picaso_rag.state import HybridState
-from picaso_rag.store import StateStore, StoreStatus
+from picaso_rag.store import StoreStatus
 
-from .conftest import TEXTS, TOKENIZER_JSON
+from .conftest import TOKENIZER_JSON
+from .hybrid_checks import DOCS, QUERY, assert_bitwise_identical_for_every_order, store_round_trip
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 50288  # the GPT-NeoX tokenizer's 50,277 tokens, padded
-DOCS = TEXTS[:3]
-QUERY = " Which of these happens in chloroplasts? The answer is"
 MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8)
 
 
@@ -132,22 +130,7 @@ def test_one_document_composed_equals_reading_document_then_query(hybrid_engines
 # Granite dense runs the MoE model's code less its experts: the MoE case covers it
 @pytest.mark.parametrize("hf_hybrid", ["granite-moe", "bamba"], indirect=True)
 def test_composed_state_and_answer_bitwise_identical_for_every_order(hf_hybrid, hybrid_engines):
-    engine = hybrid_engines
-    states = engine.encode(DOCS)
-    for method in ("picaso-s", "picaso-r"):
-        reference = None
-        for order in itertools.permutations(range(len(states))):
-            composed = engine.compose([states[i] for i in order], method=method)
-            logits, _ = engine.read(QUERY, state=composed)
-            answer = engine.generate(QUERY, state=composed, max_new_tokens=3).token_ids
-            result = (composed.tensors(), logits, answer)
-            if reference is None:
-                reference = result
-                continue
-            for name, tensor in result[0].items():
-                assert torch.equal(tensor, reference[0][name]), (method, order, name)
-            assert torch.equal(logits, reference[1]) and answer == reference[2], (method, order)
-            assert composed.position == max(s.position for s in states)
+    assert_bitwise_identical_for_every_order(hybrid_engines)
 
 
 def test_state_holds_every_layer_and_reports_bytes_per_token(hybrid_engines):
@@ -200,17 +183,7 @@ def test_prompts_read_together_from_states_of_different_lengths_equal_one_at_a_t
 
 def test_store_keeps_hybrid_states_with_their_guarantees(hybrid_engines, tmp_path):
     engine = hybrid_engines
-    store = StateStore(tmp_path / "states")
-    states = engine.encode(DOCS)
-    for i, (text, state) in enumerate(zip(DOCS, states)):
-        store.put(f"node-{i}", state, text=text)
-    found = store.get_many([f"node-{i}" for i in range(len(DOCS))], engine.fingerprint, texts=DOCS)
-    assert all(f.ok and isinstance(f.state, HybridState) for f in found)
-    for f, state in zip(found, states):
-        assert f.state.position == state.position
-        assert all(torch.equal(f.state.tensors()[name], t) for name, t in state.tensors().items())
-    composed = engine.compose([f.state for f in found])
-    assert torch.equal(composed.keys, engine.compose(states).keys)
+    store, _ = store_round_trip(engine, tmp_path / "states")
     path = store.path("node-0", engine.fingerprint)  # a flipped bit in the keys is caught
     data = bytearray(path.read_bytes())
     header_len = int.from_bytes(data[:8], "little")

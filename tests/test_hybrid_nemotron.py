@@ -22,15 +22,13 @@ from picaso_rag.hybrid import HybridLM, SigmoidRouter
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.hybrid_engine import HybridEngine
 from picaso_rag.state import HybridState
-from picaso_rag.store import StateStore
 
-from .conftest import TEXTS, TOKENIZER_JSON
+from .conftest import TOKENIZER_JSON
+from .hybrid_checks import DOCS, QUERY, assert_bitwise_identical_for_every_order, store_round_trip
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 50288  # the GPT-NeoX tokenizer's 50,277 tokens, padded
-DOCS = TEXTS[:3]
-QUERY = " Which of these happens in chloroplasts? The answer is"
 # Nemotron-H layer names (transformers 5): M = linear_attention, * = full_attention, - = mlp, E = moe
 LAYERS = {"nemotron-dense": ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"],
           "nemotron-moe": ["linear_attention", "full_attention", "mlp", "moe", "linear_attention"]}
@@ -111,38 +109,12 @@ def test_one_document_composed_equals_reading_document_then_query(nemotron_engin
 
 @pytest.mark.parametrize("hf_nemotron", ["nemotron-moe"], indirect=True)  # every layer kind: M, *, -, E
 def test_composed_state_and_answer_bitwise_identical_for_every_order(hf_nemotron, nemotron_engine):
-    engine = nemotron_engine
-    states = engine.encode(DOCS)
-    for method in ("picaso-s", "picaso-r"):
-        reference = None
-        for order in itertools.permutations(range(len(states))):
-            composed = engine.compose([states[i] for i in order], method=method)
-            logits, _ = engine.read(QUERY, state=composed)
-            answer = engine.generate(QUERY, state=composed, max_new_tokens=3).token_ids
-            result = (composed.tensors(), logits, answer)
-            if reference is None:
-                reference = result
-                continue
-            for name, tensor in result[0].items():
-                assert torch.equal(tensor, reference[0][name]), (method, order, name)
-            assert torch.equal(logits, reference[1]) and answer == reference[2], (method, order)
-            assert composed.position == max(s.position for s in states)
+    assert_bitwise_identical_for_every_order(nemotron_engine)
 
 
 @pytest.mark.parametrize("hf_nemotron", ["nemotron-moe"], indirect=True)
 def test_store_round_trips_nemotron_states(hf_nemotron, nemotron_engine, tmp_path):
-    engine = nemotron_engine
-    store = StateStore(tmp_path / "states")
-    states = engine.encode(DOCS)
-    for i, (text, state) in enumerate(zip(DOCS, states)):
-        store.put(f"node-{i}", state, text=text)
-    found = store.get_many([f"node-{i}" for i in range(len(DOCS))], engine.fingerprint, texts=DOCS)
-    assert all(f.ok and isinstance(f.state, HybridState) for f in found)
-    for f, state in zip(found, states):
-        assert f.state.position == state.position
-        assert all(torch.equal(f.state.tensors()[name], t) for name, t in state.tensors().items())
-    composed, direct = engine.compose([f.state for f in found]), engine.compose(states)
-    assert all(torch.equal(t, direct.tensors()[name]) for name, t in composed.tensors().items())
+    store_round_trip(nemotron_engine, tmp_path / "states")
 
 
 @pytest.mark.parametrize("hf_nemotron", ["nemotron-moe"], indirect=True)
