@@ -44,6 +44,7 @@ from .store import (
     StoredState,
     StoreStatus,
     check_header_shapes,
+    checked_against_text,
     check_storable,
     encode_state_file,
     load_mac_key,
@@ -52,7 +53,6 @@ from .store import (
     read_state_tensors,
     state_from_file,
     state_key,
-    text_sha256,
 )
 
 _LAYOUT = "v1"
@@ -202,14 +202,7 @@ class S3StateStore:
             raise StoreUnavailableError(f"reading s3://{self.bucket}/{name} failed mid-way ({exc}); the store is unreachable.") from exc
         finally:
             body.close()
-        if text is not None:
-            recorded = header.metadata.get("text_sha256", "")
-            if not recorded:
-                return StoredState(StoreStatus.STALE, None, path, "stored without its text, so it cannot be checked against "
-                                   "the node's current text; re-encode and put(node_id, state, text=text)")
-            if recorded != text_sha256(text):
-                return StoredState(StoreStatus.STALE, None, path, "encoded from another text than the node's current text")
-        return StoredState(StoreStatus.OK, state, path)
+        return checked_against_text(state, header, text, path)
 
     def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]:
         """:meth:`get` for several nodes, in order, ``max_workers`` requests at a time."""

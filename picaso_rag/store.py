@@ -151,6 +151,19 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def checked_against_text(state: State, header: StateHeader, text: str | None, path: Path) -> StoredState:
+    """The found state, or STALE when ``text`` is given and the state was not encoded from it
+    (stored without its text, or from another): the one check every store makes on a read."""
+    if text is not None:
+        recorded = header.metadata.get("text_sha256", "")
+        if not recorded:
+            return StoredState(StoreStatus.STALE, None, path, "stored without its text (put(..., text=None)), so it cannot "
+                               "be checked against the node's current text; re-encode and put(node_id, state, text=text)")
+        if recorded != text_sha256(text):
+            return StoredState(StoreStatus.STALE, None, path, "encoded from another text than the node's current text")
+    return StoredState(StoreStatus.OK, state, path)
+
+
 def node_id_sha256(node_id: str) -> str:
     """Hex sha256 of a node id (UTF-8, surrogates kept): names its file and identifies long ids."""
     return hashlib.sha256(node_id.encode("utf-8", "surrogatepass")).hexdigest()
@@ -804,14 +817,7 @@ class StateStore:
             return StoredState(StoreStatus.CORRUPT, None, path, f"unreadable: {exc}")
         finally:
             os.close(fd)
-        if text is not None:
-            recorded = header.metadata.get("text_sha256", "")
-            if not recorded:
-                return StoredState(StoreStatus.STALE, None, path, "stored without its text (put(..., text=None)), so it cannot "
-                                   "be checked against the node's current text; re-encode and put(node_id, state, text=text)")
-            if recorded != text_sha256(text):
-                return StoredState(StoreStatus.STALE, None, path, "encoded from another text than the node's current text")
-        return StoredState(StoreStatus.OK, state, path)
+        return checked_against_text(state, header, text, path)
 
     def _open_state_file(self, model: str, stripe: str, name: str) -> int:
         """A descriptor of a regular state file, opened without following links or blocking."""
