@@ -139,3 +139,24 @@ def test_fp8_header_checks(tmp_path):
     bad["ssm_scale"] = bad["ssm_scale"][:, :1].contiguous()
     with pytest.raises(StateFileError, match="ssm_scale shape"):
         decode_state_file(save(bad, metadata=header.metadata))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fp8_scale_is_the_correctly_rounded_quotient_on_every_device(device):
+    """A head's scale is amax / 448 rounded once (what the CPU computes), so a state quantised on a
+    GPU has the same bytes as on the CPU. CUDA divides by a Python number as a * (1/448) (PyTorch's
+    BinaryDivTrueKernel.cu), which differs for about half of all values: the heads here are chosen
+    among those. (On the CPU both roundings agree with the code; the CUDA case catches the bug.)"""
+    amax = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 100 + 1e-3
+    quotient = (amax.double() / 448).float()  # the exact quotient, rounded once
+    reciprocal = amax * torch.tensor(1 / 448, dtype=torch.float32)
+    differs = quotient != reciprocal
+    print(f"\nvalues whose scale a * (1/448) gets wrong: {differs.float().mean():.1%}")
+    assert differs.float().mean() > 0.3
+    chosen = amax[differs][:CFG.n_layer * CFG.nheads].view(CFG.n_layer, CFG.nheads)
+    state = random_state()
+    ssm = state.ssm.clamp(-1e-3, 1e-3)  # below every chosen value: each head's largest magnitude is its chosen one
+    ssm[..., 0, 0] = chosen
+    state = State(ssm, state.conv, state.log_decay, state.n_tokens, state.fingerprint)
+    scale = quantize(state.to(device), "fp8")["ssm_scale"].cpu()
+    assert torch.equal(scale, (chosen.double() / 448).float())
