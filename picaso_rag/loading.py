@@ -219,27 +219,45 @@ def load_checkpoint(
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-def save_checkpoint(model: Mamba2LM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
-    """Write config.json (mamba_ssm layout), model.safetensors and tokenizer.json, atomically per file."""
+def save_checkpoint(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write a checkpoint that :func:`load_checkpoint` reads: config.json (the mamba_ssm layout for a
+    Mamba-2 model, ``picaso_hybrid`` for a hybrid), model.safetensors and tokenizer.json.
+
+    Each file is written to a temporary name, fsynced and renamed over the old one, so a save killed
+    at any point leaves every file whole: the old checkpoint, or the new one file by file (the weights
+    go last: a reader never meets new weights under an old config of another shape).
+    Usage: ``save_checkpoint(model, tok, "models/my-model")``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         weights.pop("lm_head.weight")
+    config = model.cfg.to_config_json() if isinstance(model, HybridLM) else model.cfg.to_mamba_ssm_dict()
 
     def atomic(name: str, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         os.close(fd)
         try:
             write(tmp)
+            with open(tmp, "rb+") as f:  # on disk before the rename: a crash never leaves a renamed, empty file
+                os.fsync(f.fileno())
             os.replace(tmp, directory / name)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    atomic("model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
-    atomic("config.json", lambda p: Path(p).write_text(json.dumps(model.cfg.to_mamba_ssm_dict(), indent=2)))
     atomic("tokenizer.json", tokenizer.save)
+    atomic("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic("model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    try:  # the renames themselves on disk
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # (directories cannot be opened on some platforms)
+        pass
     return directory
 
 
@@ -334,16 +352,5 @@ def load_hybrid_checkpoint(
 
 
 def save_hybrid_checkpoint(model: HybridLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
-    """Write a ``picaso_hybrid`` checkpoint: config.json, model.safetensors and tokenizer.json.
-
-    Usage: ``save_hybrid_checkpoint(model, tok, "models/picaso-mini-hybrid")``.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        weights.pop("lm_head.weight")
-    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(model.cfg.to_config_json(), indent=2))
-    tokenizer.save(directory / "tokenizer.json")
-    return directory
+    """Deprecated alias of :func:`save_checkpoint`, which saves every model (kept for one release)."""
+    return save_checkpoint(model, tokenizer, directory)
