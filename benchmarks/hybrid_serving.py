@@ -99,14 +99,38 @@ def run(args) -> dict:
            "encode_s": round(encode_s, 3), "args": {k: str(v) for k, v in vars(args).items()}}
     print(json.dumps({k: out[k] for k in ("device", "ssm_kernels", "model", "workload")}), flush=True)
 
+    out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device == "cuda":  # the floor of one decode step: reading the weights once at the measured copy bandwidth
+        big = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+        big.clone()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            big.clone()
+        sync(device)
+        out["copy_bandwidth_GBps"] = round(2 * 5 * big.numel() / (time.perf_counter() - t0) / 1e9, 1)
+        out["step_floor_ms"] = round(out["weights_bytes"] / (out["copy_bandwidth_GBps"] * 1e9) * 1000, 3)
+        del big
+    out["modes"] = {}
+    for mode in args.graphs:
+        engine = PicasoEngine(model, tokenizer, fingerprint=engine.fingerprint, cuda_graphs=mode == "graphed")
+        out["modes"][mode] = serve(args, engine, requests, mode == "graphed", device)
+    out["total_s"] = round(time.perf_counter() - began, 2)
+    return out
+
+
+def serve(args, engine: PicasoEngine, requests: list, graphed: bool, device: str) -> dict:
+    """Serial and batched serving of ``requests`` by ``engine`` (decode graphed or eager)."""
+    out: dict = {}
+    began = time.perf_counter()
     # warm-up: the kernels at the shapes they will see (Triton compiles on first use)
     engine.generate(requests[0][0], state=requests[0][1], max_new_tokens=4)
-    with Scheduler(engine, max_batch=2) as scheduler:
+    with Scheduler(engine, max_batch=2, cuda_graphs=graphed) as scheduler:
         for r in [scheduler.submit(q, state=s, max_new_tokens=4) for q, s in requests[:2]]:
             r.wait(300)
     sync(device)
-    out["setup_s"] = round(time.perf_counter() - began, 2)  # model, pool, warm-up (Triton compiles on first use)
-    print(json.dumps({"setup_s": out["setup_s"]}), flush=True)
+    out["setup_s"] = round(time.perf_counter() - began, 2)
+    print(json.dumps({"graphed": graphed, "setup_s": out["setup_s"]}), flush=True)
 
     alone: dict[int, list[int]] = {}
 
@@ -124,11 +148,25 @@ def run(args) -> dict:
     tokens = sum(len(t) for t in alone.values())
     out["serial"] = {"requests": args.serial, "seconds": round(serial_s, 3), "output_tokens_per_s": round(tokens / serial_s, 1),
                      "ms_per_request": round(serial_s / args.serial * 1000, 2)}
+    # one request's decode alone: the time per token after the first (TTFT excluded), median of the serial requests
+    per_token = []
+    for q, s in requests[:args.serial]:
+        stream = engine.stream(q, state=s, max_new_tokens=args.answer_tokens)
+        first = None
+        for _ in stream:
+            if first is None:
+                sync(device)
+                first = time.perf_counter()
+        sync(device)
+        n = len(stream.result["token_ids"])
+        if first is not None and n > 1:
+            per_token.append((time.perf_counter() - first) / (n - 1) * 1000)
+    out["serial"]["decode_ms_per_token_p50"] = round(statistics.median(per_token), 3) if per_token else None
     print(json.dumps({"serial": out["serial"]}), flush=True)
 
     out["batched"] = []
     for batch in args.batches:
-        with Scheduler(engine, max_batch=batch, max_queue=batch) as scheduler:
+        with Scheduler(engine, max_batch=batch, max_queue=batch, cuda_graphs=graphed) as scheduler:
             start = time.perf_counter()
             submitted = [scheduler.submit(q, state=s, max_new_tokens=args.answer_tokens) for q, s in requests[:batch]]
             results = [r.wait(600) for r in submitted]
@@ -142,10 +180,9 @@ def run(args) -> dict:
                "vs_serial": round(tokens / seconds / out["serial"]["output_tokens_per_s"], 2),
                "itl_ms_p50": round(statistics.median(itl) * 1000, 3) if itl else None,
                "all_prompts_read_ms": round(reads * 1000, 1), "mean_decode_batch": stats["mean_batch"],
-               "greedy_agreement": f"{sum(same)}/{len(same)}"}
+               "greedy_agreement": f"{sum(same)}/{len(same)}", "decode_graphs": stats.get("decode_graphs")}
         out["batched"].append(row)
-        print(json.dumps(row), flush=True)
-    out["total_s"] = round(time.perf_counter() - began, 2)
+        print(json.dumps({"graphed": graphed, **row}), flush=True)
     return out
 
 
@@ -164,9 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--answer-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--serial", type=int, default=8, help="requests generated one at a time")
+    parser.add_argument("--graphs", default="eager,graphed",
+                        help="decode modes to run, in this order: eager (the baseline) and/or graphed (CUDA graphs)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "hybrid_serving_h200.json")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.graphs = args.graphs.split(",")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on the GPU machine, or pass --device cpu --tiny")
     out = run(args)

@@ -153,6 +153,20 @@ class PicasoEngine:
 
         Usage: ``states = engine.encode(["doc one", "doc two"])``.
         """
+        token_lists = self._token_lists(texts, batch_size)
+        order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+        states: list[State | None] = [None] * len(token_lists)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            ids, lengths = self._pad([token_lists[i] for i in batch])
+            ssm, conv, log_decay = self._read_in_segments(ids, lengths)
+            for row, i in enumerate(batch):  # clone: a row view would keep the whole batch alive
+                states[i] = State(ssm[row].clone(), conv[row].clone(), log_decay[row].clone(),
+                                  len(token_lists[i]), self.fingerprint)
+        return states  # type: ignore[return-value]
+
+    def _token_lists(self, texts: Sequence[Tokens], batch_size: int) -> list[list[int]]:
+        """Token ids of each text to encode; errors name the failing text by its index."""
         if isinstance(texts, str):
             raise PicasoError("encode takes a list of texts; wrap a single text as [text].")
         token_lists = []
@@ -165,17 +179,7 @@ class PicasoEngine:
             token_lists.append(ids)
         if batch_size < 1:
             raise PicasoError(f"batch_size must be >= 1, got {batch_size}.")
-
-        order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
-        states: list[State | None] = [None] * len(token_lists)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            ids, lengths = self._pad([token_lists[i] for i in batch])
-            ssm, conv, log_decay = self._read_in_segments(ids, lengths)
-            for row, i in enumerate(batch):  # clone: a row view would keep the whole batch alive
-                states[i] = State(ssm[row].clone(), conv[row].clone(), log_decay[row].clone(),
-                                  len(token_lists[i]), self.fingerprint)
-        return states  # type: ignore[return-value]
+        return token_lists
 
     def _read_in_segments(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The states after reading right-padded rows ``ids`` [b, l], ``encode_segment_tokens`` at a

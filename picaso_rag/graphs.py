@@ -205,6 +205,89 @@ class BatchedReadGraphs:
         return logits[:k, 0]
 
 
+class HybridStepGraphs:
+    """One decode step of a hybrid model (Mamba-2 and attention layers) over static slot buffers,
+    captured per (rows, key span) bucket and replayed, as :class:`BatchedStepGraphs` does for Mamba-2.
+
+    The buffers are a batch of slots (rows): ``token_ids`` [R]; the SSM layers' ``ssm_state`` /
+    ``conv_state`` [R, n_ssm, ...]; the attention layers' ``keys`` / ``values`` [R', n_attn, kv_heads,
+    capacity, head_dim] (R' <= R rows), row r holding ``lengths[r]`` keys; ``positions`` [R] each row's
+    RoPE position. The step of bucket (rows, span) writes each row's new key at ``lengths[r]`` and
+    attends over keys [0, span) with a length mask: span is the smallest bucket (powers of two from
+    ``min_span``, and the capacity) above every row's length, so attention never reads more than twice
+    the keys in use, nor the empty rest of the buffer. Rows past the active ones must have
+    ``lengths`` 0 (they compute on stale state; their outputs are ignored).
+
+    A graph is captured the first time its bucket is needed; its warm-up steps the rows, so the SSM
+    states of those rows are saved and put back around it (keys are only written at ``lengths[r]``,
+    which the real step then overwrites). With ``graphed=False`` (the CPU, or a model whose step cannot
+    be captured, e.g. MoE routing that syncs with the host) the same bucketed step runs eagerly: the
+    reference path of what the graphs replay. Buffers keep their addresses for the object's lifetime:
+    a caller that reallocates them makes a new one. Usage::
+
+        graphs = HybridStepGraphs(model, tokens, ssm, conv, keys, values, lengths, positions, graphed=True)
+        logits = graphs.step(n_active, longest=max_length)[:n_active]   # then lengths += 1, positions += 1
+    """
+
+    def __init__(self, model: torch.nn.Module, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor, keys: Tensor,
+                 values: Tensor, lengths: Tensor, positions: Tensor, graphed: bool = True, min_span: int = 64):
+        self.model = model
+        self.token_ids, self.ssm_state, self.conv_state = token_ids, ssm_state, conv_state
+        self.keys, self.values, self.lengths, self.positions = keys, values, lengths, positions
+        max_rows, capacity = keys.shape[0], keys.shape[3]
+        self.row_buckets = tuple(sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)}))
+        self.span_buckets = tuple(sorted({min(min_span << i, capacity) for i in range(max(capacity, 1).bit_length() + 1)}))
+        self.graphed = graphed and keys.device.type == "cuda" and step_is_capturable(model)
+        self.error: str | None = None  # why graphs were turned off, if a capture failed
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphed else None
+
+    def bucket(self, n_rows: int, longest: int) -> tuple[int, int]:
+        """(rows, span) of the step for ``n_rows`` active rows whose longest holds ``longest`` keys."""
+        rows = next((b for b in self.row_buckets if b >= n_rows), None)
+        span = next((s for s in self.span_buckets if s > longest), None)
+        if rows is None or span is None:
+            raise ValueError(f"{n_rows} rows of up to {longest} keys exceed the buffers "
+                             f"({self.row_buckets[-1]} rows, {self.span_buckets[-1]} keys)")
+        return rows, span
+
+    def _run(self, rows: int, span: int) -> Tensor:
+        return self.model.step(self.token_ids[:rows], self.ssm_state[:rows], self.conv_state[:rows],
+                               self.keys[:rows, :, :, :span], self.values[:rows, :, :, :span],
+                               self.lengths[:rows], self.positions[:rows])
+
+    @torch.inference_mode()
+    def step(self, n_rows: int, longest: int) -> Tensor:
+        """Step rows [0, rows) of the bucket; returns their logits [rows, vocab] (valid until the next step)."""
+        rows, span = self.bucket(n_rows, longest)
+        if not self.graphed:
+            return self._run(rows, span)
+        entry = self._graphs.get((rows, span))
+        if entry is None:
+            saved = self.ssm_state[:rows].clone(), self.conv_state[:rows].clone()
+            try:
+                entry = self._graphs[rows, span] = _capture(lambda: self._run(rows, span), pool=self._pool)  # type: ignore[assignment]
+            except Exception as exc:  # decode eagerly from now on: slower, still correct
+                self.graphed, self.error = False, repr(exc)
+                return self._run(rows, span)
+            finally:
+                self.ssm_state[:rows].copy_(saved[0])
+                self.conv_state[:rows].copy_(saved[1])
+        graph, logits = entry  # type: ignore[misc]
+        graph.replay()
+        return logits
+
+    def n_graphs(self) -> int:
+        return len(self._graphs)
+
+
+def step_is_capturable(model: torch.nn.Module) -> bool:
+    """Whether ``model.step`` can be captured: MoE layers route on the host (which experts run is
+    read back each step), so models with them decode eagerly."""
+    cfg = model.cfg
+    return not (getattr(cfg, "n_experts", 0) or "moe" in getattr(cfg, "layer_types", ()))
+
+
 def _capture(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
     """Capture ``fn`` after two warm-up runs on a side stream (Triton compiles and autotunes
     there, and cuBLAS picks its kernels, neither of which may happen during a capture)."""

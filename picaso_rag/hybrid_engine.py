@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from .compose import compose_hybrid
 from .engine import PicasoEngine, Tokens, _Stream
 from .errors import PicasoError, StateMismatchError
 from .generation import Sampler, SamplingParams, TextStream
+from .graphs import HybridStepGraphs
 from .hybrid import HybridLM
 from .loading import Tokenizer, fingerprint_of
 from .state import HybridState, HybridStateSpec, register_state_spec
@@ -34,8 +36,11 @@ class HybridEngine(PicasoEngine):
                  **limits):
         if not isinstance(model, HybridLM):
             raise PicasoError(f"HybridEngine needs a HybridLM, got {type(model).__name__}; use PicasoEngine for Mamba-2 models.")
-        # no CUDA graphs: they replay Mamba2LM.step, and here the keys grow by one token a step
+        # not PicasoEngine's graphs (they replay Mamba2LM.step): decoding replays HybridStepGraphs of one slot
         super().__init__(model, tokenizer, fingerprint or fingerprint_of(model, tokenizer), cuda_graphs=False, **limits)
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self._slot: HybridStepGraphs | None = None  # the graphed decode slot, kept between requests (grows)
+        self._slot_lock = threading.Lock()  # one stream at a time replays it; a concurrent one decodes eagerly
 
     @property
     def max_document_tokens(self) -> int:
@@ -54,18 +59,7 @@ class HybridEngine(PicasoEngine):
     def encode(self, texts: Sequence[Tokens], batch_size: int = 16) -> list[HybridState]:
         """One state per text, in order (see :meth:`PicasoEngine.encode`). Each text is read from
         position 0: documents are encoded independently, in parallel positions."""
-        if isinstance(texts, str):
-            raise PicasoError("encode takes a list of texts; wrap a single text as [text].")
-        token_lists = []
-        for i, text in enumerate(texts):
-            if isinstance(text, str) and not text.strip():
-                raise PicasoError(f"text {i} is empty or whitespace; drop it before encoding (an empty document has no state).")
-            ids = self.tokenize(text)
-            if not ids:
-                raise PicasoError(f"text {i} has no tokens; drop it before encoding.")
-            token_lists.append(ids)
-        if batch_size < 1:
-            raise PicasoError(f"batch_size must be >= 1, got {batch_size}.")
+        token_lists = self._token_lists(texts, batch_size)
         order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
         states: list[HybridState | None] = [None] * len(token_lists)
         for start in range(0, len(order), batch_size):
@@ -137,7 +131,7 @@ class HybridEngine(PicasoEngine):
 
         Usage: ``logits, after = engine.read(" the query", state=context)``.
         """
-        ids = self.tokenize(text)
+        ids = self.tokenize(text, what="the text to read")
         if not ids:
             raise PicasoError("nothing to read: the text has no tokens. Pass a non-empty query.")
         ssm, conv, keys, values, position, log_decay, n_tokens = self._start(state)
@@ -149,6 +143,22 @@ class HybridEngine(PicasoEngine):
         return out.logits[0].float(), after
 
     # --------------------------------------------------------------------------- generating
+    def _decode_slot(self, n_keys: int, graphed: bool) -> HybridStepGraphs:
+        """Buffers for one request's decoding of up to ``n_keys`` keys: the engine's graphed slot
+        (grown to a power of two when too small) when ``graphed``, else fresh eager ones."""
+        if graphed and self._slot is not None and self._slot.keys.shape[3] >= n_keys:
+            return self._slot
+        cfg, kw = self.model.cfg, dict(device=self.device, dtype=self.model.dtype)
+        capacity = max(256, 1 << (n_keys - 1).bit_length()) if graphed else n_keys
+        ssm, conv, _, _ = self.model.empty_state(1)
+        keys = torch.zeros(1, len(cfg.attn_layers), cfg.n_kv_heads, capacity, cfg.head_dim, **kw)
+        index = dict(dtype=torch.long, device=self.device)
+        slot = HybridStepGraphs(self.model, torch.zeros(1, **index), ssm, conv, keys, torch.zeros_like(keys),
+                                torch.zeros(1, **index), torch.zeros(1, **index), graphed=graphed)
+        if graphed:
+            self._slot = slot
+        return slot
+
     def stream(self, prompt: Tokens, state: HybridState | None = None, **sampling) -> "_HybridStream":
         """Like :meth:`generate`, but an iterator of text pieces as they are produced."""
         super().stream(prompt, state, **sampling)  # PicasoEngine's checks of the prompt and sampling options (runs nothing)
@@ -168,35 +178,40 @@ class _HybridStream(_Stream):
         with torch.inference_mode():
             out = model(torch.tensor([prompt_ids], device=device), ssm_state=ssm, conv_state=conv,
                         keys=keys, values=values, position=position, logits="last")
-            # fresh tensors: decoding updates the SSM states in place
-            logits, ssm, conv = out.logits[0, -1], out.ssm_state, out.conv_state
-            # one buffer for every key this request will hold: a step writes its key in place (no copy a token)
-            n_keys = keys.shape[3] + len(prompt_ids)
-            shape = (*keys.shape[:3], n_keys + params.max_new_tokens, keys.shape[4])
-            key_buffer, value_buffer = keys.new_zeros(shape), values.new_zeros(shape)
-            key_buffer[:, :, :, :n_keys] = torch.cat([keys, out.keys.to(keys.dtype)], dim=3)
-            value_buffer[:, :, :, :n_keys] = torch.cat([values, out.values.to(values.dtype)], dim=3)
-        lengths = torch.tensor([n_keys], device=device)
-        positions = torch.tensor([position + len(prompt_ids)], device=device)
-        finish = "length"
-        for _ in range(params.max_new_tokens):
-            token = sampler(logits)
-            if token == engine.eos_token_id:
-                finish = "eos"
-                break
-            piece = stream.push(token)
-            if piece:
-                yield piece
-            if stream.stopped:
-                finish = "stop"
-                break
+            logits = out.logits[0, -1]
+        n_keys = keys.shape[3] + len(prompt_ids)
+        graphed = engine.cuda_graphs and engine._slot_lock.acquire(blocking=False)
+        try:
             with torch.inference_mode():
-                span = n_keys + 1  # the keys this step reads: the ones so far and its own
-                logits = model.step(torch.tensor([token], device=device), ssm, conv, key_buffer[:, :, :, :span],
-                                    value_buffer[:, :, :, :span], lengths, positions)[0]
-            n_keys += 1
-            lengths += 1
-            positions += 1
+                # every key this request will hold fits the slot: a step writes its key in place (no copy a token)
+                slot = engine._decode_slot(n_keys + params.max_new_tokens, graphed)
+                slot.ssm_state.copy_(out.ssm_state)
+                slot.conv_state.copy_(out.conv_state)
+                slot.keys[:, :, :, :n_keys].copy_(torch.cat([keys, out.keys.to(keys.dtype)], dim=3))
+                slot.values[:, :, :, :n_keys].copy_(torch.cat([values, out.values.to(values.dtype)], dim=3))
+                slot.lengths.fill_(n_keys)
+                slot.positions.fill_(position + len(prompt_ids))
+            finish = "length"
+            for _ in range(params.max_new_tokens):
+                token = sampler(logits)
+                if token == engine.eos_token_id:
+                    finish = "eos"
+                    break
+                piece = stream.push(token)
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    finish = "stop"
+                    break
+                with torch.inference_mode():
+                    slot.token_ids.fill_(token)
+                    logits = slot.step(1, n_keys)[0]
+                    slot.lengths += 1
+                    slot.positions += 1
+                n_keys += 1
+        finally:
+            if graphed:
+                engine._slot_lock.release()
         tail = stream.flush()
         if tail:
             yield tail

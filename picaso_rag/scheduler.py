@@ -45,6 +45,7 @@ from torch import Tensor
 from .engine import Generation, PicasoEngine, Tokens
 from .errors import PicasoError
 from .generation import Sampler, SamplingParams, TextStream
+from .graphs import HybridStepGraphs
 from .state import State
 
 _ids = itertools.count(1)
@@ -511,7 +512,10 @@ class HybridScheduler(Scheduler):
 
     Joining prompts are read in one forward, each row from its own composed state (its keys padded
     after its own and masked: ``key_lengths``; its own RoPE position), eagerly; decoding is batched
-    over all rows, eagerly (no CUDA graphs: the keys grow a token a step).
+    over all rows at bucketed (rows, key span) shapes, on CUDA by replaying a graph per bucket
+    (:class:`~picaso_rag.graphs.HybridStepGraphs`; the same bucketed step runs eagerly elsewhere). With
+    graphs, the buffer is kept while the scheduler is idle (recapturing at every burst would cost more
+    than the memory, which ``max_kv_bytes`` bounds); without them an idle scheduler holds no keys.
     """
 
     def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
@@ -525,6 +529,12 @@ class HybridScheduler(Scheduler):
         self.keys: Tensor | None = None  # [rows, n_attn, kv_heads, capacity, head_dim]; None while idle
         self.values: Tensor | None = None
         self.kv_waits = 0  # loop turns at which the head of the queue waited for the key/value budget
+        # each row's key count and RoPE position, where the decode step (and its graphs) read them
+        self.kv_lengths = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
+        # the decode step over the key/value buffer, graphed on CUDA; made anew whenever the buffer is
+        self.step_graphs: HybridStepGraphs | None = None
+        self._graph_decode = cuda_graphs and engine.device.type == "cuda"
         if start:
             self.start()
 
@@ -566,6 +576,9 @@ class HybridScheduler(Scheduler):
                              "bytes_per_token": self.kv_bytes_per_token,
                              "buffer_bytes": 2 * keys.numel() * keys.element_size() if keys is not None else 0,
                              "tokens_held": sum(r.kv_len for r in self.active), "waits_for_budget": self.kv_waits}
+            graphs = self.step_graphs
+            figures["decode_graphs"] = ({"graphed": graphs.graphed, "captured": graphs.n_graphs(), "error": graphs.error}
+                                        if graphs is not None else None)
         return figures
 
     # ----------------------------------------------------------------------------------- worker
@@ -601,7 +614,8 @@ class HybridScheduler(Scheduler):
         if rows <= have_rows and tokens <= have_tokens:
             return
         slack_rows = min(self.max_batch, max(have_rows, 1 << (rows - 1).bit_length()))
-        slack_tokens = min(self.max_slot_tokens, max(have_tokens, -(-tokens // 256) * 256))
+        # powers of two: the buffer is reallocated (and its step graphs recaptured) a few times, not per request
+        slack_tokens = min(self.max_slot_tokens, max(have_tokens, 256, 1 << (tokens - 1).bit_length()))
         per_token = self.kv_bytes_per_token
         new_rows, new_tokens = next((r, t) for r, t in ((slack_rows, slack_tokens), (rows, slack_tokens),
                                                         (slack_rows, tokens), (rows, tokens))
@@ -617,6 +631,8 @@ class HybridScheduler(Scheduler):
             keys[:n, :, :, :span].copy_(self.keys[:n, :, :, :span])
             values[:n, :, :, :span].copy_(self.values[:n, :, :, :span])  # type: ignore[index]
         self.keys, self.values = keys, values
+        self.step_graphs = HybridStepGraphs(self.model, self.tokens, self.ssm, self.conv, keys, values, self.kv_lengths,
+                                            self.positions, graphed=self._graph_decode)
 
     @torch.inference_mode()
     def _join(self, joining: list[Request]) -> None:
@@ -625,8 +641,8 @@ class HybridScheduler(Scheduler):
         RoPE position; the state after it, keys and values included, goes into a free row."""
         engine, model = self.engine, self.model
         start, k, device = len(self.active), len(joining), engine.device
-        if not start:  # (after a failed step the batch was cleared without _release)
-            self.keys = self.values = None
+        if not start and not self._graph_decode:  # (after a failed step the batch was cleared without _release)
+            self.keys = self.values = self.step_graphs = None
         self._fit_kv(start + k, max(r.kv_reserved for r in self.active + joining))
         begun = [engine._start(r.state) for r in joining]  # type: ignore[attr-defined]
         n_docs = [b[2].shape[3] for b in begun]
@@ -663,11 +679,16 @@ class HybridScheduler(Scheduler):
     @torch.inference_mode()
     def _decode(self) -> None:
         n = len(self.active)
-        rows = torch.tensor([[r.last_token, r.kv_len, r.position] for r in self.active], dtype=torch.long)
-        tokens, lengths, positions = rows.to(self.engine.device, non_blocking=True).unbind(1)
-        span = max(r.kv_len for r in self.active) + 1  # the keys any row reads this step
-        logits = self.model.step(tokens, self.ssm[:n], self.conv[:n], self.keys[:n, :, :, :span],  # type: ignore[index]
-                                       self.values[:n, :, :, :span], lengths, positions)  # type: ignore[index]
+        graphs = self.step_graphs
+        rows, _ = graphs.bucket(n, max(r.kv_len for r in self.active))  # type: ignore[union-attr]
+        # the bucket's rows past the active ones read one key from position 0: computed, ignored
+        table = torch.zeros(3, rows, dtype=torch.long)
+        table[:, :n] = torch.tensor([[r.last_token, r.kv_len, r.position] for r in self.active], dtype=torch.long).T
+        table = table.to(self.engine.device, non_blocking=True)
+        self.tokens[:rows].copy_(table[0])
+        self.kv_lengths[:rows].copy_(table[1])
+        self.positions[:rows].copy_(table[2])
+        logits = graphs.step(n, max(r.kv_len for r in self.active))[:n]  # type: ignore[union-attr]
         for r in self.active:
             r.kv_len += 1
             r.position += 1
@@ -691,8 +712,8 @@ class HybridScheduler(Scheduler):
                 self.values[hole, :, :, :length].copy_(self.values[source, :, :, :length])  # type: ignore[index]
                 self.active[hole] = self.active[source]
             del self.active[n - len(holes):]
-            if not self.active:
-                self.keys = self.values = None
+            if not self.active and not self._graph_decode:
+                self.keys = self.values = self.step_graphs = None
 
 
 def tokens_of(engine: PicasoEngine, prompts: Sequence[Tokens]) -> list[list[int]]:

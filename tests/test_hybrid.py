@@ -244,3 +244,11 @@ def test_rope_attention_caso_moves_documents_after_each_other(tokenizer):
     torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
     parallel = engine.compose(engine.encode(DOCS), method="picaso-s", prefix=prefix)
     assert parallel.position == prefix.position + max(len(engine.tokenize(d)) for d in DOCS)
+
+
+def test_encoding_errors_name_the_failing_text(hybrid_engines):
+    engine = hybrid_engines
+    with pytest.raises(PicasoError, match="text 1 "):
+        engine.encode(["fine", [engine.model.cfg.vocab_size + 5]])  # an id outside the vocabulary
+    with pytest.raises(PicasoError, match="text 2 "):
+        engine.encode(["fine", "also fine", "x" * (16 * engine.max_document_tokens + 1)])

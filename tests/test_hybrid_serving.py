@@ -210,5 +210,38 @@ def test_gpu_check_script_cpu_path(tmp_path):
     spec.loader.exec_module(module)
     out = module.main(["--device", "cpu", "--tiny", "--batches", "1,4", "--serial", "4", "--pool", "6", "--doc-tokens", "24",
                        "--k", "3", "--question-tokens", "6", "--answer-tokens", "6", "--out", str(tmp_path / "h.json")])
-    assert [row["greedy_agreement"] for row in out["batched"]] == ["1/1", "4/4"]
-    assert out["batched"][1]["mean_decode_batch"] == 4.0 and (tmp_path / "h.json").is_file()
+    assert list(out["modes"]) == ["eager", "graphed"]  # on the CPU both run the same bucketed step eagerly
+    for mode in out["modes"].values():
+        assert [row["greedy_agreement"] for row in mode["batched"]] == ["1/1", "4/4"]
+        assert mode["batched"][1]["mean_decode_batch"] == 4.0 and mode["serial"]["decode_ms_per_token_p50"] > 0
+    assert (tmp_path / "h.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["bamba-rope"], indirect=True)
+def test_bucketed_decode_equals_reading_the_whole_text_again(family):
+    """The decode step the graphs replay (picaso_rag.graphs.HybridStepGraphs: rows and key spans
+    bucketed, new keys written in place) against an independent reference: greedy tokens from reading
+    prompt + answer so far again from the state, with the model's forward. Prompts of 1, 2 and many
+    tokens; answers that cross key-span buckets; in the scheduler, after rows left and others joined."""
+    engine, states = family
+    state = states["composed"]
+    prompts = [[1000], [1000, 2000], engine.tokenize(QUESTIONS[0] * 3)]
+    n_new = 64 + 8 - state.n_keys % 64  # past the next multiple of 64 keys: a span bucket is crossed while decoding
+
+    def reference(prompt: list[int]) -> list[int]:
+        ids: list[int] = []
+        for _ in range(n_new):
+            logits, _ = engine.read(prompt + ids, state=state)
+            ids.append(int(logits[-1].argmax()))
+        return ids
+
+    eos, engine.tokenizer.eos_token_id = engine.tokenizer.eos_token_id, None
+    try:
+        want = [reference(p) for p in prompts]
+        assert [engine.generate(p, state=state, max_new_tokens=n_new).token_ids for p in prompts] == want
+        with Scheduler(engine, max_batch=2) as scheduler:  # 3 requests, 2 rows: the third joins a freed row
+            first = [scheduler.submit(p, state=state, max_new_tokens=n) for p, n in zip(prompts, (5, n_new, n_new))]
+            got = [r.wait(120).token_ids for r in first]
+    finally:
+        engine.tokenizer.eos_token_id = eos
+    assert got == [want[0][:5], want[1], want[2]]
