@@ -131,7 +131,8 @@ def test_stale_and_corrupt_states_are_reencoded_and_reported(engine, tmp_path):
     result = StateResolver(engine, None, [store], StateWriter()).resolve(DOCS[:2])
     assert result.stats["encoded"] == 2
     assert sorted(r["status"] for r in result.stats["rejected"]) == [StoreStatus.CORRUPT.value, StoreStatus.STALE.value]
-    assert_same(result.states[1], engine.encode([TEXTS[1]])[0])
+    # both were re-encoded in one batch: compare with that batch (batched GEMMs may round differently from one text alone)
+    assert_same(result.states[1], engine.encode(TEXTS[:2])[1])
 
 
 def test_budgeted_store_evicts_least_recently_used(engine, tmp_path):
