@@ -221,8 +221,9 @@ class HybridStepGraphs:
     A graph is captured the first time its bucket is needed; its warm-up steps the rows, so the SSM
     states of those rows are saved and put back around it (keys are only written at ``lengths[r]``,
     which the real step then overwrites). With ``graphed=False`` (the CPU, or a model whose step cannot
-    be captured, e.g. MoE routing that syncs with the host) the same bucketed step runs eagerly: the
-    reference path of what the graphs replay. Buffers keep their addresses for the object's lifetime:
+    be captured, e.g. MoE routing that syncs with the host) the step runs eagerly at the exact shapes
+    (``bucketed=True``: at the bucketed ones, the reference path of what the graphs replay; on the CPU
+    the padding would only cost time). Buffers keep their addresses for the object's lifetime:
     a caller that reallocates them makes a new one. Usage::
 
         graphs = HybridStepGraphs(model, tokens, ssm, conv, keys, values, lengths, positions, graphed=True)
@@ -230,7 +231,8 @@ class HybridStepGraphs:
     """
 
     def __init__(self, model: torch.nn.Module, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor, keys: Tensor,
-                 values: Tensor, lengths: Tensor, positions: Tensor, graphed: bool = True, min_span: int = 64):
+                 values: Tensor, lengths: Tensor, positions: Tensor, graphed: bool = True, min_span: int = 64,
+                 bucketed: bool | None = None):
         self.model = model
         self.token_ids, self.ssm_state, self.conv_state = token_ids, ssm_state, conv_state
         self.keys, self.values, self.lengths, self.positions = keys, values, lengths, positions
@@ -238,12 +240,17 @@ class HybridStepGraphs:
         self.row_buckets = tuple(sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)}))
         self.span_buckets = tuple(sorted({min(min_span << i, capacity) for i in range(max(capacity, 1).bit_length() + 1)}))
         self.graphed = graphed and keys.device.type == "cuda" and step_is_capturable(model)
+        self.bucketed = self.graphed if bucketed is None else bucketed
         self.error: str | None = None  # why graphs were turned off, if a capture failed
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphed else None
 
     def bucket(self, n_rows: int, longest: int) -> tuple[int, int]:
         """(rows, span) of the step for ``n_rows`` active rows whose longest holds ``longest`` keys."""
+        if not self.bucketed:
+            if n_rows > self.keys.shape[0] or longest >= self.keys.shape[3]:
+                raise ValueError(f"{n_rows} rows of up to {longest} keys exceed the buffers {tuple(self.keys.shape)}")
+            return n_rows, longest + 1
         rows = next((b for b in self.row_buckets if b >= n_rows), None)
         span = next((s for s in self.span_buckets if s > longest), None)
         if rows is None or span is None:

@@ -219,8 +219,8 @@ def test_gpu_check_script_cpu_path(tmp_path):
 
 @pytest.mark.parametrize("family", ["bamba-rope"], indirect=True)
 def test_bucketed_decode_equals_reading_the_whole_text_again(family):
-    """The decode step the graphs replay (picaso_rag.graphs.HybridStepGraphs: rows and key spans
-    bucketed, new keys written in place) against an independent reference: greedy tokens from reading
+    """The slot decode step (picaso_rag.graphs.HybridStepGraphs: new keys written in place into kept
+    buffers; bucketed as the graphs replay it: test_bucketed_step_equals_the_exact_step) against an independent reference: greedy tokens from reading
     prompt + answer so far again from the state, with the model's forward. Prompts of 1, 2 and many
     tokens; answers that cross key-span buckets; in the scheduler, after rows left and others joined."""
     engine, states = family
@@ -245,3 +245,37 @@ def test_bucketed_decode_equals_reading_the_whole_text_again(family):
     finally:
         engine.tokenizer.eos_token_id = eos
     assert got == [want[0][:5], want[1], want[2]]
+
+
+@pytest.mark.parametrize("family", ["bamba-rope"], indirect=True)
+def test_bucketed_step_equals_the_exact_step(family):
+    """What the CUDA graphs replay (rows and key span rounded up to buckets, rows past the active ones
+    at length 0) equals the step at the exact shapes, step after step, logits, SSM states and keys."""
+    from picaso_rag.graphs import HybridStepGraphs
+
+    engine, _ = family
+    model, cfg = engine.model, engine.model.cfg
+    gen = torch.Generator().manual_seed(0)
+    n_rows, capacity = 3, 160
+    ssm, conv, _, _ = model.empty_state(4)
+    ssm.normal_(generator=gen)
+    conv.normal_(generator=gen)
+    keys = torch.randn(4, len(cfg.attn_layers), cfg.n_kv_heads, capacity, cfg.head_dim, generator=gen)
+    values = torch.randn(keys.shape, generator=gen)
+    lengths = torch.tensor([5, 70, 1, 0])  # the bucket of 3 rows is 4: the fourth row is padding
+    positions = lengths + 3
+    buffers = [torch.randint(0, 50000, (4,), generator=gen), ssm, conv, keys, values, lengths, positions]
+    exact = HybridStepGraphs(model, *[t.clone() for t in buffers], graphed=False)
+    bucketed = HybridStepGraphs(model, *[t.clone() for t in buffers], graphed=False, bucketed=True)
+    assert bucketed.bucket(n_rows, 70) == (4, 128) and exact.bucket(n_rows, 70) == (3, 71)
+    for _ in range(3):
+        longest = int(exact.lengths[:n_rows].max())
+        want, have = exact.step(n_rows, longest)[:n_rows], bucketed.step(n_rows, longest)[:n_rows]
+        assert torch.allclose(have, want, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(bucketed.ssm_state[:n_rows], exact.ssm_state[:n_rows], atol=1e-6)
+        for slots in (exact, bucketed):
+            slots.token_ids[:n_rows] = want.argmax(-1)
+            slots.lengths[:n_rows] += 1
+            slots.positions[:n_rows] += 1
+    span = int(exact.lengths.max())
+    assert torch.allclose(bucketed.keys[:n_rows, :, :, :span], exact.keys[:n_rows, :, :, :span], atol=1e-6)
