@@ -123,7 +123,8 @@ class Mamba2Config:
                 "(its per-head scalar decay is what makes states composable)."
             )
         if raw.get("attn_layer_idx"):
-            raise CheckpointError("hybrid checkpoints with attention layers are not supported; use a pure Mamba-2 model.")
+            raise CheckpointError("this mamba_ssm checkpoint has attention layers (attn_layer_idx): it is a hybrid, not a "
+                                  "Mamba2Config; load it with picaso_rag.load_checkpoint (or HybridConfig.from_dict).")
         if raw.get("d_intermediate", 0):
             raise CheckpointError("checkpoints with MLP blocks (d_intermediate > 0) are not supported; use a pure Mamba-2 model.")
         for unsupported in ("d_ssm", "D_has_hdim"):

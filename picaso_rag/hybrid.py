@@ -338,6 +338,10 @@ class HybridLM(nn.Module):
         return (torch.zeros(batch, n_ssm, cfg.nheads, cfg.headdim, cfg.d_state, **kw),
                 torch.zeros(batch, n_ssm, cfg.conv_dim, cfg.d_conv - 1, **kw), kv, kv.clone())
 
+    def _residual(self, x: Tensor) -> Tensor:
+        """The residual stream: in fp32 when the config says so (mamba_ssm's layout), else in the weights' dtype."""
+        return x.float() if self.cfg.residual_in_fp32 else x
+
     def _rope(self, position: int | Tensor, length: int) -> tuple[Tensor, Tensor] | None:
         """cos/sin [length, rotary_dim] from ``position``, or [b, 1, length, rotary_dim] from a
         position per row (a tensor [b]); None without RoPE."""
@@ -379,11 +383,11 @@ class HybridLM(nn.Module):
         values = empty[3] if values is None else values
         rope = self._rope(position, l)
 
-        x = self.model.embed_tokens(input_ids) * cfg.embedding_multiplier
+        x = self._residual(self.model.embed_tokens(input_ids) * cfg.embedding_multiplier)
         ssm_out, conv_out, decay_out, k_out, v_out = [], [], [], [], []
         i_ssm = i_attn = 0
         for block in self.model.layers:
-            h = rmsnorm(x, block.input_layernorm.weight, cfg.norm_eps)
+            h = rmsnorm(x, block.input_layernorm.weight, cfg.norm_eps).to(self.dtype)
             if hasattr(block, "mamba"):
                 h, s, c, d = block.mamba(h, ssm_state[:, i_ssm], conv_state[:, i_ssm], mask, lengths)
                 ssm_out.append(s)
@@ -398,7 +402,7 @@ class HybridLM(nn.Module):
                 v_out.append(v)
                 i_attn += 1
             x = block.ffn(x + h * cfg.residual_multiplier)
-        x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps)
+        x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps).to(self.dtype)
 
         if logits == "all":
             out_logits = self.lm_head(x) / cfg.logits_scaling
@@ -434,10 +438,10 @@ class HybridLM(nn.Module):
         if cfg.rotary_dim:
             cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, self.dtype)
             rope = cos[:, None, None], sin[:, None, None]
-        x = self.model.embed_tokens(token_ids) * cfg.embedding_multiplier  # [b, d]
+        x = self._residual(self.model.embed_tokens(token_ids) * cfg.embedding_multiplier)  # [b, d]
         i_ssm = i_attn = 0
         for block in self.model.layers:
-            h = rmsnorm(x, block.input_layernorm.weight, cfg.norm_eps)
+            h = rmsnorm(x, block.input_layernorm.weight, cfg.norm_eps).to(self.dtype)
             if hasattr(block, "mamba"):
                 h = block.mamba.step(h, ssm_state[:, i_ssm], conv_state[:, i_ssm])
                 i_ssm += 1
@@ -447,7 +451,7 @@ class HybridLM(nn.Module):
                 h = block.self_attn.step(h, keys[:, i_attn], values[:, i_attn], lengths, rope)
                 i_attn += 1
             x = block.ffn(x + h * cfg.residual_multiplier)
-        x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps)
+        x = rmsnorm(x, self.model.norm.weight, cfg.norm_eps).to(self.dtype)
         return self.lm_head(x) / cfg.logits_scaling
 
     def shift_keys(self, keys: Tensor, delta: int) -> Tensor:

@@ -7,7 +7,9 @@ Four checkpoint layouts become one :class:`HybridConfig`; the model code only kn
 - transformers ``NemotronHForCausalLM`` (NVIDIA Nemotron-H, Nemotron Nano 2 / 3): one mixer a layer,
   by ``layers_block_type`` or ``hybrid_override_pattern`` (Mamba-2 ``M``, NoPE attention ``*``,
   squared-ReLU MLP ``-``, MoE ``E``); its MLP and MoE layers carry no state;
-- ``picaso_hybrid``: this project's own small hybrid (no MLP, like picaso-mini).
+- ``picaso_hybrid``: this project's own small hybrid (no MLP, like picaso-mini);
+- mamba_ssm's ``MambaLMHeadModel`` with ``attn_layer_idx`` (state-spaces' own hybrid layout: Mamba-2
+  blocks and ``MHA`` blocks in one model, the residual stream in fp32).
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ _ATTENTION_NAMES = {"attention", "full_attention"}
 
 
 def is_hybrid_config(raw: dict[str, Any]) -> bool:
-    """True for config.json of a hybrid this project loads (see :data:`HYBRID_MODEL_TYPES`)."""
-    return raw.get("model_type") in HYBRID_MODEL_TYPES
+    """True for config.json of a hybrid this project loads (see :data:`HYBRID_MODEL_TYPES`), or of a
+    mamba_ssm model with attention layers (``attn_layer_idx``)."""
+    return isinstance(raw, dict) and (raw.get("model_type") in HYBRID_MODEL_TYPES or _is_mamba_ssm_hybrid(raw))
+
+
+def _is_mamba_ssm_hybrid(raw: dict[str, Any]) -> bool:
+    return isinstance(raw, dict) and "d_model" in raw and "n_layer" in raw and bool(raw.get("attn_layer_idx"))
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class HybridConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0  # logits are divided by it (Granite)
+    residual_in_fp32: bool = False  # the residual stream in fp32 whatever the weights' dtype (mamba_ssm's layout)
     tie_embeddings: bool = False
     eos_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -169,6 +177,8 @@ class HybridConfig:
         Usage: ``HybridConfig.from_dict(json.load(open("granite-4.0-h-tiny/config.json")))``.
         """
         kind = raw.get("model_type")
+        if _is_mamba_ssm_hybrid(raw):
+            return cls._from_mamba_ssm(raw)
         if kind == "granitemoehybrid":
             return cls._from_granite(raw)
         if kind == "bamba":
@@ -234,6 +244,42 @@ class HybridConfig:
                    embedding_multiplier=float(raw.get("embedding_multiplier", 1.0)),
                    residual_multiplier=float(raw.get("residual_multiplier", 1.0)),
                    logits_scaling=float(raw.get("logits_scaling", 1.0)), **fields)
+
+    @classmethod
+    def _from_mamba_ssm(cls, raw: dict[str, Any]) -> "HybridConfig":
+        """mamba_ssm's config.json with ``attn_layer_idx``: its Mamba-2 fields as Mamba2Config reads them,
+        its ``attn_cfg`` (MHA's arguments) for the attention layers."""
+        n_layer = int(raw["n_layer"])
+        attn = {int(i) for i in raw["attn_layer_idx"]}
+        if any(not 0 <= i < n_layer for i in attn):
+            raise CheckpointError(f"attn_layer_idx {sorted(attn)} are outside 0..{n_layer - 1}; fix config.json.")
+        if raw.get("d_intermediate", 0):
+            raise CheckpointError("mamba_ssm checkpoints with MLP blocks (d_intermediate > 0) are not supported yet; "
+                                  "use one without (d_intermediate 0), or a Granite 4.0-H / Bamba / Nemotron-H checkpoint.")
+        mamba = Mamba2Config._from_mamba_ssm({**raw, "attn_layer_idx": []})  # validates and reads the Mamba-2 fields
+        a = dict(raw.get("attn_cfg") or {})
+        for name, why in (("d_conv", "a causal conv1d before attention"), ("mlp_dim", "an MLP fused into attention")):
+            if a.get(name, 0):
+                raise CheckpointError(f"attn_cfg.{name} > 0 ({why}) is not supported; use attention layers without it.")
+        if not a.get("causal", False):
+            raise CheckpointError("attn_cfg.causal is not true: a language model's attention must be causal; fix config.json.")
+        if a.get("rotary_emb_interleaved", False):
+            raise CheckpointError("attn_cfg.rotary_emb_interleaved is not supported (only the rotate-half RoPE).")
+        if bool(a.get("qkv_proj_bias", True)) != bool(a.get("out_proj_bias", True)):
+            raise CheckpointError("attn_cfg.qkv_proj_bias and out_proj_bias differ, which picaso-rag does not support; "
+                                  "use attention layers with both or neither.")
+        n_heads = int(a["num_heads"])
+        head_dim = int(a.get("head_dim") or mamba.d_model // n_heads)
+        return cls(family="mamba_ssm", vocab_size=mamba.vocab_size, d_model=mamba.d_model,
+                   layer_types=tuple("attention" if i in attn else "mamba" for i in range(n_layer)),
+                   d_state=mamba.d_state, d_conv=mamba.d_conv, expand=mamba.expand, headdim=mamba.headdim,
+                   ngroups=mamba.ngroups, chunk_size=mamba.chunk_size, conv_bias=mamba.conv_bias, bias=mamba.bias,
+                   dt_limit=mamba.dt_limit, n_heads=n_heads, n_kv_heads=int(a.get("num_heads_kv") or n_heads),
+                   head_dim=head_dim, attention_bias=bool(a.get("qkv_proj_bias", True)),
+                   attention_scale=float(a["softmax_scale"]) if a.get("softmax_scale") else None,
+                   rotary_dim=int(a.get("rotary_emb_dim", 0)), rope_theta=float(a.get("rotary_emb_base", 10000.0)),
+                   norm_eps=mamba.norm_eps, tie_embeddings=mamba.tie_embeddings, eos_token_id=mamba.eos_token_id,
+                   residual_in_fp32=mamba.residual_in_fp32)
 
     @classmethod
     def _from_bamba(cls, raw: dict[str, Any]) -> "HybridConfig":
@@ -330,7 +376,7 @@ def _nemotron_layer_kinds(raw: dict[str, Any]) -> tuple[str, ...]:
 
 # fields added with Nemotron-H: left out of to_dict() at their defaults
 _FIELDS_SINCE_NEMOTRON = ("d_ssm", "shared_expert_dim", "expert_latent_dim", "n_expert_groups", "topk_groups",
-                          "norm_topk_prob", "routed_scaling")
+                          "norm_topk_prob", "routed_scaling", "residual_in_fp32")
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,7 @@ _HYBRID_RENAMES = {
                          ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
     "bamba": ((".pre_ff_layernorm.", ".post_attention_layernorm."), ("model.final_layernorm.", "model.norm.")),
     "nemotron_h": (),  # per layer: _nemotron_h_names
+    "mamba_ssm": (),  # per layer: _mamba_ssm_names
     "picaso_hybrid": (),
 }
 _NEMOTRON_MIXER = {"mamba": "mamba", "attention": "self_attn", "mlp": "mlp", "moe": "mlp"}
@@ -307,6 +308,35 @@ def _nemotron_h_names(weights: dict[str, torch.Tensor], cfg: HybridConfig) -> di
     return renamed
 
 
+def _mamba_ssm_names(weights: dict[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
+    """mamba_ssm's names (``backbone.layers.{i}.norm`` / ``.mixer``, MHA's fused ``in_proj`` of q, k
+    and v, ``out_proj``) as HybridLM's; the fused projection is split into q_proj, k_proj, v_proj."""
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    renamed: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        name = name.replace("backbone.embedding.", "model.embed_tokens.").replace("backbone.norm_f.", "model.norm.")
+        match = re.match(r"backbone\.layers\.(\d+)\.(norm|mixer)\.(.*)", name)
+        if not match or int(match[1]) >= cfg.n_layer:
+            renamed[name] = tensor
+            continue
+        i, part, rest = int(match[1]), match[2], match[3]
+        prefix = f"model.layers.{i}."
+        if part == "norm":
+            renamed[prefix + "input_layernorm." + rest] = tensor
+        elif cfg.layer_types[i] == "mamba":
+            renamed[prefix + "mamba." + rest] = tensor
+        elif rest.startswith("in_proj."):  # [q | k | v] rows, as MHA splits them
+            if tensor.shape[0] != q_rows + 2 * kv_rows:
+                raise CheckpointError(f"{name} has {tensor.shape[0]} rows, attn_cfg says {q_rows + 2 * kv_rows} "
+                                      "(heads x head_dim for q, k and v); restore the checkpoint's config.json.")
+            kind = rest[len("in_proj."):]
+            for proj, part_tensor in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q_rows, kv_rows, kv_rows])):
+                renamed[f"{prefix}self_attn.{proj}.{kind}"] = part_tensor.clone()
+        else:
+            renamed[prefix + "self_attn." + rest.replace("out_proj.", "o_proj.")] = tensor
+    return renamed
+
+
 def load_hybrid_checkpoint(
     directory: Path, raw_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
     tokenizer: Tokenizer | None = None,
@@ -324,6 +354,8 @@ def load_hybrid_checkpoint(
         weights = {k.replace(old, new): v for k, v in weights.items()}
     if cfg.family == "nemotron_h":
         weights = _nemotron_h_names(weights, cfg)
+    elif cfg.family == "mamba_ssm":
+        weights = _mamba_ssm_names(weights, cfg)
     model = HybridLM(cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
