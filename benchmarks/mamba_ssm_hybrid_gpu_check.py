@@ -42,7 +42,8 @@ def main() -> None:
         reference.save_pretrained(tmp)
         shutil.copy(REPO / "models" / "picaso-mini" / "tokenizer.json", Path(tmp) / "tokenizer.json")
         for dtype in (torch.float32, torch.bfloat16):
-            ref = MambaLMHeadModel.from_pretrained(tmp, device="cuda", dtype=dtype).eval()
+            ref = MambaLMHeadModel(config, device="cuda", dtype=dtype).eval()
+            ref.load_state_dict(torch.load(Path(tmp) / "pytorch_model.bin", weights_only=True))
             ours, _ = load_checkpoint(tmp, device="cuda", dtype=dtype)
             with torch.no_grad():
                 expected = ref(ids).logits.float()
