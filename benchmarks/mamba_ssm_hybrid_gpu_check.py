@@ -33,7 +33,8 @@ def main() -> None:
     config = MambaConfig(d_model=256, d_intermediate=0, n_layer=6, vocab_size=50277, attn_layer_idx=[2, 5],
                          attn_cfg={"num_heads": 8, "num_heads_kv": 4, "head_dim": 32, "causal": True,
                                    "qkv_proj_bias": False, "out_proj_bias": False},
-                         ssm_cfg={"layer": "Mamba2", "d_state": 64, "headdim": 32, "chunk_size": 64},
+                         ssm_cfg={"layer": "Mamba2", "d_state": 64, "headdim": 32, "chunk_size": 64,
+                                  "use_mem_eff_path": False},  # its fused path needs the causal-conv1d extension
                          rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16)
     reference = MambaLMHeadModel(config, device="cuda", dtype=torch.float32).eval()
     ids = torch.randint(0, 50000, (2, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
