@@ -364,6 +364,7 @@ class Scheduler:
             longest = longest_after
         return joining
 
+    @torch.inference_mode()  # it releases rows: their buffers are inference tensors, written in place
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self.active) if r.cancelled]
         if gone:

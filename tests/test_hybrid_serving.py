@@ -279,3 +279,24 @@ def test_bucketed_step_equals_the_exact_step(family):
             slots.positions[:n_rows] += 1
     span = int(exact.lengths.max())
     assert torch.allclose(bucketed.keys[:n_rows, :, :, :span], exact.keys[:n_rows, :, :, :span], atol=1e-6)
+
+
+def test_a_request_cancelled_between_steps_leaves_the_others_whole(family):
+    """The worker's order made deterministic: three rows join, the first is cancelled, the worker drops
+    it before the next step (the last row's keys and values move into its place), then decodes the
+    rest to the end. The others answer as alone (the drop once failed the whole batch: it wrote the
+    key buffer outside inference mode)."""
+    engine, states = family
+    scheduler = Scheduler(engine, max_batch=4)  # not started: this thread plays the worker
+    cancelled = scheduler.submit(QUESTIONS[2], state=states["caso"], max_new_tokens=50)
+    first = scheduler.submit(QUESTIONS[0], state=states["one doc"], max_new_tokens=8)
+    second = scheduler.submit(QUESTIONS[1], state=states["two"], max_new_tokens=8)
+    scheduler._join(scheduler._take_joining())
+    scheduler._decode()
+    cancelled.cancel()
+    scheduler._drop_cancelled()
+    while scheduler.active:
+        scheduler._decode()
+    assert cancelled.wait(1).finish_reason == "cancelled"
+    assert first.wait(1).token_ids == engine.generate(QUESTIONS[0], state=states["one doc"], max_new_tokens=8).token_ids
+    assert second.wait(1).token_ids == engine.generate(QUESTIONS[1], state=states["two"], max_new_tokens=8).token_ids
