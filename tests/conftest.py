@@ -1,4 +1,5 @@
-"""Shared fixtures: the real GPT-NeoX tokenizer from ../shared and tiny random Mamba-2 models."""
+"""Shared fixtures: a real BPE tokenizer from the repository (the shipped picaso-mini's; the tests read
+nothing outside the clone) and tiny random Mamba-2 models."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 
 from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, Tokenizer, init_weights
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER_JSON = SHARED / "data" / "gpt-neox-20b-tokenizer.json"
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_JSON = REPO / "models" / "picaso-mini" / "tokenizer.json"  # 16,384 tokens; every model here has >= that
+TEST_DATA = REPO / "tests" / "data"
 
 TEXTS = [
     "The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
@@ -25,7 +27,7 @@ TEXTS = [
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     if not TOKENIZER_JSON.is_file():
-        pytest.fail(f"{TOKENIZER_JSON} is missing: the tests need ../shared/data beside the repository.")
+        pytest.fail(f"{TOKENIZER_JSON} is missing: restore models/picaso-mini from the repository (git checkout models).")
     return Tokenizer.from_file(TOKENIZER_JSON)
 
 

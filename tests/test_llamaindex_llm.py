@@ -14,7 +14,6 @@ from llama_index.llms.picaso import PicasoLLM, PicasoNodePostprocessor
 
 from picaso_rag import PicasoError
 
-from .conftest import TOKENIZER_JSON
 from .llamaindex_world import build_world, sensitive_engine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,10 +25,15 @@ def mini() -> PicasoLLM:
     return PicasoLLM(model=str(MINI), tokenizer=str(MINI / "tokenizer.json"), max_new_tokens=8, stop=["\n"])
 
 
-def test_tokenizer_argument(mini, tokenizer):
+def test_tokenizer_argument(mini, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
     assert mini.engine.tokenize("Paris") == mini.engine.tokenizer.encode("Paris")
+    vocab = {f"w{i}": i for i in range(mini.engine.model.cfg.vocab_size + 100)}  # more tokens than the model has
+    HFTokenizer(WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(PicasoError, match="tokenizer"):  # a model with a tokenizer of another vocabulary size
-        PicasoLLM(model=str(MINI), tokenizer=str(TOKENIZER_JSON))
+        PicasoLLM(model=str(MINI), tokenizer=str(tmp_path / "tokenizer.json"))
     with pytest.raises(PicasoError, match="engine already has its tokenizer"):
         PicasoLLM(engine=mini.engine, tokenizer=str(MINI / "tokenizer.json"))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from picaso_rag import PicasoEngine
 
-from .conftest import SHARED
+from .conftest import TEST_DATA
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "picaso-mini"
 
@@ -32,7 +32,7 @@ def _nll(engine: PicasoEngine, target: list[int], state=None) -> float:
 def test_context_lowers_the_loss_and_picaso_is_order_free(mini):
     """WikiText-2 test passages (never trained on): the first half, composed with an unrelated
     passage, makes the second half more likely; PICASO-S gives the same loss in either order."""
-    ids = mini.tokenize((SHARED / "data" / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")[:20000])
+    ids = mini.tokenize((TEST_DATA / "wikitext-2-raw-test-excerpt.txt").read_text(encoding="utf-8"))
     S = 96
     passages = [ids[i:i + 2 * S] for i in range(0, 6 * 2 * S, 2 * S)]
     sep = mini.tokenize("\n\n")
