@@ -16,6 +16,26 @@ DOCS = TEXTS[:3]
 QUERY = " Which of these happens in chloroplasts? The answer is"
 
 
+def greedy_against_transformers(hf_model, engine, new_tokens: int = 8) -> tuple[list[int], list[int]]:
+    """(our greedy tokens, transformers' greedy tokens) for one prompt; transformers decodes with its
+    own cache (recurrent step and a growing KV cache)."""
+    prompt = engine.tokenize("The capital of France is")
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    return engine.generate(prompt, max_new_tokens=new_tokens).token_ids, expected
+
+
+def assert_one_document_composed_equals_reading_it_then_the_query(engine) -> None:
+    """k=1: the query read from one document's composed state (PICASO-S, CASO) gives the logits of
+    reading the document and the query in one pass."""
+    expected, _ = engine.read(engine.tokenize(DOCS[2]) + engine.tokenize(QUERY))
+    state = engine.encode([DOCS[2]])
+    for method in ("picaso-s", "caso"):  # PICASO-R and soup weigh one document as PICASO-S does
+        got, _ = engine.read(QUERY, state=engine.compose(state, method=method))
+        torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
+
+
 def assert_bitwise_identical_for_every_order(engine) -> None:
     """The composed state (every tensor, and the position), the logits and the greedy answer are
     bitwise identical for all orders of the documents (PICASO-S and PICASO-R)."""

@@ -23,7 +23,7 @@ from picaso_rag.state import HybridState
 from picaso_rag.store import StoreStatus
 
 from .conftest import TOKENIZER_JSON
-from .hybrid_checks import DOCS, QUERY, assert_bitwise_identical_for_every_order, store_round_trip
+from .hybrid_checks import DOCS, QUERY, assert_bitwise_identical_for_every_order, greedy_against_transformers, store_round_trip
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,13 +109,8 @@ def test_unsupported_hybrids_are_refused_by_name(tmp_path):
 
 def test_greedy_generation_equals_transformers_generate(hf_hybrid, hybrid_engines):
     """transformers decodes with its own cache (recurrent step + growing KV cache, RoPE positions)."""
-    hf_model, _ = hf_hybrid
-    prompt = hybrid_engines.tokenize("The capital of France is")
-    with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0)[0, len(prompt):].tolist()
-    got = hybrid_engines.generate(prompt, max_new_tokens=8)
-    assert got.token_ids[: len(expected)] == expected[: len(got.token_ids)]
+    got, expected = greedy_against_transformers(hf_hybrid[0], hybrid_engines)
+    assert got[: len(expected)] == expected[: len(got)]
 
 
 def test_one_document_composed_equals_reading_document_then_query(hybrid_engines):

@@ -24,7 +24,9 @@ from picaso_rag.hybrid_engine import HybridEngine
 from picaso_rag.state import HybridState
 
 from .conftest import TOKENIZER_JSON
-from .hybrid_checks import DOCS, QUERY, assert_bitwise_identical_for_every_order, store_round_trip
+from .hybrid_checks import (DOCS, assert_bitwise_identical_for_every_order,
+                            assert_one_document_composed_equals_reading_it_then_the_query, greedy_against_transformers,
+                            store_round_trip)
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,14 +79,8 @@ def test_logits_equal_transformers(hf_nemotron):
 
 
 def test_greedy_generation_equals_transformers_generate(hf_nemotron, nemotron_engine):
-    """transformers decodes with its own cache (recurrent step, growing KV cache)."""
-    hf_model, _ = hf_nemotron
-    prompt = nemotron_engine.tokenize("The capital of France is")
-    with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0)[0, len(prompt):].tolist()
-    got = nemotron_engine.generate(prompt, max_new_tokens=8)
-    assert len(got.token_ids) == 8 and got.token_ids == expected
+    got, expected = greedy_against_transformers(hf_nemotron[0], nemotron_engine)
+    assert len(got) == 8 and got == expected
 
 
 def test_state_holds_the_ssm_and_attention_layers_only(nemotron_engine):
@@ -99,12 +95,7 @@ def test_state_holds_the_ssm_and_attention_layers_only(nemotron_engine):
 
 
 def test_one_document_composed_equals_reading_document_then_query(nemotron_engine):
-    engine = nemotron_engine
-    expected, _ = engine.read(engine.tokenize(DOCS[2]) + engine.tokenize(QUERY))
-    state = engine.encode([DOCS[2]])
-    for method in ("picaso-s", "caso"):  # PICASO-R and soup weigh one document as PICASO-S does
-        got, _ = engine.read(QUERY, state=engine.compose(state, method=method))
-        torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
+    assert_one_document_composed_equals_reading_it_then_the_query(nemotron_engine)
 
 
 @pytest.mark.parametrize("hf_nemotron", ["nemotron-moe"], indirect=True)  # every layer kind: M, *, -, E

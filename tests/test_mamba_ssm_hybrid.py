@@ -9,7 +9,6 @@ names; MHA's fused ``in_proj`` of q, k and v), loaded with :func:`load_checkpoin
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 
@@ -20,7 +19,9 @@ from safetensors.torch import save_file
 from picaso_rag import CheckpointError, PicasoEngine, load_checkpoint, save_checkpoint
 
 from .conftest import TOKENIZER_JSON
-from .hybrid_checks import DOCS, QUERY, assert_bitwise_identical_for_every_order, store_round_trip
+from .hybrid_checks import (QUERY, assert_bitwise_identical_for_every_order,
+                            assert_one_document_composed_equals_reading_it_then_the_query, greedy_against_transformers,
+                            store_round_trip)
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,20 +92,12 @@ def test_logits_equal_the_reference(hf_reference_and_mamba_ssm_dir):
 
 
 def test_greedy_generation_equals_the_reference(hf_reference_and_mamba_ssm_dir, engine):
-    hf_model, _ = hf_reference_and_mamba_ssm_dir
-    prompt = engine.tokenize("The capital of France is")
-    with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0)[0, len(prompt):].tolist()
-    assert engine.generate(prompt, max_new_tokens=8).token_ids == expected
+    got, expected = greedy_against_transformers(hf_reference_and_mamba_ssm_dir[0], engine)
+    assert len(got) == 8 and got == expected
 
 
 def test_one_document_composed_equals_reading_it_then_the_query(engine):
-    expected, _ = engine.read(engine.tokenize(DOCS[2]) + engine.tokenize(QUERY))
-    state = engine.encode([DOCS[2]])
-    for method in ("picaso-s", "caso"):
-        got, _ = engine.read(QUERY, state=engine.compose(state, method=method))
-        torch.testing.assert_close(got, expected[-got.shape[0]:], rtol=1e-4, atol=1e-5)
+    assert_one_document_composed_equals_reading_it_then_the_query(engine)
 
 
 def test_composed_state_and_answer_bitwise_identical_for_every_order(engine):
