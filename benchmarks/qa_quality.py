@@ -46,10 +46,10 @@ METHODS = ("none", "concat", "concat-shuffled", *COMPOSED)
 N_SHUFFLES = 5
 
 
-def hotpotqa(limit: int | None) -> tuple[list[str], list[dict]]:
+def hotpotqa(limit: int | None, path: Path = DATA / "hotpotqa-dev-distractor-100.json") -> tuple[list[str], list[dict]]:
     """(paragraphs, questions); each question: question, answers, contexts (paragraph indices)."""
     paragraphs, questions = [], []
-    for q in json.loads((DATA / "hotpotqa-dev-distractor-100.json").read_text())[:limit]:
+    for q in json.loads(path.read_text())[:limit]:
         ids = []
         for title, sentences in zip(q["context"]["title"], q["context"]["sentences"]):
             ids.append(len(paragraphs))
@@ -58,9 +58,10 @@ def hotpotqa(limit: int | None) -> tuple[list[str], list[dict]]:
     return paragraphs, questions
 
 
-def squad(limit: int | None) -> tuple[list[str], list[dict]]:
+def squad(limit: int | None, path: Path = DATA / "squad-v2-dev-cs224n.json") -> tuple[list[str], list[dict]]:
+    """(paragraphs, answerable questions in a fixed shuffled order); each question names its gold paragraph."""
     paragraphs, questions = [], []
-    for article in json.loads((DATA / "squad-v2-dev-cs224n.json").read_text())["data"]:
+    for article in json.loads(path.read_text())["data"]:
         for p in article["paragraphs"]:
             paragraphs.append(p["context"])
             for qa in p["qas"]:

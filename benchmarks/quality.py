@@ -58,10 +58,10 @@ def wikitext_articles(path: Path = WIKITEXT) -> list[str]:
     return [p.strip("\n") for p in parts if p.strip()]
 
 
-def make_segments(engine: PicasoEngine, segment_len: int) -> torch.Tensor:
+def make_segments(engine: PicasoEngine, segment_len: int, path: Path = WIKITEXT) -> torch.Tensor:
     """[2 * n_passages, segment_len]: rows 2i and 2i+1 are passage i's halves."""
     rows = []
-    for article in wikitext_articles():
+    for article in wikitext_articles(path):
         ids = engine.tokenize(article)
         for start in range(0, len(ids) - 2 * segment_len + 1, 2 * segment_len):
             rows.append(ids[start:start + 2 * segment_len])

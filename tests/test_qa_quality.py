@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
-from .conftest import TEXTS, make_engine
+from .conftest import TEST_DATA, TEXTS, make_engine
 
 spec = importlib.util.spec_from_file_location("qa_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "qa_quality.py")
 qa = importlib.util.module_from_spec(spec)
@@ -52,7 +53,11 @@ def test_answer_normalisation_and_f1():
 
 
 def test_datasets_load():
-    paragraphs, questions = qa.hotpotqa(limit=3)
+    """The loaders on committed samples of the datasets (the benchmark reads them whole from ../shared)."""
+    paragraphs, questions = qa.hotpotqa(limit=3, path=TEST_DATA / "hotpotqa-dev-distractor-3.json")
     assert len(questions) == 3 and len(paragraphs) == 30 and all(len(q["contexts"]) == 10 for q in questions)
-    paragraphs, questions = qa.squad(limit=5)
-    assert len(paragraphs) == 646 and all(q["answers"] and paragraphs[q["gold"]] for q in questions)
+    assert all(paragraphs[i].startswith(t + ": ") for q, raw in zip(questions, json.loads(
+        (TEST_DATA / "hotpotqa-dev-distractor-3.json").read_text())) for i, t in zip(q["contexts"], raw["context"]["title"]))
+    paragraphs, questions = qa.squad(limit=5, path=TEST_DATA / "squad-v2-dev-cs224n-3-paragraphs.json")
+    assert len(paragraphs) == 3 and len(questions) == 5
+    assert all(q["answers"] and all(a in paragraphs[q["gold"]] for a in q["answers"]) for q in questions)

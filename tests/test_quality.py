@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import make_engine
+from .conftest import TEST_DATA, make_engine
 
 spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
 quality = importlib.util.module_from_spec(spec)
@@ -57,11 +58,20 @@ def test_picaso_scores_do_not_change_with_retrieval_order(setup):
 
 
 def test_wikitext_articles_and_segments(tokenizer):
-    articles = quality.wikitext_articles()
-    assert len(articles) > 50 and articles[0].lstrip().startswith("= ")
+    """On a committed excerpt of WikiText-2 test (the benchmark reads the whole split from ../shared):
+    one article per top-level heading, each starting at its heading; every passage of two 64-token
+    halves that fits an article, and nothing across articles."""
+    path = TEST_DATA / "wikitext-2-raw-test-excerpt.txt"
+    headings = [line for line in path.read_text(encoding="utf-8").splitlines() if re.fullmatch(r" = [^=].* = ", line)]
+    articles = quality.wikitext_articles(path)
+    assert len(articles) == len(headings) >= 2
+    assert [a.splitlines()[0].strip() for a in articles] == [h.strip() for h in headings]
     engine = make_engine(tokenizer)
-    segments = quality.make_segments(engine, 64)
-    assert segments.shape[1] == 64 and segments.shape[0] % 2 == 0 and segments.shape[0] > 1000
+    segments = quality.make_segments(engine, 64, path)
+    expected_rows = sum(2 * (len(engine.tokenize(a)) // 128) for a in articles)
+    assert segments.shape == (expected_rows, 64) and expected_rows >= 20
+    first = engine.tokenize(articles[0])
+    assert segments[0].tolist() == first[:64] and segments[1].tolist() == first[64:128]
 
 
 def test_hybrid_models_are_scored_in_batches_with_the_identities(tokenizer):
