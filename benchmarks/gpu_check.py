@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, Tokenizer, init_weights
+from picaso_rag.adapters import checkpoint_names
 from picaso_rag.kernels import set_kernel_backend, triton_kernels_available
 
 TOLERANCES = {  # relative error allowed, by comparison
@@ -118,7 +119,7 @@ def against_mamba_ssm(tokenizer: Tokenizer) -> dict:
                                           rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                                           pad_vocab_size_multiple=16, tie_embeddings=True),
                               device="cuda", dtype=torch.bfloat16).eval()
-    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    missing, unexpected = theirs.load_state_dict(checkpoint_names(ours.state_dict(), ours.cfg), strict=False)
     ids = torch.randint(0, 50000, (2, 600), device="cuda")
     with torch.inference_mode():
         want = theirs(ids).logits

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, State, StateStore, Tokenizer, init_weights
+from picaso_rag.adapters import checkpoint_names
 from picaso_rag.compose import log_weights
 from picaso_rag.kernels import conv_step, conv_step_ref, triton_kernels_available, weighted_sum, weighted_sum_ref
 
@@ -117,7 +118,7 @@ def load_engine(name: str, args, tokenizer) -> tuple[PicasoEngine, object]:
     cfg = Mamba2Config(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
     model = init_weights(on_gpu(cfg), seed=0)
     engine = PicasoEngine(model, tokenizer, fingerprint=hashlib.sha256(f"latency-{name}".encode()).hexdigest())
-    return engine, mamba_ssm_model(d_model, n_layer, model.state_dict()) if DEVICE == "cuda" else None
+    return engine, mamba_ssm_model(d_model, n_layer, checkpoint_names(model.state_dict(), model.cfg)) if DEVICE == "cuda" else None
 
 
 def mamba_ssm_model(d_model: int, n_layer: int, state_dict: dict):
@@ -130,7 +131,7 @@ def mamba_ssm_model(d_model: int, n_layer: int, state_dict: dict):
                                          rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                                          pad_vocab_size_multiple=16, tie_embeddings=True),
                              device="cuda", dtype=torch.bfloat16).eval()
-    model.load_state_dict(state_dict, strict=False)
+    model.load_state_dict(state_dict)  # strict: every weight by its mamba_ssm name
     return model
 
 
@@ -173,7 +174,7 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
     model = engine.model
     d_model, n_layer = model.cfg.d_model, model.cfg.n_layer
     result.update({"d_model": d_model, "n_layer": n_layer, "model": args.model or f"random mamba2-{name}",
-                   "hybrid": not isinstance(model, Mamba2LM), "runs": []})
+                   "hybrid": bool(model.cfg.attn_layers), "runs": []})
     rng = torch.Generator().manual_seed(0)
     top = min(50000, model.cfg.vocab_size)
     query = torch.randint(0, top, (args.query_tokens,), generator=rng).tolist()

@@ -166,7 +166,7 @@ def evaluate(engine: PicasoEngine, segments: torch.Tensor, retrieved: torch.Tens
                         totals[s][rows] = nll_after(concat_prefix(order), rows=rows).double().cpu()
                 else:
                     composed = [engine.compose([stored[precision][int(j)] for j in row], method=method) for row in ids]
-                    if isinstance(composed[0], HybridState):
+                    if composed[0].has_keys:
                         totals[0][rows] = nll_after_states(composed, rows).double().cpu()
                         continue
                     ssm = torch.stack([c.ssm for c in composed]).to(engine.model.dtype)

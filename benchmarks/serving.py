@@ -198,7 +198,7 @@ def decode_floor(engine: PicasoEngine, scheduler: Scheduler, buckets: list[int])
         graph_ms = []
         for _ in range(20):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); scheduler.graphs.step(n); b.record(); b.synchronize()
+            a.record(); scheduler.step_graphs.step(n, 0); b.record(); b.synchronize()
             graph_ms.append(a.elapsed_time(b))
         floor = (weights + 2 * n * state) / bandwidth * 1000
         step = statistics.median(graph_ms[5:])
@@ -245,8 +245,9 @@ def gpu_main(args) -> None:
     out["graph_capture_s"] = round(time.perf_counter() - start, 2)
     out["scheduler"] = scheduler.stats()
     print("pool", out["pool"], "capture", out["graph_capture_s"], flush=True)
-    if scheduler.graphs is not None:  # (a hybrid, or the CPU, decodes eagerly: no graphs to time)
-        out["decode_floor"] = decode_floor(engine, scheduler, [b for b in scheduler.graphs.buckets if b in clients or b == 1])
+    graphs = scheduler.step_graphs
+    if graphs is not None and graphs.graphed and not scheduler.has_keys:  # (a hybrid's step graphs: benchmarks/hybrid_serving.py)
+        out["decode_floor"] = decode_floor(engine, scheduler, [b for b in graphs.row_buckets if b in clients or b == 1])
         print(json.dumps(out["decode_floor"]), flush=True)
     save()
     # warm-up: the read kernels at the shapes they will see

@@ -10,7 +10,7 @@ Usage::
 
 from .cache import CacheStats, StateCache
 from .compose import CONV_POLICIES, METHODS, compose, log_weights
-from .config import Mamba2Config
+from .config import Mamba2Config, ModelConfig
 from .engine import Generation, PicasoEngine
 from .errors import CheckpointError, PicasoError, StateMismatchError, StoreNotWritableError, StoreUnavailableError
 from .generation import SamplingParams
@@ -18,7 +18,7 @@ from .hybrid import HybridLM
 from .hybrid_config import HybridConfig
 from .hybrid_engine import HybridEngine
 from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint, save_hybrid_checkpoint
-from .model import Mamba2LM, init_weights
+from .model import Mamba2LM, PicasoLM, init_weights
 from .scheduler import QueueFullError, Request, Scheduler
 from .state import HybridState, State
 from .store import StateStore, StoredState, StoreStatus, text_sha256
@@ -37,8 +37,10 @@ __all__ = [
     "HybridState",
     "Mamba2Config",
     "Mamba2LM",
+    "ModelConfig",
     "PicasoEngine",
     "PicasoError",
+    "PicasoLM",
     "QueueFullError",
     "Request",
     "SamplingParams",

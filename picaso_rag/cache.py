@@ -38,7 +38,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .errors import PicasoError
-from .state import HybridState, State
+from .state import State
 from .store import StoredState, StoreStatus
 
 logger = logging.getLogger("picaso_rag.cache")
@@ -220,7 +220,7 @@ def _on(state: State, device: torch.device) -> bool:
 
 def _pinned(state: State) -> State:
     pinned = replace(state, ssm=state.ssm.pin_memory(), conv=state.conv.pin_memory(), log_decay=state.log_decay.pin_memory())
-    if isinstance(state, HybridState):  # the keys and values: a long document's state is mostly them
+    if state.has_keys:  # the keys and values: a long document's state is mostly them
         pinned = replace(pinned, keys=state.keys.pin_memory(), values=state.values.pin_memory())
     return pinned
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .errors import PicasoError
 from .kernels import weighted_sum
-from .state import HybridState, State, check_same_model
+from .state import State, check_same_model
 
 Method = Literal["caso", "picaso-s", "picaso-r", "soup"]
 METHODS: tuple[str, ...] = ("caso", "picaso-s", "picaso-r", "soup")
@@ -89,9 +89,33 @@ def _picaso_r_log_weights(la: Tensor) -> Tensor:
 
 
 
-def _checked_arguments(states: Sequence[State], method: str, prefix: State | None,
-                       conv: str) -> tuple[list[State], list[State]]:
-    """(the documents' states, those and the prefix): the arguments of compose and compose_hybrid, checked."""
+def compose(
+    states: Sequence[State],
+    method: str = "picaso-s",
+    prefix: State | None = None,
+    conv: str = "mean",
+    shift_keys: Callable[[Tensor, int], Tensor] | None = None,
+) -> State:
+    """Compose document states into one state, as if the documents had been read.
+
+    SSM layers: each document's state weighted by ``method`` (module docstring). ``prefix``: the
+    state of fixed text read before the documents (composed exactly). ``conv``: the conv state after
+    the documents: "mean" of theirs (order-invariant, default), "last" document's (exact for CASO,
+    order-dependent), or "zero". With no documents, the result is the prefix state; with neither,
+    an error (read with no state instead: that is "no context").
+
+    Attention layers (states that hold keys): the documents' keys and values, each encoded on its
+    own, form a set; the composed state holds their union, which attention reads in no particular
+    order. For PICASO-S/R and soup the union is laid out in the canonical order of the documents,
+    so the composed state is bitwise identical for every input order; for CASO, in the given order.
+    Positions (RoPE): the documents sit in parallel, each from the position after the prefix (0
+    without one), and reading continues after the longest; with CASO they follow one another, as
+    in a concatenation. ``shift_keys(keys, delta)`` moves stored keys by ``delta`` positions
+    (``model.shift_keys``, which ``engine.compose`` passes); without it keys stay where they were
+    encoded, which is exact only for NoPE attention.
+
+    Usage: ``ctx = compose(engine.encode(docs), "picaso-r")`` (or ``engine.compose``).
+    """
     if method not in METHODS:
         raise PicasoError(f"unknown composition method {method!r}; choose one of {', '.join(METHODS)}.")
     if conv not in CONV_POLICIES:
@@ -102,53 +126,61 @@ def _checked_arguments(states: Sequence[State], method: str, prefix: State | Non
     everything = states + ([prefix] if prefix is not None else [])
     if not everything:
         raise PicasoError("nothing to compose: pass at least one document state or a prefix state.")
-    return states, everything
-
-def compose(
-    states: Sequence[State],
-    method: str = "picaso-s",
-    prefix: State | None = None,
-    conv: str = "mean",
-) -> State:
-    """Compose document states into one state, as if the documents had been read.
-
-    ``prefix``: the state of fixed text read before the documents (composed exactly).
-    ``conv``: the conv state after the documents: "mean" of theirs (order-invariant, default),
-    "last" document's (exact for CASO, order-dependent), or "zero".
-    With no documents, the result is the prefix state; with neither, an error (read with no
-    state instead: that is "no context").
-
-    Usage: ``ctx = compose(engine.encode(docs), "picaso-r")``.
-    """
-    states, everything = _checked_arguments(states, method, prefix, conv)
-    if isinstance(everything[0], HybridState):  # a hybrid model's states: attention layers too
-        return compose_hybrid(states, method, prefix, conv)
+    has_keys = everything[0].has_keys
+    if any(s.has_keys != has_keys for s in everything):
+        raise PicasoError("hybrid and Mamba-2 states were mixed; encode every document with the one model you query with.")
     fingerprint = check_same_model(everything)
     ref = everything[0]
     for s in everything[1:]:
         if s.ssm.shape != ref.ssm.shape or s.conv.shape != ref.conv.shape:
             raise PicasoError(f"state shapes differ ({tuple(s.ssm.shape)} vs {tuple(ref.ssm.shape)}); re-encode with one model.")
+        if has_keys and s.keys.shape[:2] + s.keys.shape[3:] != ref.keys.shape[:2] + ref.keys.shape[3:]:
+            raise PicasoError("state shapes differ between documents; re-encode them with one model.")
         if s.device != ref.device:
             raise PicasoError(f"states on different devices ({s.device} and {ref.device}); move them with state.to(device) first.")
     if not states:
         return prefix  # type: ignore[return-value]
-    log_decay = torch.stack([s.log_decay for s in states])  # [n, L, H]
+    log_decay = torch.stack([s.log_decay for s in states])  # [n, L_ssm, H]
     log_decay_host = log_decay.cpu()  # one copy, one sync: validation and ordering run on the host
     if not (torch.isfinite(log_decay_host).all() and (log_decay_host <= 0).all()):
         raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
     if method in ORDER_INVARIANT:
-        order = canonical_order(log_decay_host, [s.n_tokens for s in states])
+        order = _canonical_order_of(states, log_decay_host)
         states = [states[i] for i in order]
         log_decay = log_decay[torch.tensor(order, device=log_decay.device)]
-    ssm, conv_state, total_log_decay = compose_tensors(
-        [s.ssm for s in states], [s.conv for s in states], log_decay, method, conv,
-        prefix_ssm=prefix.ssm if prefix is not None else None,
-        prefix_log_decay=prefix.log_decay if prefix is not None else None,
-    )
-    if not torch.isfinite(ssm).all():
-        raise PicasoError("a state holds NaN or inf values; it is corrupt: re-encode the documents.")
+
+    if log_decay.shape[1]:  # the SSM layers
+        ssm, conv_state, total_log_decay = compose_tensors(
+            [s.ssm for s in states], [s.conv for s in states], log_decay, method, conv,
+            prefix_ssm=prefix.ssm if prefix is not None else None,
+            prefix_log_decay=prefix.log_decay if prefix is not None else None,
+        )
+        if not torch.isfinite(ssm).all():
+            raise PicasoError("a state holds NaN or inf values; it is corrupt: re-encode the documents.")
+    else:  # attention only: nothing to weigh
+        ssm, conv_state, total_log_decay = ref.ssm, ref.conv, ref.log_decay
     n_tokens = sum(s.n_tokens for s in states) + (prefix.n_tokens if prefix is not None else 0)
-    return State(ssm=ssm, conv=conv_state, log_decay=total_log_decay, n_tokens=n_tokens, fingerprint=fingerprint)
+    if not has_keys:
+        return State(ssm=ssm, conv=conv_state, log_decay=total_log_decay, n_tokens=n_tokens, fingerprint=fingerprint)
+
+    # the attention layers: a union of the documents' keys and values, placed after the prefix
+    start = prefix.position if prefix is not None else 0
+    keys, values = ([prefix.keys], [prefix.values]) if prefix is not None else ([], [])
+    offset = start
+    for s in states:
+        keys.append(shift_keys(s.keys, offset) if shift_keys is not None else s.keys)
+        values.append(s.values)
+        if method == "caso":  # one after the other, as in a concatenation
+            offset += s.position
+    position = offset if method == "caso" else start + max(s.position for s in states)
+    return State(ssm=ssm, conv=conv_state, log_decay=total_log_decay, n_tokens=n_tokens, fingerprint=fingerprint,
+                 keys=torch.cat(keys, dim=2), values=torch.cat(values, dim=2), position=position)
+
+
+def compose_hybrid(states: Sequence[State], method: str = "picaso-s", prefix: State | None = None, conv: str = "mean",
+                   shift_keys: Callable[[Tensor, int], Tensor] | None = None) -> State:
+    """Deprecated alias of :func:`compose`, which composes every model's states (kept for one release)."""
+    return compose(states, method, prefix, conv, shift_keys)
 
 
 def compose_tensors(
@@ -198,76 +230,7 @@ def canonical_order(log_decay: Tensor, n_tokens: Sequence[int]) -> list[int]:
     return sorted(range(len(keys)), key=keys.__getitem__)
 
 
-# ------------------------------------------------------------------------------------ hybrids
-def compose_hybrid(
-    states: Sequence[HybridState],
-    method: str = "picaso-s",
-    prefix: HybridState | None = None,
-    conv: str = "mean",
-    shift_keys: Callable[[Tensor, int], Tensor] | None = None,
-) -> HybridState:
-    """Compose the states of a hybrid model (picaso_rag.hybrid): every layer order-invariantly.
-
-    SSM layers: exactly as :func:`compose` (``method``, ``conv``, ``prefix``). Attention layers: the
-    documents' keys and values, each encoded on its own, form a set; the composed state holds their
-    union, which attention reads in no particular order. For PICASO-S/R and soup the union is laid
-    out in the canonical order of the documents, so the composed state is bitwise identical for
-    every input order; for CASO, in the given order. Positions (RoPE): the documents sit in
-    parallel, each from the position after the prefix (0 without one), and reading continues after
-    the longest; with CASO they follow one another, as in a concatenation. ``shift_keys(keys,
-    delta)`` moves stored keys by ``delta`` positions (``HybridLM.shift_keys``, which engine.compose
-    passes); without it keys stay where they were encoded, which is exact only for NoPE attention.
-
-    Usage: ``ctx = compose_hybrid(engine.encode(docs), "picaso-s")`` (or ``engine.compose``).
-    """
-    states, everything = _checked_arguments(states, method, prefix, conv)
-    if not all(isinstance(s, HybridState) for s in everything):
-        raise PicasoError("hybrid and Mamba-2 states were mixed; encode every document with the one model you query with.")
-    fingerprint = check_same_model(everything)
-    ref = everything[0]
-    for s in everything[1:]:
-        if s.ssm.shape != ref.ssm.shape or s.conv.shape != ref.conv.shape or s.keys.shape[:2] + s.keys.shape[3:] != ref.keys.shape[:2] + ref.keys.shape[3:]:
-            raise PicasoError("state shapes differ between documents; re-encode them with one model.")
-        if s.device != ref.device:
-            raise PicasoError(f"states on different devices ({s.device} and {ref.device}); move them with state.to(device) first.")
-    if not states:
-        return prefix  # type: ignore[return-value]
-    log_decay = torch.stack([s.log_decay for s in states])  # [n, L_ssm, H]
-    log_decay_host = log_decay.cpu()
-    if not (torch.isfinite(log_decay_host).all() and (log_decay_host <= 0).all()):
-        raise PicasoError("a state has a NaN, infinite or positive log_decay; it is corrupt: re-encode that document.")
-    if method in ORDER_INVARIANT:
-        order = _hybrid_canonical_order(states, log_decay_host)
-        states = [states[i] for i in order]
-        log_decay = log_decay[torch.tensor(order, device=log_decay.device)]
-
-    if log_decay.shape[1]:  # the SSM layers, as compose() does them
-        ssm, conv_state, total_log_decay = compose_tensors(
-            [s.ssm for s in states], [s.conv for s in states], log_decay, method, conv,
-            prefix_ssm=prefix.ssm if prefix is not None else None,
-            prefix_log_decay=prefix.log_decay if prefix is not None else None,
-        )
-        if not torch.isfinite(ssm).all():
-            raise PicasoError("a state holds NaN or inf values; it is corrupt: re-encode the documents.")
-    else:  # attention only: nothing to weigh
-        ssm, conv_state, total_log_decay = ref.ssm, ref.conv, ref.log_decay
-
-    # the attention layers: a union of the documents' keys and values, placed after the prefix
-    start = prefix.position if prefix is not None else 0
-    keys, values = ([prefix.keys], [prefix.values]) if prefix is not None else ([], [])
-    offset = start
-    for s in states:
-        keys.append(shift_keys(s.keys, offset) if shift_keys is not None else s.keys)
-        values.append(s.values)
-        if method == "caso":  # one after the other, as in a concatenation
-            offset += s.position
-    position = offset if method == "caso" else start + max(s.position for s in states)
-    n_tokens = sum(s.n_tokens for s in states) + (prefix.n_tokens if prefix is not None else 0)
-    return HybridState(ssm=ssm, conv=conv_state, log_decay=total_log_decay, n_tokens=n_tokens, fingerprint=fingerprint,
-                       keys=torch.cat(keys, dim=2), values=torch.cat(values, dim=2), position=position)
-
-
-def _hybrid_canonical_order(states: Sequence[HybridState], log_decay: Tensor) -> list[int]:
+def _canonical_order_of(states: Sequence[State], log_decay: Tensor) -> list[int]:
     """:func:`canonical_order` by the SSM layers' log-decays; a model without SSM layers sorts by
     the bytes of the documents' keys (a digest: distinct texts have distinct keys)."""
     if log_decay.shape[1]:

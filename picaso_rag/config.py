@@ -1,9 +1,9 @@
-"""Mamba-2 model configuration, read from either checkpoint layout.
+"""The one description of a model: typed layers (Mamba-2 mixer, attention, MLP, MoE) and their sizes.
 
-Two layouts exist in the wild:
-- state-spaces / mamba_ssm (``MambaLMHeadModel``): ``d_model``, ``n_layer``, ``ssm_cfg``...
-- transformers (``Mamba2ForCausalLM``): ``hidden_size``, ``num_hidden_layers``, ``state_size``...
-Both become one :class:`Mamba2Config`; the model code only knows this one.
+A pure Mamba-2 model is the case with no attention layers; a hybrid (Granite 4.0-H, Bamba,
+Nemotron-H, mamba_ssm with ``attn_layer_idx``, picaso_hybrid) mixes them. Every checkpoint layout
+becomes one :class:`ModelConfig` through :mod:`picaso_rag.adapters`, which maps the layouts' field
+names; the model code only knows this one.
 """
 
 from __future__ import annotations
@@ -12,174 +12,166 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .adapters import FFN_KINDS, LAYER_KINDS, config_fields, mamba2_fields
 from .errors import CheckpointError
 
 
-def _dt_limit(raw: object) -> tuple[float, float]:
-    """(low, high); transformers writes infinity as {"__float__": "Infinity"}."""
-    values = [v["__float__"] if isinstance(v, dict) else v for v in (raw or (0.0, math.inf))]  # type: ignore[union-attr]
-    low, high = (float(v) for v in values)
-    return low, high
-
-
 @dataclass(frozen=True)
-class Mamba2Config:
+class ModelConfig:
+    family: str  # the checkpoint layout it came from (picaso_rag.adapters.FAMILIES): its weight names, how it saves
+    vocab_size: int
     d_model: int
-    n_layer: int
-    vocab_size: int  # rows of the embedding (already padded)
+    layer_types: tuple[str, ...]  # one of LAYER_KINDS per layer ("mlp"/"moe": Nemotron-H's feed-forward layers)
+    # Mamba-2 layers
     d_state: int = 128
     d_conv: int = 4
     expand: int = 2
     headdim: int = 64
     ngroups: int = 1
     chunk_size: int = 256
-    norm_eps: float = 1e-5
-    residual_in_fp32: bool = True
-    tie_embeddings: bool = True
     conv_bias: bool = True
     bias: bool = False  # in_proj / out_proj bias
     dt_limit: tuple[float, float] = (0.0, math.inf)
+    d_ssm: int = 0  # SSM channels (heads x headdim) where they are not expand * d_model (Nemotron-H); 0: expand * d_model
+    # attention layers
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    head_dim: int = 64
+    attention_bias: bool = False
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    rotary_dim: int = 0  # 0: no positional encoding (NoPE); else RoPE on the first rotary_dim channels of a head
+    rope_theta: float = 10000.0
+    # feed-forward after each mixer: "none", "granite" (shared MLP, plus MoE if n_experts), "llama" (gated MLP);
+    # with "none", ffn_dim/ffn_bias size Nemotron-H's "mlp" layers and the expert fields its "moe" layers
+    ffn: str = "none"
+    ffn_dim: int = 0
+    ffn_bias: bool = False
+    n_experts: int = 0
+    experts_per_tok: int = 0
+    expert_dim: int = 0
+    # Nemotron-H's MoE layers: a shared squared-ReLU expert beside the routed ones; the router scores
+    # experts by sigmoid (plus a correction bias for the choice only), picks topk_groups of n_expert_groups
+    # groups then experts_per_tok experts in them, and scales their normalised weights by routed_scaling
+    shared_expert_dim: int = 0
+    expert_latent_dim: int = 0  # 0: experts read d_model; else through fc1_latent_proj / fc2_latent_proj
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling: float = 1.0
+    # the rest
+    norm_eps: float = 1e-5
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0  # logits are divided by it (Granite)
+    residual_in_fp32: bool = False  # the residual stream in fp32 whatever the weights' dtype (mamba_ssm's layout)
+    tie_embeddings: bool = False
     eos_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "dt_limit", tuple(self.dt_limit))
+        bad = sorted(set(self.layer_types) - set(LAYER_KINDS))
+        if bad or not self.layer_types:
+            raise CheckpointError(f"layer types must be one of {LAYER_KINDS}, got {bad or 'no layers'}; fix config.json.")
+        if "mlp" in self.layer_types and self.ffn_dim < 1:
+            raise CheckpointError(f"MLP layers need intermediate_size >= 1, got {self.ffn_dim}; fix config.json.")
+        if "moe" in self.layer_types:
+            per_group = self.n_experts // max(self.n_expert_groups, 1)
+            if (self.n_expert_groups < 1 or self.n_experts % self.n_expert_groups or per_group < 2
+                    or not 1 <= self.topk_groups <= self.n_expert_groups
+                    or not 1 <= self.experts_per_tok <= self.topk_groups * per_group):
+                raise CheckpointError(
+                    f"MoE routing does not fit: {self.n_experts} experts in {self.n_expert_groups} groups (at least 2 "
+                    f"experts a group), {self.topk_groups} groups kept, {self.experts_per_tok} experts a token; fix config.json.")
+        if self.ffn not in FFN_KINDS:
+            raise CheckpointError(f"unknown feed-forward kind {self.ffn!r}; one of {FFN_KINDS}.")
+        if self.attn_layers and self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"num_attention_heads = {self.n_heads} is not a multiple of num_key_value_heads = {self.n_kv_heads}; fix config.json.")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise CheckpointError(f"rotary dimension {self.rotary_dim} must be even and at most head_dim = {self.head_dim}.")
+        if self.ssm_layers:
+            if self.d_inner % self.headdim:
+                raise CheckpointError(
+                    f"the SSM width {self.d_inner} (expand * d_model) is not a multiple of headdim = {self.headdim}; "
+                    "fix config.json (Mamba-2 needs d_inner divisible by headdim).")
+            if self.nheads % self.ngroups:
+                raise CheckpointError(f"nheads = {self.nheads} is not a multiple of ngroups = {self.ngroups}; fix config.json.")
+            if self.d_conv < 1:
+                raise CheckpointError(f"d_conv must be >= 1, got {self.d_conv}; fix config.json.")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def ssm_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "mamba")
+
+    @property
+    def attn_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "attention")
+
     @property
     def d_inner(self) -> int:
-        return self.expand * self.d_model
+        """Channels of the Mamba-2 layers (x, z and the gated norm)."""
+        return self.d_ssm or self.expand * self.d_model
 
     @property
     def nheads(self) -> int:
+        """Heads of the Mamba-2 layers."""
         return self.d_inner // self.headdim
 
     @property
     def conv_dim(self) -> int:
-        """Channels of the causal conv1d: x, B and C."""
         return self.d_inner + 2 * self.ngroups * self.d_state
 
-    def __post_init__(self) -> None:
-        if self.d_inner % self.headdim:
-            raise CheckpointError(
-                f"expand * d_model = {self.d_inner} is not a multiple of headdim = {self.headdim}; "
-                "fix config.json (Mamba-2 needs d_inner divisible by headdim)."
-            )
-        if self.nheads % self.ngroups:
-            raise CheckpointError(f"nheads = {self.nheads} is not a multiple of ngroups = {self.ngroups}; fix config.json.")
-        if self.d_conv < 1:
-            raise CheckpointError(f"d_conv must be >= 1, got {self.d_conv}; fix config.json.")
-
-    def to_mamba_ssm_dict(self) -> dict[str, Any]:
-        """config.json in the mamba_ssm layout (what :func:`save_checkpoint` writes)."""
-        return {
-            "d_model": self.d_model,
-            "d_intermediate": 0,
-            "n_layer": self.n_layer,
-            "vocab_size": self.vocab_size,
-            "ssm_cfg": {
-                "layer": "Mamba2",
-                "d_state": self.d_state,
-                "d_conv": self.d_conv,
-                "expand": self.expand,
-                "headdim": self.headdim,
-                "ngroups": self.ngroups,
-                "chunk_size": self.chunk_size,
-                "bias": self.bias,
-                "conv_bias": self.conv_bias,
-                "dt_limit": list(self.dt_limit),
-            },
-            "attn_layer_idx": [],
-            "attn_cfg": {},
-            "rms_norm": True,
-            "residual_in_fp32": self.residual_in_fp32,
-            "fused_add_norm": True,
-            "pad_vocab_size_multiple": 1,
-            "tie_embeddings": self.tie_embeddings,
-            "norm_epsilon": self.norm_eps,
-            "eos_token_id": self.eos_token_id,
-        }
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Bytes of keys and values one document token adds to its state (all attention layers)."""
+        return 2 * len(self.attn_layers) * self.n_kv_heads * self.head_dim * bytes_per_value
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
-        d["dt_limit"] = list(self.dt_limit)
+        for name in _FIELDS_SINCE_NEMOTRON:  # at their defaults, absent: older models keep their fingerprints
+            if d[name] == self.__dataclass_fields__[name].default:
+                d.pop(name)
+        d["layer_types"] = list(self.layer_types)
+        d["dt_limit"] = [self.dt_limit[0], self.dt_limit[1] if math.isfinite(self.dt_limit[1]) else "inf"]
         return d
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Mamba2Config":
-        """Parse config.json of either layout. Usage: ``Mamba2Config.from_dict(json.load(f))``."""
-        if "d_model" in raw and "n_layer" in raw:
-            return cls._from_mamba_ssm(raw)
-        if "hidden_size" in raw and "num_hidden_layers" in raw and raw.get("model_type", "mamba2") == "mamba2":
-            return cls._from_transformers(raw)
-        raise CheckpointError(
-            "config.json is neither a mamba_ssm Mamba-2 config (d_model, n_layer, ssm_cfg) nor a transformers "
-            f"Mamba2Config (model_type 'mamba2'); got keys {sorted(raw)[:12]}. Point to a Mamba-2 checkpoint directory."
-        )
+    def to_config_json(self) -> dict[str, Any]:
+        """config.json of a ``picaso_hybrid`` checkpoint (this project's layout for any model)."""
+        return {"model_type": "picaso_hybrid", "architectures": ["PicasoHybridLM"], **{**self.to_dict(), "family": "picaso_hybrid"}}
 
     @classmethod
-    def _from_mamba_ssm(cls, raw: dict[str, Any]) -> "Mamba2Config":
-        ssm = dict(raw.get("ssm_cfg") or {})
-        if ssm.get("layer", "Mamba1") != "Mamba2":
-            raise CheckpointError(
-                f"ssm_cfg.layer is {ssm.get('layer', 'Mamba1 (default)')!r}; picaso-rag needs a Mamba-2 checkpoint "
-                "(its per-head scalar decay is what makes states composable)."
-            )
-        if raw.get("attn_layer_idx"):
-            raise CheckpointError("this mamba_ssm checkpoint has attention layers (attn_layer_idx): it is a hybrid, not a "
-                                  "Mamba2Config; load it with picaso_rag.load_checkpoint (or HybridConfig.from_dict).")
-        if raw.get("d_intermediate", 0):
-            raise CheckpointError("checkpoints with MLP blocks (d_intermediate > 0) are not supported; use a pure Mamba-2 model.")
-        for unsupported in ("d_ssm", "D_has_hdim"):
-            if ssm.get(unsupported):
-                raise CheckpointError(f"ssm_cfg.{unsupported} is not supported by picaso-rag; use a standard Mamba-2 config.")
-        if ssm.get("norm_before_gate", False) or not ssm.get("rmsnorm", True) or not raw.get("rms_norm", True):
-            raise CheckpointError("only Mamba-2 with rmsnorm=True, norm_before_gate=False (the official setting) is supported.")
-        vocab = int(raw["vocab_size"])
-        multiple = int(raw.get("pad_vocab_size_multiple", 8))
-        if vocab % multiple:
-            vocab += multiple - vocab % multiple  # mamba_ssm pads the embedding rows the same way
-        return cls(
-            d_model=int(raw["d_model"]),
-            n_layer=int(raw["n_layer"]),
-            vocab_size=vocab,
-            d_state=int(ssm.get("d_state", 128)),
-            d_conv=int(ssm.get("d_conv", 4)),
-            expand=int(ssm.get("expand", 2)),
-            headdim=int(ssm.get("headdim", 64)),
-            ngroups=int(ssm.get("ngroups", 1)),
-            chunk_size=int(ssm.get("chunk_size", 256)),
-            norm_eps=float(raw.get("norm_epsilon", 1e-5)),
-            residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
-            tie_embeddings=bool(raw.get("tie_embeddings", True)),
-            conv_bias=bool(ssm.get("conv_bias", True)),
-            bias=bool(ssm.get("bias", False)),
-            dt_limit=_dt_limit(ssm.get("dt_limit")),
-            eos_token_id=raw.get("eos_token_id"),
-        )
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Parse config.json of any layout picaso-rag loads (see :mod:`picaso_rag.adapters`).
 
-    @classmethod
-    def _from_transformers(cls, raw: dict[str, Any]) -> "Mamba2Config":
-        d_model = int(raw["hidden_size"])
-        expand = int(raw.get("expand", 2))
-        headdim = int(raw.get("head_dim", 64))
-        if raw.get("num_heads") is not None and int(raw["num_heads"]) * headdim != expand * d_model:
-            raise CheckpointError(
-                f"num_heads * head_dim = {int(raw['num_heads']) * headdim} != expand * hidden_size = {expand * d_model}; fix config.json."
-            )
-        eos = raw.get("eos_token_id")
-        return cls(
-            d_model=d_model,
-            n_layer=int(raw["num_hidden_layers"]),
-            vocab_size=int(raw["vocab_size"]),
-            d_state=int(raw.get("state_size", 128)),
-            d_conv=int(raw.get("conv_kernel", 4)),
-            expand=expand,
-            headdim=headdim,
-            ngroups=int(raw.get("n_groups", 1)),
-            chunk_size=int(raw.get("chunk_size", 256)),
-            norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
-            residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
-            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            conv_bias=bool(raw.get("use_conv_bias", True)),
-            bias=bool(raw.get("use_bias", False)),
-            dt_limit=_dt_limit(raw.get("time_step_limit")),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-        )
+        Usage: ``ModelConfig.from_dict(json.load(open("granite-4.0-h-tiny/config.json")))``.
+        """
+        return cls(**config_fields(raw))
+
+
+# fields added after the first hybrids: left out of to_dict() at their defaults (older models keep their fingerprints)
+_FIELDS_SINCE_NEMOTRON = ("d_ssm", "shared_expert_dim", "expert_latent_dim", "n_expert_groups", "topk_groups",
+                          "norm_topk_prob", "routed_scaling", "residual_in_fp32")
+
+
+class Mamba2Config:
+    """A pure Mamba-2 model's :class:`ModelConfig` (every layer a Mamba-2 mixer; as mamba_ssm builds
+    it: residual stream in fp32, tied embeddings). Kept for one release: it returns a ModelConfig.
+
+    Usage: ``cfg = Mamba2Config(d_model=768, n_layer=24, vocab_size=50288)``.
+    """
+
+    def __new__(cls, d_model: int, n_layer: int, vocab_size: int, **fields: Any) -> ModelConfig:  # type: ignore[misc]
+        fields.setdefault("residual_in_fp32", True)
+        fields.setdefault("tie_embeddings", True)
+        fields.pop("extra", None)
+        return ModelConfig(family="mamba2", vocab_size=vocab_size, d_model=d_model, layer_types=("mamba",) * n_layer, **fields)
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> ModelConfig:
+        """Parse a pure Mamba-2 config.json (mamba_ssm or transformers layout); a hybrid is refused."""
+        return ModelConfig(**mamba2_fields(raw))

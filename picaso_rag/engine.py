@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,12 +21,11 @@ import torch
 from torch import Tensor
 
 from .compose import compose as compose_states
-from .config import Mamba2Config
 from .errors import DocumentTooLongError, PicasoError, StateMismatchError
 from .generation import Sampler, SamplingParams, TextStream
-from .graphs import GraphedModel
+from .graphs import GraphedModel, StepGraphs
 from .loading import Tokenizer, fingerprint_of, load_checkpoint
-from .model import Mamba2LM
+from .model import PicasoLM
 from .state import State, StateSpec, register_state_spec
 
 Tokens = str | Sequence[int]
@@ -63,20 +63,12 @@ class Generation:
 
 
 class PicasoEngine:
-    """A Mamba-2 model with its tokenizer and fingerprint, working in states."""
+    """A model (any family: pure Mamba-2 or hybrid) with its tokenizer and fingerprint, working in states.
 
-    def __new__(cls, model: Mamba2LM | None = None, *args, **kwargs):  # None: copy and pickle call __new__ bare
-        # a hybrid model (Mamba-2 and attention layers) gets the same API from HybridEngine
-        if cls is PicasoEngine and not isinstance(model, Mamba2LM):
-            from .hybrid import HybridLM
+    States hold the SSM layers' fixed part, plus the attention layers' keys and values when the model
+    has attention layers (:class:`~picaso_rag.state.State`)."""
 
-            if isinstance(model, HybridLM):
-                from .hybrid_engine import HybridEngine
-
-                cls = HybridEngine
-        return super().__new__(cls)
-
-    def __init__(self, model: Mamba2LM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True,
+    def __init__(self, model: PicasoLM, tokenizer: Tokenizer, fingerprint: str | None = None, cuda_graphs: bool = True,
                  max_document_tokens: int = MAX_DOCUMENT_TOKENS, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
                  encode_segment_tokens: int = ENCODE_SEGMENT_TOKENS):
         self.model = model.eval()
@@ -87,10 +79,26 @@ class PicasoEngine:
         self.max_document_tokens = max_document_tokens
         self.max_new_tokens_limit = max_new_tokens_limit
         self.encode_segment_tokens = encode_segment_tokens
-        if isinstance(model.cfg, Mamba2Config):  # lets a StateStore of this process check (and bound) stored states
-            register_state_spec(self.fingerprint, StateSpec.of_config(model.cfg))
-        # on CUDA, short prompts and decoding replay CUDA graphs (see picaso_rag.graphs)
-        self.graphs = GraphedModel(model) if cuda_graphs and model.device.type == "cuda" else None
+        on_cuda = cuda_graphs and model.device.type == "cuda"
+        # On CUDA, decoding replays CUDA graphs (picaso_rag.graphs). A model without attention layers
+        # also replays its short prompt reads (GraphedModel); a hybrid decodes in a kept, graphed
+        # slot whose key buffer grows (StepGraphs) and reads its prompt eagerly.
+        self.graphs = GraphedModel(model) if on_cuda and not model.cfg.attn_layers else None
+        self.cuda_graphs = on_cuda
+        self._slot: StepGraphs | None = None  # the graphed decode slot, kept between requests (grows)
+        self._slot_lock = threading.Lock()  # one stream at a time replays it; a concurrent one decodes eagerly
+
+    @property
+    def max_document_tokens(self) -> int:
+        """Tokens of the longest text :meth:`encode` takes."""
+        return self._max_document_tokens
+
+    @max_document_tokens.setter
+    def max_document_tokens(self, value: int) -> None:
+        # the stores of this process validate (and bound) a stored state of this model by its shapes
+        # and (a hybrid's state grows with its document) this longest document, whenever it changes
+        self._max_document_tokens = value
+        register_state_spec(self.fingerprint, StateSpec.of_config(self.model.cfg, value))
 
     @classmethod
     def from_pretrained(
@@ -150,19 +158,22 @@ class PicasoEngine:
     def encode(self, texts: Sequence[Tokens], batch_size: int = 16) -> list[State]:
         """One state per text, in order. Texts are grouped by length so padding stays small;
         padding never changes a state (see :func:`picaso_rag.kernels.causal_conv` and dt masking).
+        Each text is read from position 0: documents are encoded independently, in parallel positions.
 
         Usage: ``states = engine.encode(["doc one", "doc two"])``.
         """
         token_lists = self._token_lists(texts, batch_size)
         order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
         states: list[State | None] = [None] * len(token_lists)
+        has_keys = bool(self.model.cfg.attn_layers)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             ids, lengths = self._pad([token_lists[i] for i in batch])
-            ssm, conv, log_decay = self._read_in_segments(ids, lengths)
+            ssm, conv, log_decay, keys, values = self._read_in_segments(ids, lengths)
             for row, i in enumerate(batch):  # clone: a row view would keep the whole batch alive
-                states[i] = State(ssm[row].clone(), conv[row].clone(), log_decay[row].clone(),
-                                  len(token_lists[i]), self.fingerprint)
+                n = len(token_lists[i])
+                kv = dict(keys=keys[row, :, :, :n].clone(), values=values[row, :, :, :n].clone(), position=n) if has_keys else {}
+                states[i] = State(ssm[row].clone(), conv[row].clone(), log_decay[row].clone(), n, self.fingerprint, **kv)
         return states  # type: ignore[return-value]
 
     def _token_lists(self, texts: Sequence[Tokens], batch_size: int) -> list[list[int]]:
@@ -181,23 +192,26 @@ class PicasoEngine:
             raise PicasoError(f"batch_size must be >= 1, got {batch_size}.")
         return token_lists
 
-    def _read_in_segments(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The states after reading right-padded rows ``ids`` [b, l], ``encode_segment_tokens`` at a
-        time, each segment starting from the state the previous one left (the concatenation identity:
-        reading a+b equals reading b from the state of a). Memory is that of one segment, whatever l."""
-        segment = max(self.model.cfg.chunk_size, self.encode_segment_tokens // self.model.cfg.chunk_size * self.model.cfg.chunk_size)
-        if ids.shape[1] <= segment:
-            out = self.model(ids, lengths=lengths, logits="none")
-            return out.ssm_state, out.conv_state, out.log_decay
-        ssm = conv = log_decay = None
+    def _read_in_segments(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(ssm, conv, log_decay, keys, values) after reading right-padded rows ``ids`` [b, l],
+        ``encode_segment_tokens`` at a time, each segment from the state the previous one left (the
+        concatenation identity: reading a+b equals reading b from the state of a). Memory is that of
+        one segment, whatever l: attention covers a segment's queries against the keys so far, not the
+        whole document's square. Padding never reaches a row's state: dt = 0 in the SSM layers, and
+        the keys of padding lie after the row's length, where they are cut."""
+        chunk = self.model.cfg.chunk_size
+        segment = max(chunk, self.encode_segment_tokens // chunk * chunk)
+        ssm = conv = keys = values = log_decay = None
         for start in range(0, ids.shape[1], segment):
             piece = ids[:, start:start + segment]
             # rows that ended before this segment read only padding: dt = 0, their state passes unchanged
-            out = self.model(piece, ssm_state=ssm, conv_state=conv, lengths=(lengths - start).clamp(0, piece.shape[1]),
-                             logits="none")
+            out = self.model(piece, ssm_state=ssm, conv_state=conv, keys=keys, values=values, position=start,
+                             lengths=(lengths - start).clamp(0, piece.shape[1]), logits="none")
             ssm, conv = out.ssm_state, out.conv_state
+            keys = out.keys if keys is None else torch.cat([keys, out.keys], dim=3)
+            values = out.values if values is None else torch.cat([values, out.values], dim=3)
             log_decay = out.log_decay if log_decay is None else log_decay + out.log_decay
-        return ssm, conv, log_decay  # type: ignore[return-value]
+        return ssm, conv, log_decay, keys, values  # type: ignore[return-value]
 
     def _pad(self, token_lists: list[list[int]]) -> tuple[Tensor, Tensor]:
         lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
@@ -208,11 +222,13 @@ class PicasoEngine:
 
     # ---------------------------------------------------------------------------- composing
     def compose(self, states: Sequence[State], method: str = "picaso-s", prefix: State | None = None, conv: str = "mean") -> State:
-        """Compose document states of this model (see :func:`picaso_rag.compose.compose`)."""
+        """Compose document states of this model (see :func:`picaso_rag.compose.compose`): SSM layers
+        by ``method``, attention layers as the union of the documents' keys, moved to their positions."""
         for s in list(states) + ([prefix] if prefix is not None else []):
             self._check(s)
         return compose_states([s.to(self.device) for s in states], method=method,
-                              prefix=prefix.to(self.device) if prefix is not None else None, conv=conv)
+                              prefix=prefix.to(self.device) if prefix is not None else None, conv=conv,
+                              shift_keys=self.model.shift_keys)
 
     def _check(self, state: State) -> None:
         if state.fingerprint != self.fingerprint:
@@ -220,14 +236,16 @@ class PicasoEngine:
                 f"state was made by another model (fingerprint {state.fingerprint[:12]}, this model {self.fingerprint[:12]}); "
                 "re-encode the document with this model."
             )
-        cfg = self.model.cfg
-        if state.ssm.shape != (cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state):
-            raise StateMismatchError(f"state shape {tuple(state.ssm.shape)} does not fit this model; re-encode the document.")
+        try:
+            StateSpec.of_config(self.model.cfg, max_tokens=1 << 62).check(state)
+        except StateMismatchError as exc:
+            raise StateMismatchError(f"this state does not fit this model's layers ({exc})") from None
 
     # ------------------------------------------------------------------------------ reading
     @torch.inference_mode()
     def read(self, text: Tokens, state: State | None = None) -> tuple[Tensor, State]:
-        """Read ``text`` starting from ``state`` (None: from nothing) in one chunked prefill.
+        """Read ``text`` starting from ``state`` (None: from nothing) in one chunked prefill; attention
+        layers see every key of the state (the union of the documents), then the text causally.
 
         Returns fp32 logits [n_tokens, vocab] at every position and the state after the text.
         Usage: ``logits, after = engine.read(" the query", state=context)``.
@@ -235,20 +253,63 @@ class PicasoEngine:
         ids = self.tokenize(text, what="the text to read")
         if not ids:
             raise PicasoError("nothing to read: the text has no tokens. Pass a non-empty query.")
-        ssm, conv, log_decay, n_tokens = self._start(state)
-        out = self.model(torch.tensor([ids], device=self.device), ssm_state=ssm, conv_state=conv)
-        after = State(out.ssm_state[0], out.conv_state[0], log_decay + out.log_decay[0], n_tokens + len(ids), self.fingerprint)
+        ssm, conv, keys, values, position, log_decay, n_tokens = self._start(state)
+        out = self.model(torch.tensor([ids], device=self.device), ssm_state=ssm, conv_state=conv, keys=keys,
+                         values=values, position=position)
+        kv = {}
+        if self.model.cfg.attn_layers:
+            kv = dict(keys=torch.cat([keys[0], out.keys[0]], dim=2), values=torch.cat([values[0], out.values[0]], dim=2),
+                      position=position + len(ids))
+        after = State(out.ssm_state[0], out.conv_state[0], log_decay + out.log_decay[0], n_tokens + len(ids),
+                      self.fingerprint, **kv)
         return out.logits[0].float(), after
 
-    def _start(self, state: State | None) -> tuple[Tensor | None, Tensor | None, Tensor, int]:
+    def _start(self, state: State | None) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor, int]:
+        """(ssm, conv, keys, values, position, log_decay, n_tokens) with a batch dim of 1, on this device."""
+        ssm, conv, keys, values = self.model.empty_state(1)
         if state is None:
-            cfg = self.model.cfg
-            return None, None, torch.zeros(cfg.n_layer, cfg.nheads, device=self.device), 0
+            return ssm, conv, keys, values, 0, torch.zeros(ssm.shape[1], ssm.shape[2], device=self.device), 0
         self._check(state)
         s = state.to(self.device, dtype=self.model.dtype)
-        return s.ssm[None], s.conv[None], s.log_decay, s.n_tokens
+        if s.keys is not None:
+            keys, values = s.keys[None], s.values[None]
+        return s.ssm[None], s.conv[None], keys, values, s.position, s.log_decay, s.n_tokens
 
     # --------------------------------------------------------------------------- generating
+    def _decode_slot(self, n_keys: int, graphed: bool) -> StepGraphs:
+        """Buffers for one request's decoding of up to ``n_keys`` keys: the engine's graphed slot
+        (grown to a power of two when too small) when ``graphed``, else fresh eager ones."""
+        if graphed and self._slot is not None and self._slot.keys.shape[3] >= n_keys:
+            return self._slot
+        cfg, kw = self.model.cfg, dict(device=self.device, dtype=self.model.dtype)
+        capacity = max(256, 1 << (n_keys - 1).bit_length()) if graphed else n_keys
+        ssm, conv, _, _ = self.model.empty_state(1)
+        keys = torch.zeros(1, len(cfg.attn_layers), cfg.n_kv_heads, capacity, cfg.head_dim, **kw)
+        index = dict(dtype=torch.long, device=self.device)
+        slot = StepGraphs(self.model, torch.zeros(1, **index), ssm, conv, keys, torch.zeros_like(keys),
+                                torch.zeros(1, **index), torch.zeros(1, **index), graphed=graphed)
+        if graphed:
+            self._slot = slot
+        return slot
+
+    def _read_into_slot(self, prompt_ids: list[int], ssm: Tensor, conv: Tensor, keys: Tensor, values: Tensor,
+                        position: int, max_new_tokens: int, graphed: bool) -> tuple[StepGraphs, Tensor, int]:
+        """Read the prompt eagerly from the state, then put the state after it into a decode slot
+        sized for every key the request will hold (a step writes its key in place: no copy a token).
+        Returns (the slot, the last position's logits, the keys the slot holds)."""
+        out = self.model(torch.tensor([prompt_ids], device=self.device), ssm_state=ssm, conv_state=conv,
+                         keys=keys, values=values, position=position, logits="last")
+        n_keys = keys.shape[3] + len(prompt_ids)
+        slot = self._decode_slot(n_keys + max_new_tokens, graphed)
+        slot.ssm_state.copy_(out.ssm_state)
+        slot.conv_state.copy_(out.conv_state)
+        if self.model.cfg.attn_layers:
+            slot.keys[:, :, :, :n_keys].copy_(torch.cat([keys, out.keys.to(keys.dtype)], dim=3))
+            slot.values[:, :, :, :n_keys].copy_(torch.cat([values, out.values.to(values.dtype)], dim=3))
+        slot.lengths.fill_(n_keys)
+        slot.positions.fill_(position + len(prompt_ids))
+        return slot, out.logits[0, -1], n_keys
+
     def generate(self, prompt: Tokens, state: State | None = None, **sampling) -> Generation:
         """Generate a continuation of ``prompt`` read from ``state``.
 
@@ -288,18 +349,17 @@ class _Stream:
         if not prompt_ids:
             raise PicasoError("the prompt has no tokens; pass a non-empty query.")
         sampler, stream = Sampler(params), TextStream(engine.tokenizer.decode, params.stop)
-        ssm, conv, _, _ = engine._start(state)
-        graphs = engine.graphs
+        ssm, conv, keys, values, position, _, _ = engine._start(state)
         # one stream at a time replays the graphs; a concurrent one decodes eagerly
-        if graphs is None or not graphs.lock.acquire(blocking=False):
-            graphs = None
+        graphs = engine.graphs if engine.graphs is not None and engine.graphs.lock.acquire(blocking=False) else None
+        graphed_slot = graphs is None and engine.cuda_graphs and engine._slot_lock.acquire(blocking=False)
         try:
             with torch.inference_mode():
-                if graphs is not None:
+                if graphs is not None:  # a model without attention layers: the read replayed too
                     logits = graphs.read(prompt_ids, ssm, conv)
                 else:
-                    out = engine.model(torch.tensor([prompt_ids], device=engine.device), ssm_state=ssm, conv_state=conv, logits="last")
-                    logits, ssm, conv = out.logits[0, -1], out.ssm_state, out.conv_state  # fresh: decoding updates them in place
+                    slot, logits, n_keys = engine._read_into_slot(prompt_ids, ssm, conv, keys, values, position,
+                                                          params.max_new_tokens, graphed_slot)
             finish = "length"
             for _ in range(params.max_new_tokens):
                 token = sampler(logits)
@@ -316,10 +376,16 @@ class _Stream:
                     if graphs is not None:
                         logits = graphs.step(token)
                     else:
-                        logits = engine.model.step(torch.tensor([token], device=engine.device), ssm, conv)[0]
+                        slot.token_ids.fill_(token)
+                        logits = slot.step(1, n_keys)[0]
+                        slot.lengths += 1
+                        slot.positions += 1
+                        n_keys += 1
         finally:
             if graphs is not None:
                 graphs.lock.release()
+            if graphed_slot:
+                engine._slot_lock.release()
         tail = stream.flush()
         if tail:
             yield tail

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .model import ForwardOutput, Mamba2LM
+from .model import ModelOutput, PicasoLM
 
 
 class _ReadGraph(NamedTuple):
@@ -31,20 +31,20 @@ class _ReadGraph(NamedTuple):
     input_ids: Tensor  # [1, n_tokens]
     ssm_state: Tensor  # [1, L, H, P, N], the state read from
     conv_state: Tensor
-    out: ForwardOutput  # logits of the last position and the state after the prompt
+    out: ModelOutput  # logits of the last position and the state after the prompt
 
 
 class GraphedModel:
     """Batch-1 CUDA graphs of ``model``: one decode step, and prompt reads keyed by length (LRU)."""
 
-    def __init__(self, model: Mamba2LM, max_read_graphs: int = 4, max_read_tokens: int = 512):
+    def __init__(self, model: PicasoLM, max_read_graphs: int = 4, max_read_tokens: int = 512):
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device.")
         self.model = model
         self.max_read_graphs = max_read_graphs
         self.max_read_tokens = max_read_tokens
         self.lock = threading.Lock()
-        self.ssm_state, self.conv_state = model.empty_state(1)  # the decoding state, updated in place
+        self.ssm_state, self.conv_state = model.empty_state(1)[:2]  # the decoding state, updated in place
         self._token = torch.zeros(1, dtype=torch.long, device=model.device)
         self._step: tuple[torch.cuda.CUDAGraph, Tensor] | None = None
         self._reads: OrderedDict[int, _ReadGraph] = OrderedDict()
@@ -94,53 +94,10 @@ class GraphedModel:
             self._reads.popitem(last=False)  # frees that graph's memory pool
         device = self.model.device
         input_ids = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
-        ssm_state, conv_state = self.model.empty_state(1)
+        ssm_state, conv_state = self.model.empty_state(1)[:2]
         graph, out = _capture(lambda: self.model(input_ids, ssm_state=ssm_state, conv_state=conv_state, logits="last"))
         entry = self._reads[n_tokens] = _ReadGraph(graph, input_ids, ssm_state, conv_state, out)
         return entry
-
-
-class BatchedStepGraphs:
-    """Decode-step graphs at bucketed batch sizes over the scheduler's batch tensors.
-
-    ``token_ids`` [max_batch], ``ssm_state`` / ``conv_state`` [max_batch, L, ...]: the graph of
-    bucket b steps rows [0, b) in place; rows past the active ones compute on stale states and are
-    ignored. Every bucket is captured up front (:meth:`capture_all`): a capture's warm-up steps the
-    rows, so it must not run while requests are active. The graphs share one memory pool (they
-    never run at once). Usage (what :class:`picaso_rag.scheduler.Scheduler` does on CUDA)::
-
-        graphs = BatchedStepGraphs(model, tokens, ssm, conv); graphs.capture_all()
-        logits = graphs.step(n_active)[:n_active]
-    """
-
-    def __init__(self, model: Mamba2LM, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor,
-                 buckets: tuple[int, ...] | None = None):
-        max_batch = token_ids.shape[0]
-        if buckets is None:  # powers of two, and max_batch itself
-            buckets = tuple(sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}))
-        self.model, self.buckets = model, buckets
-        self.token_ids, self.ssm_state, self.conv_state = token_ids, ssm_state, conv_state
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-
-    def bucket(self, n: int) -> int:
-        """The smallest bucket holding ``n`` rows."""
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"{n} rows exceed the largest bucket {self.buckets[-1]}")
-
-    @torch.inference_mode()
-    def capture_all(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for b in sorted(self.buckets, reverse=True):  # largest first: the smaller ones fit in its pool
-            self._graphs[b] = _capture(lambda b=b: self.model.step(self.token_ids[:b], self.ssm_state[:b], self.conv_state[:b]),
-                                       pool=pool)
-
-    def step(self, n: int) -> Tensor:
-        """Step rows [0, bucket(n)); returns their logits [bucket, vocab] (valid until the next replay)."""
-        graph, logits = self._graphs[self.bucket(n)]
-        graph.replay()
-        return logits
 
 
 class BatchedReadGraphs:
@@ -155,7 +112,7 @@ class BatchedReadGraphs:
         logits = graphs.read(token_lists)   # after ssm_in[:k] / conv_in[:k] were filled; [k, vocab]
     """
 
-    def __init__(self, model: Mamba2LM, ssm_in: Tensor, conv_in: Tensor, ssm_out: Tensor, conv_out: Tensor,
+    def __init__(self, model: PicasoLM, ssm_in: Tensor, conv_in: Tensor, ssm_out: Tensor, conv_out: Tensor,
                  lengths: tuple[int, ...] = (64, 128)):
         max_rows = ssm_in.shape[0]
         self.model = model
@@ -205,9 +162,9 @@ class BatchedReadGraphs:
         return logits[:k, 0]
 
 
-class HybridStepGraphs:
-    """One decode step of a hybrid model (Mamba-2 and attention layers) over static slot buffers,
-    captured per (rows, key span) bucket and replayed, as :class:`BatchedStepGraphs` does for Mamba-2.
+class StepGraphs:
+    """One decode step of any model over static slot buffers, captured per (rows, key span) bucket
+    and replayed (a model without attention layers has zero-size key buffers and one span, 0).
 
     The buffers are a batch of slots (rows): ``token_ids`` [R]; the SSM layers' ``ssm_state`` /
     ``conv_state`` [R, n_ssm, ...]; the attention layers' ``keys`` / ``values`` [R', n_attn, kv_heads,
@@ -226,7 +183,7 @@ class HybridStepGraphs:
     the padding would only cost time). Buffers keep their addresses for the object's lifetime:
     a caller that reallocates them makes a new one. Usage::
 
-        graphs = HybridStepGraphs(model, tokens, ssm, conv, keys, values, lengths, positions, graphed=True)
+        graphs = StepGraphs(model, tokens, ssm, conv, keys, values, lengths, positions, graphed=True)
         logits = graphs.step(n_active, longest=max_length)[:n_active]   # then lengths += 1, positions += 1
     """
 
@@ -239,6 +196,7 @@ class HybridStepGraphs:
         max_rows, capacity = keys.shape[0], keys.shape[3]
         self.row_buckets = tuple(sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)}))
         self.span_buckets = tuple(sorted({min(min_span << i, capacity) for i in range(max(capacity, 1).bit_length() + 1)}))
+        self.has_keys = keys.shape[1] > 0  # no attention layers: no keys to read, one span
         self.graphed = graphed and keys.device.type == "cuda" and step_is_capturable(model)
         self.bucketed = self.graphed if bucketed is None else bucketed
         self.error: str | None = None  # why graphs were turned off, if a capture failed
@@ -248,11 +206,11 @@ class HybridStepGraphs:
     def bucket(self, n_rows: int, longest: int) -> tuple[int, int]:
         """(rows, span) of the step for ``n_rows`` active rows whose longest holds ``longest`` keys."""
         if not self.bucketed:
-            if n_rows > self.keys.shape[0] or longest >= self.keys.shape[3]:
+            if n_rows > self.keys.shape[0] or (self.has_keys and longest >= self.keys.shape[3]):
                 raise ValueError(f"{n_rows} rows of up to {longest} keys exceed the buffers {tuple(self.keys.shape)}")
-            return n_rows, longest + 1
+            return n_rows, longest + 1 if self.has_keys else 0
         rows = next((b for b in self.row_buckets if b >= n_rows), None)
-        span = next((s for s in self.span_buckets if s > longest), None)
+        span = next((s for s in self.span_buckets if s > longest), None) if self.has_keys else 0
         if rows is None or span is None:
             raise ValueError(f"{n_rows} rows of up to {longest} keys exceed the buffers "
                              f"({self.row_buckets[-1]} rows, {self.span_buckets[-1]} keys)")
@@ -284,8 +242,19 @@ class HybridStepGraphs:
         graph.replay()
         return logits
 
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every row bucket now (a model without attention layers: its one span), largest
+        first so the smaller ones fit in its pool. Its warm-ups step the rows: call it while idle."""
+        if self.graphed and not self.has_keys:
+            for rows in sorted(self.row_buckets, reverse=True):
+                self.step(rows, 0)
+
     def n_graphs(self) -> int:
         return len(self._graphs)
+
+
+HybridStepGraphs = StepGraphs  # deprecated alias (one release)
 
 
 def step_is_capturable(model: torch.nn.Module) -> bool:

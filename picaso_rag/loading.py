@@ -1,4 +1,4 @@
-"""Loading and saving Mamba-2 checkpoints (mamba_ssm or transformers layout), tokenizer and fingerprint.
+"""Loading and saving checkpoints of every family (picaso_rag.adapters), the tokenizer, the fingerprint.
 
 Weights load without executing code: safetensors, or ``torch.load(weights_only=True)``.
 """
@@ -8,18 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Mamba2Config
+from . import adapters
+from .config import ModelConfig
 from .errors import CheckpointError
-from .hybrid import HybridLM, SigmoidRouter
-from .hybrid_config import HybridConfig, is_hybrid_config
-from .model import Mamba2LM
+from .layers import SigmoidRouter
+from .model import PicasoLM
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -120,18 +119,18 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{directory} has config.json but no weights; expected one of {', '.join(WEIGHT_FILES)}.")
 
 
-def _to_internal_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' Mamba2 names differ from mamba_ssm's only in the embedding."""
-    return {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in weights.items()}
+def fingerprint_of(model: PicasoLM, tokenizer: Tokenizer) -> str:
+    """sha256 of the config, the tokenizer, the dtype and every weight: states are valid only for this.
 
-
-def fingerprint_of(model: Mamba2LM, tokenizer: Tokenizer) -> str:
-    """sha256 of the config, the tokenizer, the dtype and every weight: states are valid only for this."""
+    A pure Mamba-2 model hashes its config and weight names as its checkpoint (mamba_ssm's layout)
+    has them, as before the one-model code: the states users stored stay valid."""
+    cfg = model.cfg
     h = hashlib.sha256()
-    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    described = adapters.mamba2_legacy_dict(cfg) if adapters.is_pure_mamba2(cfg) else cfg.to_dict()
+    h.update(json.dumps(described, sort_keys=True).encode())
     h.update(tokenizer.to_json().encode())
     h.update(str(model.dtype).encode())
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(adapters.checkpoint_names(model.state_dict(), cfg).items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
@@ -155,13 +154,13 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
-) -> tuple[Mamba2LM | HybridLM, Tokenizer]:
-    """Load a Mamba-2 checkpoint (mamba_ssm or transformers layout) and its tokenizer.
+) -> tuple[PicasoLM, Tokenizer]:
+    """Load a checkpoint of any family picaso_rag.adapters maps, and its tokenizer.
 
-    Hybrids load too, as a :class:`~picaso_rag.hybrid.HybridLM`: transformers'
-    ``GraniteMoeHybridForCausalLM`` (Granite 4.0-H, dense and MoE), ``BambaForCausalLM``,
-    ``NemotronHForCausalLM`` (Nemotron-H, dense and MoE) and this project's ``picaso_hybrid``
-    checkpoints (see :func:`load_hybrid_checkpoint`).
+    Pure Mamba-2 (mamba_ssm or transformers layout), mamba_ssm with ``attn_layer_idx``,
+    transformers' ``GraniteMoeHybridForCausalLM`` (Granite 4.0-H, dense and MoE),
+    ``BambaForCausalLM``, ``NemotronHForCausalLM`` (dense and MoE) and this project's
+    ``picaso_hybrid`` all load as one :class:`~picaso_rag.model.PicasoLM`.
 
     ``tokenizer``: a tokenizer.json path or :class:`Tokenizer`; default: tokenizer.json in the directory.
     ``dtype``: default fp32 on CPU, bf16 on CUDA.
@@ -175,20 +174,11 @@ def load_checkpoint(
         raw_config = json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{directory / 'config.json'} is not valid JSON ({exc}); restore the checkpoint's config.json.") from exc
-    if is_hybrid_config(raw_config):  # Granite 4.0-H, Bamba, Nemotron-H, picaso_hybrid: Mamba-2 and attention layers
-        return load_hybrid_checkpoint(directory, raw_config, device, dtype, _load_tokenizer(directory, tokenizer))
-    if raw_config.get("model_type") in _OTHER_HYBRIDS:
-        raise CheckpointError(
-            f"{directory} is a {raw_config['model_type']} hybrid, which picaso-rag does not load yet; supported: pure "
-            "Mamba-2 checkpoints and the hybrids Granite 4.0-H (granitemoehybrid), Bamba and Nemotron-H (nemotron_h) "
-            "(see docs/hybrids.md)."
-        )
-    if not isinstance(raw_config, dict):
-        raise CheckpointError(f"{directory / 'config.json'} is a JSON {type(raw_config).__name__}, not an object; restore the checkpoint's config.json.")
     try:
-        cfg = Mamba2Config.from_dict(raw_config)
-    except CheckpointError:
-        raise
+        adapters.family_of(raw_config)
+        cfg = ModelConfig.from_dict(raw_config)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of the wrong type
         raise CheckpointError(f"{directory / 'config.json'} has a missing or invalid field ({type(exc).__name__}: {exc}); "
                               "restore the checkpoint's config.json.") from None
@@ -196,9 +186,8 @@ def load_checkpoint(
     tok = _load_tokenizer(directory, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; pass the tokenizer this model was trained with.")
-
-    weights = _to_internal_names(_read_weights(directory))
-    model = Mamba2LM(cfg)
+    weights = adapters.internal_names(_read_weights(directory), cfg)
+    model = PicasoLM(cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)
@@ -206,8 +195,8 @@ def load_checkpoint(
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
         raise CheckpointError(
-            f"weights in {directory} do not match its config.json: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}. Is this a pure Mamba-2 checkpoint with its own config?"
+            f"weights in {directory} do not match its config.json ({cfg.family}): missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}. Is this checkpoint complete, with its own config.json?"
         )
     try:
         model.load_state_dict(weights, strict=False)
@@ -216,10 +205,16 @@ def load_checkpoint(
                               "restore the checkpoint's own config.json and weights.") from None
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return model.to(device=device, dtype=dtype).eval(), tok
+    model = model.to(device=device, dtype=dtype).eval()
+    for name, module in model.named_modules():
+        if isinstance(module, SigmoidRouter):  # routers stay fp32, as transformers keeps them: in bf16 the
+            module.float()                     # correction bias would lose the small gaps that pick the experts
+            for key, tensor in module.state_dict().items():
+                tensor.copy_(weights[f"{name}.{key}"])
+    return model, tok
 
 
-def save_checkpoint(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+def save_checkpoint(model: PicasoLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
     """Write a checkpoint that :func:`load_checkpoint` reads: config.json (the mamba_ssm layout for a
     Mamba-2 model, ``picaso_hybrid`` for a hybrid), model.safetensors and tokenizer.json.
 
@@ -230,10 +225,10 @@ def save_checkpoint(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, directory:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in adapters.checkpoint_names(model.state_dict(), model.cfg).items()}
     if model.cfg.tie_embeddings:
         weights.pop("lm_head.weight")
-    config = model.cfg.to_config_json() if isinstance(model, HybridLM) else model.cfg.to_mamba_ssm_dict()
+    config = adapters.config_json(model.cfg)
 
     def atomic(name: str, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
@@ -261,128 +256,12 @@ def save_checkpoint(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, directory:
     return directory
 
 
-# ------------------------------------------------------------------------------------ hybrids
-_OTHER_HYBRIDS = ("jamba", "zamba", "zamba2", "falcon_h1", "plamo2")
-# transformers 5 renames Granite's MoE weights on load; checkpoints on the hub keep the original names
-_HYBRID_RENAMES = {
-    "granitemoehybrid": (("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
-                         ("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
-                         ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
-    "bamba": ((".pre_ff_layernorm.", ".post_attention_layernorm."), ("model.final_layernorm.", "model.norm.")),
-    "nemotron_h": (),  # per layer: _nemotron_h_names
-    "mamba_ssm": (),  # per layer: _mamba_ssm_names
-    "picaso_hybrid": (),
-}
-_NEMOTRON_MIXER = {"mamba": "mamba", "attention": "self_attn", "mlp": "mlp", "moe": "mlp"}
+def load_hybrid_checkpoint(directory: Path, raw_config: dict, device: str | torch.device = "cpu",
+                           dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None) -> tuple[PicasoLM, Tokenizer]:
+    """Deprecated alias of :func:`load_checkpoint` (kept for one release)."""
+    return load_checkpoint(directory, device=device, dtype=dtype, tokenizer=tokenizer)
 
 
-def _nemotron_h_names(weights: dict[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
-    """Nemotron-H's names as HybridLM's: ``backbone.`` (the hub's) or ``model.`` (transformers'),
-    ``embeddings``/``norm_f``, each layer's ``norm`` and ``mixer`` (named here by its kind); the hub's
-    one tensor per expert (``experts.{e}.up_proj.weight``) stacked into transformers' [n_experts, out, in].
-    Multi-token-prediction weights (``mtp.*``) are dropped, as transformers drops them."""
-    renamed: dict[str, torch.Tensor] = {}
-    per_expert: dict[str, dict[int, torch.Tensor]] = {}
-    for name, tensor in weights.items():
-        if name.startswith("mtp."):
-            continue
-        name = re.sub(r"^backbone\.", "model.", name)
-        name = name.replace("model.embeddings.", "model.embed_tokens.").replace("model.norm_f.", "model.norm.")
-        match = re.match(r"model\.layers\.(\d+)\.(norm|mixer)\.(.*)", name)
-        if match and int(match[1]) < cfg.n_layer:
-            i, part, rest = int(match[1]), match[2], match[3]
-            if part == "norm":
-                name = f"model.layers.{i}.input_layernorm.{rest}"
-            else:
-                name = f"model.layers.{i}.{_NEMOTRON_MIXER[cfg.layer_types[i]]}.{rest}"
-        expert = re.match(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", name)
-        if expert:
-            per_expert.setdefault(f"{expert[1]}.{expert[3]}", {})[int(expert[2])] = tensor
-        else:
-            renamed[name] = tensor
-    for name, experts in per_expert.items():
-        if sorted(experts) != list(range(cfg.n_experts)):
-            raise CheckpointError(f"{name}: the checkpoint has experts {sorted(experts)[:8]}... but config.json says "
-                                  f"n_routed_experts = {cfg.n_experts}; restore the checkpoint's config.json and weights.")
-        renamed[name] = torch.stack([experts[e] for e in range(cfg.n_experts)])
-    return renamed
-
-
-def _mamba_ssm_names(weights: dict[str, torch.Tensor], cfg: HybridConfig) -> dict[str, torch.Tensor]:
-    """mamba_ssm's names (``backbone.layers.{i}.norm`` / ``.mixer``, MHA's fused ``in_proj`` of q, k
-    and v, ``out_proj``) as HybridLM's; the fused projection is split into q_proj, k_proj, v_proj."""
-    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    renamed: dict[str, torch.Tensor] = {}
-    for name, tensor in weights.items():
-        name = name.replace("backbone.embedding.", "model.embed_tokens.").replace("backbone.norm_f.", "model.norm.")
-        match = re.match(r"backbone\.layers\.(\d+)\.(norm|mixer)\.(.*)", name)
-        if not match or int(match[1]) >= cfg.n_layer:
-            renamed[name] = tensor
-            continue
-        i, part, rest = int(match[1]), match[2], match[3]
-        prefix = f"model.layers.{i}."
-        if part == "norm":
-            renamed[prefix + "input_layernorm." + rest] = tensor
-        elif cfg.layer_types[i] == "mamba":
-            renamed[prefix + "mamba." + rest] = tensor
-        elif rest.startswith("in_proj."):  # [q | k | v] rows, as MHA splits them
-            if tensor.shape[0] != q_rows + 2 * kv_rows:
-                raise CheckpointError(f"{name} has {tensor.shape[0]} rows, attn_cfg says {q_rows + 2 * kv_rows} "
-                                      "(heads x head_dim for q, k and v); restore the checkpoint's config.json.")
-            kind = rest[len("in_proj."):]
-            for proj, part_tensor in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q_rows, kv_rows, kv_rows])):
-                renamed[f"{prefix}self_attn.{proj}.{kind}"] = part_tensor.clone()
-        else:
-            renamed[prefix + "self_attn." + rest.replace("out_proj.", "o_proj.")] = tensor
-    return renamed
-
-
-def load_hybrid_checkpoint(
-    directory: Path, raw_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-    tokenizer: Tokenizer | None = None,
-) -> tuple[HybridLM, Tokenizer]:
-    """Load a hybrid checkpoint directory whose config.json is ``raw_config`` (use :func:`load_checkpoint`).
-
-    Usage: ``model, tok = load_checkpoint("./granite-4.0-h-tiny")``.
-    """
-    cfg = HybridConfig.from_dict(raw_config)
-    tok = tokenizer if tokenizer is not None else _load_tokenizer(directory, None)
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; pass the tokenizer this model was trained with.")
-    weights = _read_weights(directory)
-    for old, new in _HYBRID_RENAMES[cfg.family]:
-        weights = {k.replace(old, new): v for k, v in weights.items()}
-    if cfg.family == "nemotron_h":
-        weights = _nemotron_h_names(weights, cfg)
-    elif cfg.family == "mamba_ssm":
-        weights = _mamba_ssm_names(weights, cfg)
-    model = HybridLM(cfg)
-    expected = set(model.state_dict())
-    if cfg.tie_embeddings:
-        weights.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(weights), set(weights) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {directory} do not match its config.json ({cfg.family}): missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}. Is this checkpoint complete, with its own config.json?"
-        )
-    try:
-        model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # a tensor of the wrong shape
-        raise CheckpointError(f"weights in {directory} do not fit its config.json ({str(exc)[:300]}); "
-                              "restore the checkpoint's own config.json and weights.") from None
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
-    for name, module in model.named_modules():
-        if isinstance(module, SigmoidRouter):  # routers stay fp32, as transformers keeps them: in bf16 the
-            module.float()                     # correction bias would lose the small gaps that pick the experts
-            for key, tensor in module.state_dict().items():
-                tensor.copy_(weights[f"{name}.{key}"])
-    return model, tok
-
-
-def save_hybrid_checkpoint(model: HybridLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+def save_hybrid_checkpoint(model: PicasoLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
     """Deprecated alias of :func:`save_checkpoint`, which saves every model (kept for one release)."""
     return save_checkpoint(model, tokenizer, directory)

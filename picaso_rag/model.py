@@ -1,196 +1,270 @@
-"""A Mamba-2 language model that reads from, and returns, its recurrent state.
+"""The one language model: typed layers (Mamba-2, attention, MLP, MoE) reading from, and returning, a state.
 
-Parameter names follow mamba_ssm's ``MambaLMHeadModel`` so that state-spaces checkpoints
-load as they are. Per layer the state is:
-- ``ssm_state``  [batch, nheads, headdim, d_state]: the SSM memory h;
-- ``conv_state`` [batch, conv_dim, d_conv - 1]: the last inputs of the causal conv1d;
-- ``log_decay``  [batch, nheads], fp32: A * sum(dt) over the tokens read, i.e. the log of
-  the factor by which this segment scaled any state it started from (PICASO needs it).
+A pure Mamba-2 model (state-spaces' mamba2-*, picaso-mini v1) is the case with no attention layers;
+IBM Granite 4.0-H (dense and MoE), IBM Bamba, NVIDIA Nemotron-H, mamba_ssm's hybrids and this
+project's own picaso_hybrid (picaso-mini v2) mix them. :class:`~picaso_rag.config.ModelConfig` says
+which layer is which; picaso_rag.adapters maps each checkpoint layout onto these names (transformers'
+``GraniteMoeHybridForCausalLM``: ``model.embed_tokens``, ``model.layers.{i}.mamba`` / ``.self_attn``...).
+
+The state of a text is what the next tokens need:
+- SSM layers: ``ssm_state`` [b, n_ssm, H, P, N], ``conv_state`` [b, n_ssm, C, W-1], and ``log_decay``
+  [b, n_ssm, H] fp32 (A * sum(dt) over the tokens read: the log of the factor by which this segment
+  scaled any state it started from; PICASO needs it);
+- attention layers: ``keys`` and ``values`` [b, n_attn, kv_heads, T, head_dim] of every token read
+  (keys after RoPE, at the positions the tokens were read at);
+- ``position``: the position of the next token (RoPE only; NoPE attention ignores it).
+MLP and MoE layers read one token at a time and keep nothing.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Mamba2Config
-from .kernels import add_rmsnorm, causal_conv, chunk_scan, conv_step, rmsnorm, ssm_step
+from .config import ModelConfig
+from .kernels import add_rmsnorm
+from .layers import (Attention, GatedMLP, LlamaMLP, Mamba2Mixer, MoE, NemotronMoE, ReluSquaredMLP, RMSNorm,
+                     apply_rope, rope_cos_sin)
 
 
-class ForwardOutput(NamedTuple):
-    logits: Tensor | None  # [batch, seq, vocab], [batch, 1, vocab] (last position) or None
-    ssm_state: Tensor  # [batch, n_layer, nheads, headdim, d_state]
-    conv_state: Tensor  # [batch, n_layer, conv_dim, d_conv - 1]
-    log_decay: Tensor  # [batch, n_layer, nheads], fp32, of the tokens read in this call only
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, group_size: int | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        self.group_size = group_size or dim
-
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        """Mamba-2's gated norm when ``gate`` is given: norm(x * silu(gate)), per group of channels."""
-        return rmsnorm(x, self.weight, self.eps, gate=gate, group_size=self.group_size)
-
-
-class Mamba2Mixer(nn.Module):
-    def __init__(self, cfg: Mamba2Config):
-        super().__init__()
-        self.cfg = cfg
-        d_in_proj = 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads  # z, x, B, C, dt
-        self.in_proj = nn.Linear(cfg.d_model, d_in_proj, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
-        self.dt_bias = nn.Parameter(torch.zeros(cfg.nheads))
-        self.A_log = nn.Parameter(torch.zeros(cfg.nheads))
-        self.D = nn.Parameter(torch.ones(cfg.nheads))
-        self.norm = RMSNorm(cfg.d_inner, cfg.norm_eps, group_size=cfg.d_inner // cfg.ngroups)
-        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias)
-
-    def forward(self, u: Tensor, ssm_state: Tensor, conv_state: Tensor, mask: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Read u [b, l, d_model] from the states; ``mask``/``lengths`` None: no row is padded."""
-        cfg = self.cfg
-        b, l, _ = u.shape
-        z, xBC, dt = self.in_proj(u).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
-        xBC, conv_state = causal_conv(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, lengths)
-        x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if cfg.dt_limit != (0.0, math.inf):  # softplus is >= 0 already: skip a no-op clamp (one launch per layer)
-            dt = dt.clamp(*cfg.dt_limit)
-        if mask is not None:  # padding reads as dt = 0: no decay, no input
-            dt = dt * mask[..., None]
-        A = -torch.exp(self.A_log.float())
-        log_decay = A * dt.sum(dim=1)  # [b, h]; padding has dt = 0
-        x = x.unflatten(-1, (cfg.nheads, cfg.headdim))
-        B, C = B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state))
-        y, final = chunk_scan(x, dt, A, B, C, self.D, cfg.chunk_size, initial_state=ssm_state)
-        ssm_state = final.to(ssm_state.dtype)
-        y = self.norm(y.flatten(-2), z)
-        return self.out_proj(y), ssm_state, conv_state, log_decay
-
-    def step(self, u: Tensor, ssm_state: Tensor, conv_state: Tensor) -> Tensor:
-        """Decode one token: u [b, d_model]; updates ssm_state [b, H, P, N] and conv_state in place."""
-        cfg = self.cfg
-        z, xBC, dt = self.in_proj(u).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
-        xBC = conv_step(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)
-        x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        y = ssm_step(ssm_state, x.unflatten(-1, (cfg.nheads, cfg.headdim)), dt, A,
-                     B.unflatten(-1, (cfg.ngroups, cfg.d_state)), C.unflatten(-1, (cfg.ngroups, cfg.d_state)), self.D,
-                     dt_bias=self.dt_bias, dt_limit=cfg.dt_limit)
-        return self.out_proj(self.norm(y.flatten(-2), z))
+class ModelOutput(NamedTuple):
+    logits: Tensor | None  # [b, l, vocab], [b, 1, vocab] (last real position) or None
+    ssm_state: Tensor  # [b, n_ssm, H, P, N]
+    conv_state: Tensor  # [b, n_ssm, C, W-1]
+    log_decay: Tensor  # [b, n_ssm, H], fp32, of the tokens read in this call only
+    keys: Tensor  # [b, n_attn, kv_heads, l, head_dim]: of the tokens read in this call only
+    values: Tensor  # [b, n_attn, kv_heads, l, head_dim]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Mamba2Config):
+    """x + m * mixer(norm(x)), then x + m * ffn(norm(x)) when the model has feed-forward layers.
+
+    The mixer is ``mamba``, ``self_attn`` or (Nemotron-H's stateless layers) ``mlp``: a squared-ReLU
+    MLP or an MoE, which read each token alone."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str):
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mamba2Mixer(cfg)
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if layer_type == "mamba":
+            self.mamba = Mamba2Mixer(cfg)
+        elif layer_type == "attention":
+            self.self_attn = Attention(cfg)
+        elif layer_type == "mlp":
+            self.mlp = ReluSquaredMLP(cfg.d_model, cfg.ffn_dim, cfg.ffn_bias)
+        else:
+            self.mlp = NemotronMoE(cfg)
+        if cfg.ffn != "none":
+            self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.ffn == "granite":
+            self.shared_mlp = GatedMLP(cfg.d_model, cfg.ffn_dim)
+            if cfg.n_experts:
+                self.block_sparse_moe = MoE(cfg)
+        elif cfg.ffn == "llama":
+            self.feed_forward = LlamaMLP(cfg.d_model, cfg.ffn_dim, cfg.ffn_bias)
+
+    def ffn(self, hidden: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """The feed-forward after the mixer: (its output, the residual stream), as the mixer's are."""
+        if self.cfg.ffn == "none":
+            return hidden, residual
+        h, residual = add_rmsnorm(hidden, residual, self.post_attention_layernorm.weight, self.cfg.norm_eps,
+                                  self.cfg.residual_in_fp32)
+        if self.cfg.ffn == "llama":
+            out = self.feed_forward(h)
+        else:
+            out = self.shared_mlp(h)
+            if self.cfg.n_experts:
+                out = out + self.block_sparse_moe(h)
+        return _scaled(out, self.cfg.residual_multiplier), residual
+
+
+def _scaled(x: Tensor, multiplier: float) -> Tensor:
+    return x if multiplier == 1.0 else x * multiplier
+
+
+def _logits(x: Tensor, logits_scaling: float) -> Tensor:
+    return x if logits_scaling == 1.0 else x / logits_scaling  # Granite divides its logits
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: Mamba2Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-class Mamba2LM(nn.Module):
-    """Mamba-2 LM whose forward starts from given states and returns the final ones.
+class PicasoLM(nn.Module):
+    """The language model of every family, whose forward starts from a given state and returns what it read.
 
-    Usage: ``out = model(input_ids, ssm_state=s, conv_state=c, lengths=n)`` then
-    ``out.logits``, ``out.ssm_state``... Rows of ``input_ids`` are right-padded to ``lengths``.
+    Usage: ``out = model(ids, ssm_state=s, conv_state=c, keys=k, values=v, position=n)``; then
+    ``out.logits``; the state after is ``out.ssm_state``, ``out.conv_state``, the keys and values
+    ``cat([k, out.keys], dim=3)`` (likewise values) and ``n + ids.shape[1]``. Rows of ``ids`` are
+    right-padded to ``lengths``.
     """
 
-    def __init__(self, cfg: Mamba2Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Backbone(cfg)
+        self.model = Backbone(cfg)  # named as in transformers, so checkpoints load without renaming
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embedding.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.embedding.weight.device
+        return self.model.embed_tokens.weight.device
 
-    def empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Zero (ssm_state, conv_state): the state before any token."""
-        cfg = self.cfg
-        kw = dict(device=self.device, dtype=self.dtype)
-        return (torch.zeros(batch, cfg.n_layer, cfg.nheads, cfg.headdim, cfg.d_state, **kw),
-                torch.zeros(batch, cfg.n_layer, cfg.conv_dim, cfg.d_conv - 1, **kw))
+    def empty_state(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Zero (ssm_state, conv_state) and no (keys, values): the state before any token."""
+        cfg, kw = self.cfg, dict(device=self.device, dtype=self.dtype)
+        n_ssm, n_attn = len(cfg.ssm_layers), len(cfg.attn_layers)
+        kv = torch.zeros(batch, n_attn, cfg.n_kv_heads, 0, cfg.head_dim, **kw)
+        return (torch.zeros(batch, n_ssm, cfg.nheads, cfg.headdim, cfg.d_state, **kw),
+                torch.zeros(batch, n_ssm, cfg.conv_dim, cfg.d_conv - 1, **kw), kv, kv.clone())
+
+    def _rope(self, position: int | Tensor, length: int) -> tuple[Tensor, Tensor] | None:
+        """cos/sin [length, rotary_dim] from ``position``, or [b, 1, length, rotary_dim] from a
+        position per row (a tensor [b]); None without RoPE."""
+        if not self.cfg.rotary_dim:
+            return None
+        if isinstance(position, Tensor):
+            positions = position.to(self.device)[:, None] + torch.arange(length, device=self.device)[None, :]
+            cos, sin = rope_cos_sin(positions.flatten(), self.cfg.rotary_dim, self.cfg.rope_theta, self.dtype)
+            return cos.view(len(position), 1, length, -1), sin.view(len(position), 1, length, -1)
+        positions = torch.arange(position, position + length, device=self.device)
+        return rope_cos_sin(positions, self.cfg.rotary_dim, self.cfg.rope_theta, self.dtype)
 
     def forward(
         self,
         input_ids: Tensor,
         ssm_state: Tensor | None = None,
         conv_state: Tensor | None = None,
+        keys: Tensor | None = None,
+        values: Tensor | None = None,
+        position: int | Tensor = 0,
         lengths: Tensor | None = None,
         logits: str = "all",
-    ) -> ForwardOutput:
-        """Read ``input_ids`` [batch, seq] starting from the given states (zeros if None).
+        key_lengths: Tensor | None = None,
+    ) -> ModelOutput:
+        """Read ``input_ids`` [b, l] (rows right-padded to ``lengths``) after the given state (none if None).
 
+        ``position``: RoPE position of the first token, or one per row (a tensor [b]).
+        ``key_lengths`` [b]: rows whose states hold different numbers of keys, each padded after its
+        own (several requests read at once); None: every key of ``keys`` is a row's.
         ``logits``: "all" positions, "last" real position of each row, or "none" (encoding only).
         """
+        cfg = self.cfg
         b, l = input_ids.shape
         mask = None if lengths is None else (torch.arange(l, device=input_ids.device)[None, :] < lengths[:, None]).float()
-        zero_ssm, zero_conv = self.empty_state(b) if ssm_state is None or conv_state is None else (None, None)
-        ssm_state = zero_ssm if ssm_state is None else ssm_state
-        conv_state = zero_conv if conv_state is None else conv_state
+        empty = self.empty_state(b) if ssm_state is None or conv_state is None or keys is None or values is None else None
+        ssm_state = empty[0] if ssm_state is None else ssm_state
+        conv_state = empty[1] if conv_state is None else conv_state
+        keys = empty[2] if keys is None else keys
+        values = empty[3] if values is None else values
+        rope = self._rope(position, l) if cfg.attn_layers else None
 
-        hidden, residual = self.backbone.embedding(input_ids), None
-        eps, fp32 = self.cfg.norm_eps, self.cfg.residual_in_fp32
-        ssm_out, conv_out, decay_out = [], [], []
-        for i, block in enumerate(self.backbone.layers):  # pre-norm blocks; the add is fused into the norm
-            hidden, residual = add_rmsnorm(hidden, residual, block.norm.weight, eps, fp32)
-            hidden, s, c, d = block.mixer(hidden, ssm_state[:, i], conv_state[:, i], mask, lengths)
-            ssm_out.append(s)
-            conv_out.append(c)
-            decay_out.append(d)
-        hidden, _ = add_rmsnorm(hidden, residual, self.backbone.norm_f.weight, eps, fp32)
+        # pre-norm blocks; each residual add is fused into the norm after it
+        hidden, residual = _scaled(self.model.embed_tokens(input_ids), cfg.embedding_multiplier), None
+        eps, fp32 = cfg.norm_eps, cfg.residual_in_fp32
+        ssm_out, conv_out, decay_out, k_out, v_out = [], [], [], [], []
+        for block in self.model.layers:
+            hidden, residual = add_rmsnorm(hidden, residual, block.input_layernorm.weight, eps, fp32)
+            if hasattr(block, "mamba"):
+                i = len(ssm_out)
+                hidden, s, c, d = block.mamba(hidden, ssm_state[:, i], conv_state[:, i], mask, lengths)
+                ssm_out.append(s)
+                conv_out.append(c)
+                decay_out.append(d)
+            elif hasattr(block, "mlp"):  # Nemotron-H's MLP / MoE layers: no state
+                hidden = block.mlp(hidden)
+            else:
+                i = len(k_out)
+                hidden, k, v = block.self_attn(hidden, keys[:, i], values[:, i], rope, key_lengths)
+                k_out.append(k)
+                v_out.append(v)
+            hidden, residual = block.ffn(_scaled(hidden, cfg.residual_multiplier), residual)
+        hidden, _ = add_rmsnorm(hidden, residual, self.model.norm.weight, eps, fp32)
 
         if logits == "all":
-            out_logits = self.lm_head(hidden)
+            out_logits = _logits(self.lm_head(hidden), cfg.logits_scaling)
         elif logits == "last":
             last = hidden[:, -1] if lengths is None else hidden[torch.arange(b, device=hidden.device), (lengths - 1).clamp(min=0)]
-            out_logits = self.lm_head(last)[:, None]
+            out_logits = _logits(self.lm_head(last), cfg.logits_scaling)[:, None]
         elif logits == "none":
             out_logits = None
         else:
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-        return ForwardOutput(out_logits, torch.stack(ssm_out, 1), torch.stack(conv_out, 1), torch.stack(decay_out, 1))
 
-    def step(self, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor) -> Tensor:
-        """Decode one token per row: token_ids [batch]; the states [batch, n_layer, ...] are updated
-        in place (no copies: a CUDA graph can replay this). Returns logits [batch, vocab].
+        def stack(ts: list[Tensor], like: Tensor) -> Tensor:
+            return torch.stack(ts, 1) if ts else like.new_zeros(like.shape[0], 0, *like.shape[2:])
 
-        Usage: ``logits = model.step(next_ids, out.ssm_state, out.conv_state)``.
+        empty_kv = keys.new_zeros(b, 0, cfg.n_kv_heads, l, cfg.head_dim)
+        return ModelOutput(out_logits, stack(ssm_out, ssm_state), stack(conv_out, conv_state),
+                           torch.stack(decay_out, 1) if decay_out else torch.zeros(b, 0, cfg.nheads, device=hidden.device),
+                           stack(k_out, empty_kv), stack(v_out, empty_kv))
+
+    def step(self, token_ids: Tensor, ssm_state: Tensor, conv_state: Tensor, keys: Tensor | None = None,
+             values: Tensor | None = None, lengths: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Decode one token for each of b rows, each from its own state (one request's decoding, or
+        the slots of a continuous batch, picaso_rag.scheduler). No copies: a CUDA graph can replay it.
+
+        token_ids [b]; ssm_state/conv_state [b, n_ssm, ...], updated in place. With attention layers:
+        keys/values [b, n_attn, KV, S, hd], padded buffers whose row r holds lengths[r] keys (S >
+        every length): the new token's key and value are written at index lengths[r], in place, and
+        row r attends to its own keys only; positions [b]: each row's RoPE position. Returns logits [b, vocab].
+
+        Usage: ``logits = model.step(ids, ssm, conv, keys[..., :span, :], values[..., :span, :], lengths, positions)``,
+        then ``lengths += 1; positions += 1`` (a pure Mamba-2 model: ``model.step(ids, ssm, conv)``).
         """
-        hidden, residual = self.backbone.embedding(token_ids), None
-        eps, fp32 = self.cfg.norm_eps, self.cfg.residual_in_fp32
-        for i, block in enumerate(self.backbone.layers):
-            hidden, residual = add_rmsnorm(hidden, residual, block.norm.weight, eps, fp32)
-            hidden = block.mixer.step(hidden, ssm_state[:, i], conv_state[:, i])
-        hidden, _ = add_rmsnorm(hidden, residual, self.backbone.norm_f.weight, eps, fp32)
-        return self.lm_head(hidden)
+        cfg = self.cfg
+        rope = None
+        if cfg.rotary_dim and cfg.attn_layers:
+            cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, self.dtype)
+            rope = cos[:, None, None], sin[:, None, None]
+        hidden, residual = _scaled(self.model.embed_tokens(token_ids), cfg.embedding_multiplier), None  # [b, d]
+        eps, fp32 = cfg.norm_eps, cfg.residual_in_fp32
+        i_ssm = i_attn = 0
+        for block in self.model.layers:
+            hidden, residual = add_rmsnorm(hidden, residual, block.input_layernorm.weight, eps, fp32)
+            if hasattr(block, "mamba"):
+                hidden = block.mamba.step(hidden, ssm_state[:, i_ssm], conv_state[:, i_ssm])
+                i_ssm += 1
+            elif hasattr(block, "mlp"):
+                hidden = block.mlp(hidden)
+            else:
+                hidden = block.self_attn.step(hidden, keys[:, i_attn], values[:, i_attn], lengths, rope)
+                i_attn += 1
+            hidden, residual = block.ffn(_scaled(hidden, cfg.residual_multiplier), residual)
+        hidden, _ = add_rmsnorm(hidden, residual, self.model.norm.weight, eps, fp32)
+        return _logits(self.lm_head(hidden), cfg.logits_scaling)
+
+    def shift_keys(self, keys: Tensor, delta: int) -> Tensor:
+        """Keys [..., T, head_dim] read at positions p, as if read at p + delta: RoPE is a rotation,
+        so moving a stored document to other positions is one more rotation (identity with NoPE)."""
+        if not self.cfg.rotary_dim or delta == 0:
+            return keys
+        cos, sin = rope_cos_sin(torch.tensor([delta], device=keys.device), self.cfg.rotary_dim, self.cfg.rope_theta, torch.float32)
+        return apply_rope(keys.float(), cos, sin).to(keys.dtype)
+
+
+# Deprecated aliases (one release): one class runs every model.
+Mamba2LM = PicasoLM
+HybridLM = PicasoLM
+ForwardOutput = ModelOutput
+HybridOutput = ModelOutput
 
 
 @torch.no_grad()
-def init_weights(model: Mamba2LM, seed: int = 0, std: float = 0.02) -> Mamba2LM:
-    """Random initialisation as in mamba_ssm (dt in [1e-3, 0.1], A in [1, 16]). For tests and training."""
+def init_weights(model: PicasoLM, seed: int = 0, std: float = 0.02) -> PicasoLM:
+    """Random initialisation as in mamba_ssm (dt in [1e-3, 0.1], A in [1, 16]) for every layer. For tests and training."""
     device = model.device  # generate where the weights are: a 2.7B model initialises in seconds on a GPU
     gen = torch.Generator(device=device).manual_seed(seed)
     cfg = model.cfg
@@ -198,7 +272,8 @@ def init_weights(model: Mamba2LM, seed: int = 0, std: float = 0.02) -> Mamba2LM:
         if name.endswith("A_log"):
             p.copy_(torch.log(torch.empty(p.shape, device=device).uniform_(1, 16, generator=gen)))
         elif name.endswith("dt_bias"):
-            dt = torch.exp(torch.rand(p.shape, generator=gen, device=device) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3))).clamp(min=1e-4)
+            low, high = torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(0.1))
+            dt = torch.exp(torch.rand(p.shape, generator=gen, device=device) * (high - low) + low).clamp(min=1e-4)
             p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         elif name.endswith(".D") or "norm" in name:
             p.fill_(1.0)
@@ -209,6 +284,8 @@ def init_weights(model: Mamba2LM, seed: int = 0, std: float = 0.02) -> Mamba2LM:
             p.copy_(torch.empty(p.shape, device=device).uniform_(-bound, bound, generator=gen))
         else:
             p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
-    for block in model.backbone.layers:  # GPT-2 style: scale residual projections by depth
-        block.mixer.out_proj.weight.div_((2 * cfg.n_layer) ** 0.5)
+    for block in model.model.layers:  # GPT-2 style: scale residual projections by depth
+        if hasattr(block, "mamba") or hasattr(block, "self_attn"):
+            out = block.mamba.out_proj if hasattr(block, "mamba") else block.self_attn.o_proj
+            out.weight.div_((2 * cfg.n_layer) ** 0.5)
     return model

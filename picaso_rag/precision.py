@@ -27,7 +27,7 @@ of the convolution, read as they are by the next token: it stays bf16 under fp8 
 bytes). Log-decays are always fp32: composition weights are exponentials of their sums, where an
 8- or 16-bit rounding would be multiplied, not added.
 
-A hybrid model's state (:class:`~picaso_rag.state.HybridState`) adds its attention layers' ``keys``
+A hybrid model's state (a :class:`~picaso_rag.state.State` with keys) adds its attention layers' ``keys``
 and ``values`` [n_attn, kv_heads, T, head_dim], the part that grows with the document (for a long
 document nearly all of its bytes). fp32/bf16 store them in that dtype; fp8 stores them in e4m3
 with one fp32 scale per (layer, kv head, channel): ``keys_scale`` and ``values_scale``
@@ -55,7 +55,7 @@ from torch import Tensor
 
 from .config import Mamba2Config
 from .errors import PicasoError
-from .state import HybridState, State
+from .state import State
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -76,11 +76,11 @@ def quantize(state: State, precision: str) -> dict[str, Tensor]:
     """The tensors that store ``state`` at ``precision`` (on the state's device, contiguous).
 
     fp32/bf16: ``ssm``, ``conv``, ``log_decay``; fp8 adds ``ssm_scale`` [n_layer, nheads] (fp32).
-    A :class:`HybridState` adds ``keys`` and ``values`` (fp8: and ``keys_scale``, ``values_scale``
+    A state with ``keys`` adds ``keys`` and ``values`` (fp8: and ``keys_scale``, ``values_scale``
     [n_attn, kv_heads, head_dim]). Usage: ``tensors = quantize(state, "bf16")``.
     """
     check_precision(precision)
-    hybrid = isinstance(state, HybridState)
+    hybrid = state.has_keys
     log_decay = state.log_decay.float().contiguous()
     if precision != "fp8":
         dtype = _STORAGE_DTYPE[precision]
@@ -139,8 +139,8 @@ def precision_of(tensors: dict[str, Tensor]) -> str:
 
 def dequantize(tensors: dict[str, Tensor], n_tokens: int, fingerprint: str, dtype: torch.dtype | None = None,
                position: int | None = None) -> State:
-    """The :class:`State` stored as ``tensors`` (see :func:`quantize`); a :class:`HybridState` when
-    they hold keys and values (``position``: its next position, default ``n_tokens``).
+    """The :class:`State` stored as ``tensors`` (see :func:`quantize`); with keys and values when
+    they hold them (``position``: its next position, default ``n_tokens``).
 
     ``dtype``: of the returned ssm/conv (and keys/values) (default: the stored dtype; float32 for
     fp8, rescaled in fp32). Works on any device: move the (small) fp8 tensors to the GPU first,
@@ -157,7 +157,7 @@ def dequantize(tensors: dict[str, Tensor], n_tokens: int, fingerprint: str, dtyp
         ssm, conv = ssm.to(dtype), conv.to(dtype)
         kv = {name: t.to(dtype) for name, t in kv.items()}
     if kv:
-        return HybridState(ssm, conv, tensors["log_decay"].float(), int(n_tokens), fingerprint, keys=kv["keys"],
+        return State(ssm, conv, tensors["log_decay"].float(), int(n_tokens), fingerprint, keys=kv["keys"],
                            values=kv["values"], position=int(n_tokens if position is None else position))
     return State(ssm, conv, tensors["log_decay"].float(), int(n_tokens), fingerprint)
 
@@ -188,8 +188,8 @@ def state_nbytes(cfg: Mamba2Config | Any, precision: str, n_tokens: int = 0) -> 
     Usage: ``state_nbytes(Mamba2Config(d_model=2560, n_layer=64, vocab_size=50288), "fp8")``.
     """
     check_precision(precision)
-    hybrid = hasattr(cfg, "attn_layers")
-    n_layer = len(cfg.ssm_layers) if hybrid else cfg.n_layer  # a hybrid: its SSM layers
+    hybrid = bool(cfg.attn_layers)
+    n_layer = len(cfg.ssm_layers)  # a hybrid: its SSM layers
     ssm = n_layer * cfg.nheads * cfg.headdim * cfg.d_state
     conv = n_layer * cfg.conv_dim * (cfg.d_conv - 1)
     log_decay = n_layer * cfg.nheads * 4
@@ -213,6 +213,6 @@ def kv_nbytes_per_token(cfg: Any, precision: str) -> int:
     Usage: ``kv_nbytes_per_token(engine.model.cfg, "fp8")`` (0 for a Mamba-2 config).
     """
     check_precision(precision)
-    if not hasattr(cfg, "attn_layers"):
+    if not cfg.attn_layers:
         return 0
     return 2 * len(cfg.attn_layers) * cfg.n_kv_heads * cfg.head_dim * {"fp32": 4, "bf16": 2, "fp8": 1}[precision]

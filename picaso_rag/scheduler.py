@@ -6,7 +6,7 @@ document state, or None) and its own sampling parameters. One worker thread runs
 1. **join**: waiting requests are read in one batched forward, each row from its own initial
    state (rows right-padded; padding never changes a state), and each gets its first token; the
    state after its prompt is copied into a free row of the decode batch;
-2. **decode**: one :meth:`Mamba2LM.step` for every active row (on CUDA a graph replay at the
+2. **decode**: one :meth:`PicasoLM.step` for every active row (on CUDA a graph replay at the
    smallest bucketed batch size >= the rows in use);
 3. **leave**: a row that produced EOS, a stop string, its ``max_new_tokens`` or was cancelled
    is freed at once (the last row moves into the hole, so active rows stay a prefix of the batch).
@@ -14,11 +14,10 @@ document state, or None) and its own sampling parameters. One worker thread runs
 Greedy tokens equal :meth:`PicasoEngine.generate`'s for every request (tests/test_scheduler.py);
 sampling uses the same per-request seeded :class:`Sampler`, so seeded samples match too.
 
-A hybrid model (:class:`~picaso_rag.hybrid_engine.HybridEngine`: Mamba-2 and attention layers)
-gets a :class:`HybridScheduler` from the same ``Scheduler(engine, ...)`` call: each row also holds
-its attention layers' keys and values (its documents', its prompt's, its generated tokens'), in a
+A model with attention layers (a hybrid) runs through the same scheduler: each row also holds its
+attention layers' keys and values (its documents', its prompt's, its generated tokens'), in a
 padded batch buffer bounded by ``max_slot_tokens`` per row and ``max_kv_bytes`` in all; decoding is
-batched over the rows with a key mask (tests/test_hybrid_serving.py). The Mamba-2 path is unchanged.
+batched over the rows with a key mask (tests/test_hybrid_serving.py).
 
 Usage::
 
@@ -45,13 +44,13 @@ from torch import Tensor
 from .engine import Generation, PicasoEngine, Tokens
 from .errors import PicasoError
 from .generation import Sampler, SamplingParams, TextStream
-from .graphs import HybridStepGraphs
+from .graphs import StepGraphs
 from .state import State
 
 _ids = itertools.count(1)
 _END = object()
 
-# bounds of a hybrid model's keys and values in the scheduler (HybridScheduler; Mamba-2 rows are fixed-size)
+# bounds of the keys and values of a model with attention layers in the scheduler (rows without them are fixed-size)
 MAX_SLOT_TOKENS = 32_768  # keys per row: its documents' + prompt + max_new_tokens
 MAX_KV_BYTES = 2 << 30  # the padded key/value buffer of all rows together
 
@@ -127,7 +126,7 @@ class Request:
         self._pieces: queue.SimpleQueue | None = queue.SimpleQueue() if on_event is None else None
         self._cancelled = threading.Event()
         self.last_token = 0
-        # hybrid models (HybridScheduler): keys the row may hold at most, holds now, and its RoPE position
+        # keys the row may hold at most, holds now (0 without attention layers), and its RoPE position
         self.kv_reserved = self.kv_len = self.position = 0
 
     @property
@@ -187,25 +186,37 @@ class Request:
 
 
 class Scheduler:
-    """Continuous batching of :class:`Request`\\ s over one :class:`PicasoEngine` (see the module docstring).
+    """Continuous batching of :class:`Request`\\ s over one :class:`PicasoEngine`, for every model
+    (see the module docstring).
 
     ``max_batch``: rows decoded together; ``max_queue``: requests waiting beyond the free rows
-    (more: :meth:`submit` raises :class:`QueueFullError`); ``max_read_tokens``: padded prompt tokens read in
-    one joining forward (long prompts, as in concatenation, join a few at a time so decoding rows
-    are not stalled long); ``cuda_graphs``: on CUDA, decode by replaying graphs captured at
-    ``buckets`` (powers of two up to ``max_batch``), all captured when the scheduler starts.
-    ``max_slot_tokens``, ``max_kv_bytes``: the bounds of a hybrid model's keys and values (see
-    :class:`HybridScheduler`, which ``Scheduler(hybrid_engine, ...)`` returns); a Mamba-2 model's
-    rows are fixed-size and ignore them.
+    (more: :meth:`submit` raises :class:`QueueFullError`); ``max_read_tokens``: padded prompt tokens
+    read in one joining forward (long prompts, as in concatenation, join a few at a time so decoding
+    rows are not stalled long); ``cuda_graphs``: on CUDA, decode by replaying a graph per bucket of
+    rows (powers of two up to ``max_batch``; and, with attention layers, of key span); a model
+    without attention layers also replays joining reads of up to ``read_graph_rows`` prompts of up
+    to ``read_graph_lengths`` tokens (its rows hold no keys, so the graphs' inputs are fixed-size).
+
+    A row (slot) holds what :meth:`PicasoEngine.generate` holds for one request: the SSM layers'
+    states (fixed-size), and for a model with attention layers their keys and values: the composed
+    union of its documents', then its prompt's and its generated tokens'. The keys and values of
+    all rows live in one buffer ``keys``/``values`` [rows, n_attn, kv_heads, capacity, head_dim],
+    row r holding ``kv_len`` keys and zeros or stale keys after them; a decode step writes each
+    row's new key at its own length and attends with a key mask (:meth:`PicasoLM.step`), each row
+    at its own RoPE position; it reads the buffer only up to the span bucket of the longest row.
+
+    Bounds of the keys (a row's keys grow with every token, so both are enforced when a request joins):
+    - ``max_slot_tokens``: a request may hold at most this many keys, its documents' + prompt +
+      ``max_new_tokens`` (reserved whole at join, so a running row never runs out); above it,
+      :meth:`submit` raises :class:`KVBudgetError` naming the setting;
+    - ``max_kv_bytes``: the buffer of all rows, padded to the longest reservation (rows x capacity
+      x bytes per token), never exceeds it; a request that would push it past waits in the queue
+      (in order: no later request overtakes it) until rows leave; one that could not fit even
+      alone is refused at :meth:`submit`. While the buffer is resized the old one is held too.
+      With graphs, the buffer is kept while the scheduler is idle (recapturing at every burst would
+      cost more than the memory, which ``max_kv_bytes`` bounds); without them an idle scheduler
+      holds no keys.
     """
-
-    def __new__(cls, engine: PicasoEngine | None = None, *args, **kwargs):  # None: copy and pickle call __new__ bare
-        if cls is Scheduler and engine is not None:
-            from .hybrid_engine import HybridEngine  # (hybrid_engine imports the engine module, as this one does)
-
-            if isinstance(engine, HybridEngine):  # its rows also hold keys and values
-                cls = HybridScheduler
-        return super().__new__(cls)
 
     def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
                  max_read_batch: int | None = None, cuda_graphs: bool = True, read_graph_rows: int = 32,
@@ -218,6 +229,8 @@ class Scheduler:
         self.max_kv_bytes = max_kv_bytes
         self.engine = engine
         self.model = engine.model
+        cfg = self.model.cfg
+        self.has_keys = bool(cfg.attn_layers)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_read_tokens = max_read_tokens
@@ -230,17 +243,24 @@ class Scheduler:
         self.steps = 0  # decode steps run
         self.rows_decoded = 0  # sum of active rows over steps (mean batch = rows_decoded / steps)
         self.finished: Counter[str] = Counter()  # requests finished, by reason
-        self.graphs = None
+        self.kv_bytes_per_token = cfg.kv_bytes_per_token(bytes_per_value=self.model.dtype.itemsize) if self.has_keys else 0
+        self.keys: Tensor | None = None  # [rows, n_attn, kv_heads, capacity, head_dim]; None while idle or without attention
+        self.values: Tensor | None = None
+        self.kv_waits = 0  # loop turns at which the head of the queue waited for the key/value budget
+        # each row's key count and RoPE position, where the decode step (and its graphs) read them
+        self.kv_lengths = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
+        self._graph_decode = cuda_graphs and engine.device.type == "cuda"
+        # the decode step over the batch, graphed on CUDA; with attention layers made anew whenever the key buffer is
+        self.step_graphs: StepGraphs | None = None if self.has_keys else self._step_graphs(None, None)
         self.read_graphs = None
         self.read_graphs_error: str | None = None
-        if cuda_graphs and engine.device.type == "cuda":
-            from .graphs import BatchedReadGraphs, BatchedStepGraphs
+        if self._graph_decode and read_graph_rows and not self.has_keys:
+            from .graphs import BatchedReadGraphs  # joins of short prompts replay graphs too (eagerly they are launch-bound)
 
-            self.graphs = BatchedStepGraphs(self.model, self.tokens, self.ssm, self.conv)
-            if read_graph_rows:  # joins of short prompts replay graphs too (eagerly they are launch-bound)
-                rows = min(read_graph_rows, max_batch)
-                self.read_graphs = BatchedReadGraphs(self.model, *self._empty_state(rows), *self._empty_state(rows),
-                                                     lengths=read_graph_lengths)
+            rows = min(read_graph_rows, max_batch)
+            self.read_graphs = BatchedReadGraphs(self.model, *self._empty_state(rows), *self._empty_state(rows),
+                                                 lengths=read_graph_lengths)
         self._windowed = _concatenative(engine)
         self._cv = threading.Condition()
         self._closed = False
@@ -248,12 +268,31 @@ class Scheduler:
         if start:
             self.start()
 
+    def _step_graphs(self, keys: Tensor | None, values: Tensor | None) -> StepGraphs:
+        if keys is None:  # no attention layers: zero-size key buffers
+            cfg = self.model.cfg
+            keys = values = torch.zeros(self.max_batch, 0, cfg.n_kv_heads, 0, cfg.head_dim, device=self.engine.device,
+                                        dtype=self.model.dtype)
+        return StepGraphs(self.model, self.tokens, self.ssm, self.conv, keys, values, self.kv_lengths,
+                                self.positions, graphed=self._graph_decode)
+
+    def _empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Zero states [batch, n_ssm, ...] stored layer-major (a transposed view): each layer's rows are
+        contiguous, so a kernel's offset (row x one layer's state) stays within int32 at any batch. Batch-major,
+        256 rows of a 2.7B model's states span 2^33 elements, past the kernels' 32-bit index arithmetic."""
+        cfg, kw = self.model.cfg, dict(device=self.engine.device, dtype=self.model.dtype)
+        n_ssm = len(cfg.ssm_layers)
+        ssm = torch.zeros(n_ssm, batch, cfg.nheads, cfg.headdim, cfg.d_state, **kw).transpose(0, 1)
+        conv = torch.zeros(n_ssm, batch, cfg.conv_dim, cfg.d_conv - 1, **kw).transpose(0, 1)
+        return ssm, conv
+
     # ----------------------------------------------------------------------------------- public
     def start(self) -> "Scheduler":
-        """Capture the CUDA graphs (if any) and start the worker thread."""
+        """Capture the CUDA graphs a model without attention layers replays (every row bucket) and
+        start the worker thread."""
         if self._thread is None:
-            if self.graphs is not None:
-                self.graphs.capture_all()  # now: a capture's warm-up runs steps on the batch's rows
+            if self._graph_decode and not self.has_keys:
+                self.step_graphs.capture_all()  # type: ignore[union-attr]  # now: a warm-up steps the batch's rows
                 if self.read_graphs is not None:
                     try:
                         self.read_graphs.capture_all()
@@ -268,13 +307,17 @@ class Scheduler:
     def submit(self, prompt: Tokens, state: State | None = None, *,
                on_event: Callable[[Request, str | None], None] | None = None, **sampling) -> Request:
         """Queue a generation of ``prompt`` read from ``state``; keyword arguments are
-        :class:`SamplingParams`. Raises :class:`QueueFullError` when ``max_queue`` requests wait."""
+        :class:`SamplingParams`. Raises :class:`QueueFullError` when ``max_queue`` requests wait, and
+        :class:`KVBudgetError` for a request whose keys (its documents' + prompt + ``max_new_tokens``)
+        exceed ``max_slot_tokens`` or ``max_kv_bytes``."""
         params = sampling.pop("params", None) or SamplingParams(**sampling)
         prompt_ids = self.engine.tokenize(prompt)
         if not prompt_ids:
             raise PicasoError("the prompt has no tokens; pass a non-empty query.")
         if state is not None:
             self.engine._check(state)
+        if self.has_keys:
+            self._check_kv_budget(state.n_keys if state is not None else 0, len(prompt_ids), params.max_new_tokens)
         request = Request(prompt_ids, state, params, on_event, self.engine.tokenizer.decode, self._windowed)
         if params.max_new_tokens == 0:
             request._finish("length")
@@ -290,6 +333,18 @@ class Scheduler:
             self._cv.notify()
         return request
 
+    def _check_kv_budget(self, n_keys: int, n_prompt: int, max_new_tokens: int) -> None:
+        need = n_keys + n_prompt + max_new_tokens
+        what = (f"this request needs room for {need:,} keys per attention layer ({n_keys:,} of its documents, "
+                f"{n_prompt:,} of its prompt, {max_new_tokens:,} new tokens)")
+        if need > self.max_slot_tokens:
+            raise KVBudgetError(f"{what}, above the scheduler's max_slot_tokens = {self.max_slot_tokens:,} "
+                                "(picaso-rag serve --max-slot-tokens); ask for fewer documents or new tokens, or raise it.")
+        if need * self.kv_bytes_per_token > self.max_kv_bytes:
+            raise KVBudgetError(f"{what}: {need * self.kv_bytes_per_token:,} bytes, above the scheduler's max_kv_bytes = "
+                                f"{self.max_kv_bytes:,} (picaso-rag serve --max-kv-bytes); ask for fewer documents or "
+                                "new tokens, or raise it.")
+
     def generate(self, prompt: Tokens, state: State | None = None, timeout: float | None = None, **sampling) -> Generation:
         """Submit and wait: like :meth:`PicasoEngine.generate`, batched with whatever else runs."""
         request = self.submit(prompt, state, on_event=lambda r, p: None, **sampling)
@@ -297,13 +352,22 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "steps": self.steps,
-                    "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
-                    "finished": dict(self.finished),
-                    "cuda_graph_buckets": list(self.graphs.buckets) if self.graphs is not None else [],
-                    "read_graphs": ({"rows": list(self.read_graphs.rows), "lengths": list(self.read_graphs.lengths)}
-                                    if self.read_graphs is not None else self.read_graphs_error)}
+            graphs, keys = self.step_graphs, self.keys
+            figures = {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                       "max_queue": self.max_queue, "steps": self.steps,
+                       "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
+                       "finished": dict(self.finished),
+                       "cuda_graph_buckets": list(graphs.row_buckets) if graphs is not None and graphs.graphed else [],
+                       "read_graphs": ({"rows": list(self.read_graphs.rows), "lengths": list(self.read_graphs.lengths)}
+                                       if self.read_graphs is not None else self.read_graphs_error),
+                       "decode_graphs": ({"graphed": graphs.graphed, "captured": graphs.n_graphs(), "error": graphs.error}
+                                         if graphs is not None else None)}
+            if self.has_keys:
+                figures["kv"] = {"max_slot_tokens": self.max_slot_tokens, "max_kv_bytes": self.max_kv_bytes,
+                                 "bytes_per_token": self.kv_bytes_per_token,
+                                 "buffer_bytes": 2 * keys.numel() * keys.element_size() if keys is not None else 0,
+                                 "tokens_held": sum(r.kv_len for r in self.active), "waits_for_budget": self.kv_waits}
+            return figures
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel everything and stop the worker."""
@@ -345,23 +409,33 @@ class Scheduler:
                     self.active.clear()
 
     def _take_joining(self) -> list[Request]:
-        """Waiting requests that fit the free rows and the read budget (at least one when a row is free)."""
+        """Waiting requests, in order, that fit the free rows, the read budget (padded prompt tokens
+        of one forward; at least one when a row is free) and the key/value budget."""
         joining: list[Request] = []
-        free = self.max_batch - len(self.active)
-        longest = 0
-        cap = min(free, self.max_read_batch)
+        cap = min(self.max_batch - len(self.active), self.max_read_batch)
         if self.read_graphs is not None and self.waiting and self.read_graphs.fits(1, len(self.waiting[0].prompt_ids)):
             cap = min(cap, self.read_graphs.rows[-1])  # a join that fits the read graphs
+        longest_prompt = 0
+        longest_keys = max((r.kv_reserved for r in self.active), default=0)
         while self.waiting and len(joining) < cap:
             request = self.waiting[0]
             if request.cancelled:
                 self._end(self.waiting.popleft(), "cancelled")
                 continue
-            longest_after = max(longest, len(request.prompt_ids))
-            if joining and longest_after * (len(joining) + 1) > self.max_read_tokens:
+            longest_after = max(longest_prompt, len(request.prompt_ids))
+            if joining and longest_after * (len(joining) + 1) > self.max_read_tokens:  # the padded prompts of one forward
                 break
+            if self.has_keys:
+                n_keys = request.state.n_keys if request.state is not None else 0
+                reserve = n_keys + len(request.prompt_ids) + request.params.max_new_tokens
+                rows = len(self.active) + len(joining) + 1
+                if rows * max(longest_keys, reserve) * self.kv_bytes_per_token > self.max_kv_bytes:
+                    self.kv_waits += 1  # it waits for rows to leave (submit refused any request that cannot fit alone)
+                    break
+                request.kv_reserved = reserve
+                longest_keys = max(longest_keys, reserve)
             joining.append(self.waiting.popleft())
-            longest = longest_after
+            longest_prompt = longest_after
         return joining
 
     @torch.inference_mode()  # it releases rows: their buffers are inference tensors, written in place
@@ -372,64 +446,117 @@ class Scheduler:
                 self._end(self.active[i], "cancelled")
             self._release(gone)
 
-    def _empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Zero states [batch, n_layer, ...] stored layer-major (a transposed view): each layer's rows are
-        contiguous, so a kernel's offset (row x one layer's state) stays within int32 at any batch. Batch-major,
-        256 rows of a 2.7B model's states span 2^33 elements, past the kernels' 32-bit index arithmetic."""
-        cfg, kw = self.model.cfg, dict(device=self.engine.device, dtype=self.model.dtype)
-        ssm = torch.zeros(cfg.n_layer, batch, cfg.nheads, cfg.headdim, cfg.d_state, **kw).transpose(0, 1)
-        conv = torch.zeros(cfg.n_layer, batch, cfg.conv_dim, cfg.d_conv - 1, **kw).transpose(0, 1)
-        return ssm, conv
+    def _fit_kv(self, rows: int, tokens: int) -> None:
+        """Make the key buffer hold ``rows`` rows of ``tokens`` keys (the active rows' keys kept), with
+        slack (fewer resizes) only where the budget allows it."""
+        have_rows, have_tokens = (0, 0) if self.keys is None else (self.keys.shape[0], self.keys.shape[3])
+        if rows <= have_rows and tokens <= have_tokens:
+            return
+        slack_rows = min(self.max_batch, max(have_rows, 1 << (rows - 1).bit_length()))
+        # powers of two: the buffer is reallocated (and its step graphs recaptured) a few times, not per request
+        slack_tokens = min(self.max_slot_tokens, max(have_tokens, 256, 1 << (tokens - 1).bit_length()))
+        per_token = self.kv_bytes_per_token
+        new_rows, new_tokens = next((r, t) for r, t in ((slack_rows, slack_tokens), (rows, slack_tokens),
+                                                        (slack_rows, tokens), (rows, tokens))
+                                    if r >= rows and t >= tokens and r * t * per_token <= self.max_kv_bytes)
+        cfg = self.model.cfg
+        shape = (new_rows, len(cfg.attn_layers), cfg.n_kv_heads, new_tokens, cfg.head_dim)
+        # zeros, not empty: masked keys weigh exactly 0, but 0 x NaN garbage in a value would be NaN
+        keys = torch.zeros(shape, device=self.engine.device, dtype=self.model.dtype)
+        values = torch.zeros_like(keys)
+        n = len(self.active)
+        if self.keys is not None and n:
+            span = min(have_tokens, max(r.kv_len for r in self.active))
+            keys[:n, :, :, :span].copy_(self.keys[:n, :, :, :span])
+            values[:n, :, :, :span].copy_(self.values[:n, :, :, :span])  # type: ignore[index]
+        self.keys, self.values = keys, values
+        self.step_graphs = self._step_graphs(keys, values)
 
     @torch.inference_mode()
     def _join(self, joining: list[Request]) -> None:
-        """Read the joining prompts in one forward, each row from its own state; they join the batch."""
-        engine, model = self.engine, self.model
-        k, device = len(joining), engine.device
+        """Read the joining prompts in one forward, each row from its own state: prompts right-padded,
+        each row's keys padded after its own (``key_lengths`` masks the padding), each row at its own
+        RoPE position; the state after it, keys and values included, goes into a free row."""
+        start, k = len(self.active), len(joining)
         lengths = [len(r.prompt_ids) for r in joining]
-        ids = torch.zeros(k, max(lengths), dtype=torch.long)
-        for row, r in enumerate(joining):
-            ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        graphed = self.read_graphs is not None and self.read_graphs.fits(k, max(lengths))
-        if graphed:
-            ssm0, conv0 = self.read_graphs.ssm_in, self.read_graphs.conv_in
+        if self.read_graphs is not None and self.read_graphs.fits(k, max(lengths)):
+            logits = self._graphed_read(joining, start)
         else:
-            ssm0, conv0 = self._empty_state(k)
-        for row, r in enumerate(joining):
-            if r.state is not None:
-                ssm0[row].copy_(r.state.ssm, non_blocking=True)
-                conv0[row].copy_(r.state.conv, non_blocking=True)
-            elif graphed:
-                ssm0[row].zero_()
-                conv0[row].zero_()
-            r.state = None
-        start = len(self.active)
-        if graphed:
-            logits = self.read_graphs.read([r.prompt_ids for r in joining])
-            self.ssm[start:start + k].copy_(self.read_graphs.ssm_out[:k])
-            self.conv[start:start + k].copy_(self.read_graphs.conv_out[:k])
-        else:
-            same_length = len(set(lengths)) == 1  # no padding: the exact forward engine.generate runs
-            out = model(ids.to(device), ssm_state=ssm0, conv_state=conv0,
-                        lengths=None if same_length else torch.tensor(lengths, device=device), logits="last")
-            self.ssm[start:start + k].copy_(out.ssm_state)
-            self.conv[start:start + k].copy_(out.conv_state)
-            logits = out.logits[:, 0]
+            logits = self._read(joining, start, lengths)
         now = time.perf_counter()
         for r in joining:
             r.timings.read = now
+            r.state = None
         with self._cv:
             self.active.extend(joining)
         self._advance(list(range(start, start + k)), logits)
 
+    def _graphed_read(self, joining: list[Request], start: int) -> Tensor:
+        """The join of a model without attention layers, replayed: the states into the graphs' inputs."""
+        graphs, k = self.read_graphs, len(joining)
+        for row, r in enumerate(joining):
+            if r.state is not None:
+                graphs.ssm_in[row].copy_(r.state.ssm, non_blocking=True)  # type: ignore[union-attr]
+                graphs.conv_in[row].copy_(r.state.conv, non_blocking=True)  # type: ignore[union-attr]
+            else:
+                graphs.ssm_in[row].zero_()  # type: ignore[union-attr]
+                graphs.conv_in[row].zero_()  # type: ignore[union-attr]
+        logits = graphs.read([r.prompt_ids for r in joining])  # type: ignore[union-attr]
+        self.ssm[start:start + k].copy_(graphs.ssm_out[:k])  # type: ignore[union-attr]
+        self.conv[start:start + k].copy_(graphs.conv_out[:k])  # type: ignore[union-attr]
+        return logits
+
+    def _read(self, joining: list[Request], start: int, lengths: list[int]) -> Tensor:
+        """The join read eagerly; returns the last real position's logits [k, vocab]."""
+        engine, model, cfg = self.engine, self.model, self.model.cfg
+        k, device = len(joining), engine.device
+        if self.has_keys:
+            if not start and not self._graph_decode:  # (after a failed step the batch was cleared without _release)
+                self.keys = self.values = self.step_graphs = None
+            self._fit_kv(start + k, max(r.kv_reserved for r in self.active + joining))
+        begun = [engine._start(r.state) for r in joining]
+        n_docs = [b[2].shape[3] for b in begun]
+        ids = torch.zeros(k, max(lengths), dtype=torch.long)
+        for row, r in enumerate(joining):
+            ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        past = torch.zeros(k, len(cfg.attn_layers), cfg.n_kv_heads, max(n_docs), cfg.head_dim, device=device, dtype=model.dtype)
+        past_values = torch.zeros_like(past)
+        for row, (_, _, keys, values, _, _, _) in enumerate(begun):
+            past[row, :, :, :n_docs[row]] = keys[0]
+            past_values[row, :, :, :n_docs[row]] = values[0]
+        ragged_prompts, ragged_keys = len(set(lengths)) > 1, len(set(n_docs)) > 1
+        # no padding: the exact forward engine.generate runs
+        out = model(ids.to(device), ssm_state=torch.cat([b[0] for b in begun]), conv_state=torch.cat([b[1] for b in begun]),
+                    keys=past, values=past_values, position=torch.tensor([b[4] for b in begun], device=device),
+                    lengths=torch.tensor(lengths, device=device) if ragged_prompts else None,
+                    key_lengths=torch.tensor(n_docs, device=device) if ragged_keys else None, logits="last")
+        self.ssm[start:start + k].copy_(out.ssm_state)
+        self.conv[start:start + k].copy_(out.conv_state)
+        for row, r in enumerate(joining):
+            slot, n_doc, n = start + row, n_docs[row], lengths[row]
+            if self.has_keys:
+                self.keys[slot, :, :, :n_doc + n].copy_(torch.cat([past[row, :, :, :n_doc], out.keys[row, :, :, :n]], dim=2))  # type: ignore[index]
+                self.values[slot, :, :, :n_doc + n].copy_(torch.cat([past_values[row, :, :, :n_doc], out.values[row, :, :, :n]], dim=2))  # type: ignore[index]
+            r.kv_len, r.position = n_doc + n, begun[row][4] + n
+        return out.logits[:, 0]
+
     @torch.inference_mode()
     def _decode(self) -> None:
         n = len(self.active)
-        self.tokens[:n].copy_(torch.tensor([r.last_token for r in self.active], dtype=torch.long), non_blocking=True)
-        if self.graphs is not None:
-            logits = self.graphs.step(n)[:n]
-        else:
-            logits = self.model.step(self.tokens[:n], self.ssm[:n], self.conv[:n])
+        graphs = self.step_graphs
+        longest = max(r.kv_len for r in self.active)
+        rows, _ = graphs.bucket(n, longest)  # type: ignore[union-attr]
+        # the bucket's rows past the active ones read one key from position 0: computed, ignored
+        table = torch.zeros(3, rows, dtype=torch.long)
+        table[:, :n] = torch.tensor([[r.last_token, r.kv_len, r.position] for r in self.active], dtype=torch.long).T
+        table = table.to(self.engine.device, non_blocking=True)
+        self.tokens[:rows].copy_(table[0])
+        self.kv_lengths[:rows].copy_(table[1])
+        self.positions[:rows].copy_(table[2])
+        logits = graphs.step(n, longest)[:n]  # type: ignore[union-attr]
+        for r in self.active:
+            r.kv_len += 1
+            r.position += 1
         self.steps += 1
         self.rows_decoded += n
         self._advance(list(range(n)), logits)
@@ -473,7 +600,8 @@ class Scheduler:
         request._finish(reason)
 
     def _release(self, rows: list[int]) -> None:
-        """Free ``rows`` of the batch: the last active rows move into the holes (states copied)."""
+        """Free ``rows`` of the batch: the last active rows move into the holes (states, keys and
+        values copied); an emptied batch frees its key buffer (without graphs)."""
         with self._cv:
             holes = sorted(set(rows))
             gone = set(holes)
@@ -483,238 +611,17 @@ class Scheduler:
             for hole, source in zip(fill, keep_tail):
                 self.ssm[hole].copy_(self.ssm[source])
                 self.conv[hole].copy_(self.conv[source])
+                if self.keys is not None:
+                    length = self.active[source].kv_len
+                    self.keys[hole, :, :, :length].copy_(self.keys[source, :, :, :length])
+                    self.values[hole, :, :, :length].copy_(self.values[source, :, :, :length])  # type: ignore[index]
                 self.active[hole] = self.active[source]
             del self.active[n - len(holes):]
-
-
-class HybridScheduler(Scheduler):
-    """:class:`Scheduler` for a hybrid model (Mamba-2 and attention layers); ``Scheduler(engine, ...)``
-    returns one for a :class:`~picaso_rag.hybrid_engine.HybridEngine`, so callers need not know.
-
-    A row (slot) holds what :meth:`HybridEngine.generate` holds for one request: the SSM layers'
-    states (fixed-size, as for Mamba-2) and the attention layers' keys and values: the composed
-    union of its documents', then its prompt's and its generated tokens'. The keys and values of
-    all rows live in one buffer ``keys``/``values`` [rows, n_attn, kv_heads, capacity, head_dim],
-    row r holding ``kv_len`` keys and zeros or stale keys after them; a decode step writes each
-    row's new key at its own length and attends with a key mask (:meth:`HybridLM.step`),
-    each row at its own RoPE position. Why padding: SDPA takes one dense [rows, keys] layout; a
-    step reads the buffer only up to the longest row's keys (shorter rows' padding up to there is
-    read and masked), and the rest of the capacity costs memory only.
-
-    Bounds (a row's keys grow with every token, so both are enforced when a request joins):
-    - ``max_slot_tokens``: a request may hold at most this many keys, its documents' + prompt +
-      ``max_new_tokens`` (reserved whole at join, so a running row never runs out); above it,
-      :meth:`submit` raises :class:`KVBudgetError` naming the setting;
-    - ``max_kv_bytes``: the buffer of all rows, padded to the longest reservation (rows x capacity
-      x bytes per token), never exceeds it; a request that would push it past waits in the queue
-      (in order: no later request overtakes it) until rows leave; one that could not fit even
-      alone is refused at :meth:`submit`. While the buffer is resized the old one is held too.
-      An idle scheduler holds no keys.
-
-    Joining prompts are read in one forward, each row from its own composed state (its keys padded
-    after its own and masked: ``key_lengths``; its own RoPE position), eagerly; decoding is batched
-    over all rows at bucketed (rows, key span) shapes, on CUDA by replaying a graph per bucket
-    (:class:`~picaso_rag.graphs.HybridStepGraphs`; the same bucketed step runs eagerly elsewhere). With
-    graphs, the buffer is kept while the scheduler is idle (recapturing at every burst would cost more
-    than the memory, which ``max_kv_bytes`` bounds); without them an idle scheduler holds no keys.
-    """
-
-    def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
-                 max_read_batch: int | None = None, cuda_graphs: bool = True, read_graph_rows: int = 32,
-                 read_graph_lengths: tuple[int, ...] = (64, 128), start: bool = True,
-                 max_slot_tokens: int = MAX_SLOT_TOKENS, max_kv_bytes: int = MAX_KV_BYTES):
-        super().__init__(engine, max_batch, max_queue, max_read_tokens, max_read_batch, cuda_graphs=False,
-                         start=False, max_slot_tokens=max_slot_tokens, max_kv_bytes=max_kv_bytes)
-        cfg = self.model.cfg
-        self.kv_bytes_per_token = cfg.kv_bytes_per_token(bytes_per_value=self.model.dtype.itemsize)
-        self.keys: Tensor | None = None  # [rows, n_attn, kv_heads, capacity, head_dim]; None while idle
-        self.values: Tensor | None = None
-        self.kv_waits = 0  # loop turns at which the head of the queue waited for the key/value budget
-        # each row's key count and RoPE position, where the decode step (and its graphs) read them
-        self.kv_lengths = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
-        # the decode step over the key/value buffer, graphed on CUDA; made anew whenever the buffer is
-        self.step_graphs: HybridStepGraphs | None = None
-        self._graph_decode = cuda_graphs and engine.device.type == "cuda"
-        if start:
-            self.start()
-
-    def _empty_state(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Zero SSM states of the SSM layers only, layer-major as :meth:`Scheduler._empty_state`."""
-        cfg, kw = self.model.cfg, dict(device=self.engine.device, dtype=self.model.dtype)
-        n_ssm = len(cfg.ssm_layers)
-        ssm = torch.zeros(n_ssm, batch, cfg.nheads, cfg.headdim, cfg.d_state, **kw).transpose(0, 1)
-        conv = torch.zeros(n_ssm, batch, cfg.conv_dim, cfg.d_conv - 1, **kw).transpose(0, 1)
-        return ssm, conv
-
-    # ----------------------------------------------------------------------------------- public
-    def submit(self, prompt: Tokens, state: State | None = None, *,
-               on_event: Callable[[Request, str | None], None] | None = None, **sampling) -> Request:
-        """As :meth:`Scheduler.submit`; also raises :class:`KVBudgetError` for a request whose keys
-        (its documents' + prompt + ``max_new_tokens``) exceed ``max_slot_tokens`` or ``max_kv_bytes``."""
-        params = sampling.pop("params", None) or SamplingParams(**sampling)
-        prompt_ids = self.engine.tokenize(prompt)
-        if state is not None:
-            self.engine._check(state)
-        n_keys = state.n_keys if state is not None else 0  # type: ignore[attr-defined]
-        need = n_keys + len(prompt_ids) + params.max_new_tokens
-        what = (f"this request needs room for {need:,} keys per attention layer ({n_keys:,} of its documents, "
-                f"{len(prompt_ids):,} of its prompt, {params.max_new_tokens:,} new tokens)")
-        if need > self.max_slot_tokens:
-            raise KVBudgetError(f"{what}, above the scheduler's max_slot_tokens = {self.max_slot_tokens:,} "
-                                "(picaso-rag serve --max-slot-tokens); ask for fewer documents or new tokens, or raise it.")
-        if need * self.kv_bytes_per_token > self.max_kv_bytes:
-            raise KVBudgetError(f"{what}: {need * self.kv_bytes_per_token:,} bytes, above the scheduler's max_kv_bytes = "
-                                f"{self.max_kv_bytes:,} (picaso-rag serve --max-kv-bytes); ask for fewer documents or "
-                                "new tokens, or raise it.")
-        return super().submit(prompt_ids, state, on_event=on_event, params=params)
-
-    def stats(self) -> dict:
-        figures = super().stats()
-        with self._cv:
-            keys = self.keys
-            figures["kv"] = {"max_slot_tokens": self.max_slot_tokens, "max_kv_bytes": self.max_kv_bytes,
-                             "bytes_per_token": self.kv_bytes_per_token,
-                             "buffer_bytes": 2 * keys.numel() * keys.element_size() if keys is not None else 0,
-                             "tokens_held": sum(r.kv_len for r in self.active), "waits_for_budget": self.kv_waits}
-            graphs = self.step_graphs
-            figures["decode_graphs"] = ({"graphed": graphs.graphed, "captured": graphs.n_graphs(), "error": graphs.error}
-                                        if graphs is not None else None)
-        return figures
-
-    # ----------------------------------------------------------------------------------- worker
-    def _take_joining(self) -> list[Request]:
-        """Waiting requests, in order, that fit the free rows, the read budget and the key/value budget."""
-        joining: list[Request] = []
-        cap = min(self.max_batch - len(self.active), self.max_read_batch)
-        read = 0
-        longest = max((r.kv_reserved for r in self.active), default=0)
-        while self.waiting and len(joining) < cap:
-            request = self.waiting[0]
-            if request.cancelled:
-                self._end(self.waiting.popleft(), "cancelled")
-                continue
-            if joining and read + len(request.prompt_ids) > self.max_read_tokens:  # the prompts read in one forward
-                break
-            n_keys = request.state.n_keys if request.state is not None else 0  # type: ignore[attr-defined]
-            reserve = n_keys + len(request.prompt_ids) + request.params.max_new_tokens
-            rows = len(self.active) + len(joining) + 1
-            if rows * max(longest, reserve) * self.kv_bytes_per_token > self.max_kv_bytes:
-                self.kv_waits += 1  # it waits for rows to leave (submit refused any request that cannot fit alone)
-                break
-            request.kv_reserved = reserve
-            joining.append(self.waiting.popleft())
-            longest = max(longest, reserve)
-            read += len(request.prompt_ids)
-        return joining
-
-    def _fit_kv(self, rows: int, tokens: int) -> None:
-        """Make the buffer hold ``rows`` rows of ``tokens`` keys (the active rows' keys kept), with
-        slack (fewer resizes) only where the budget allows it."""
-        have_rows, have_tokens = (0, 0) if self.keys is None else (self.keys.shape[0], self.keys.shape[3])
-        if rows <= have_rows and tokens <= have_tokens:
-            return
-        slack_rows = min(self.max_batch, max(have_rows, 1 << (rows - 1).bit_length()))
-        # powers of two: the buffer is reallocated (and its step graphs recaptured) a few times, not per request
-        slack_tokens = min(self.max_slot_tokens, max(have_tokens, 256, 1 << (tokens - 1).bit_length()))
-        per_token = self.kv_bytes_per_token
-        new_rows, new_tokens = next((r, t) for r, t in ((slack_rows, slack_tokens), (rows, slack_tokens),
-                                                        (slack_rows, tokens), (rows, tokens))
-                                    if r >= rows and t >= tokens and r * t * per_token <= self.max_kv_bytes)
-        cfg = self.model.cfg
-        shape = (new_rows, len(cfg.attn_layers), cfg.n_kv_heads, new_tokens, cfg.head_dim)
-        # zeros, not empty: masked keys weigh exactly 0, but 0 x NaN garbage in a value would be NaN
-        keys = torch.zeros(shape, device=self.engine.device, dtype=self.model.dtype)
-        values = torch.zeros_like(keys)
-        n = len(self.active)
-        if self.keys is not None and n:
-            span = min(have_tokens, max(r.kv_len for r in self.active))
-            keys[:n, :, :, :span].copy_(self.keys[:n, :, :, :span])
-            values[:n, :, :, :span].copy_(self.values[:n, :, :, :span])  # type: ignore[index]
-        self.keys, self.values = keys, values
-        self.step_graphs = HybridStepGraphs(self.model, self.tokens, self.ssm, self.conv, keys, values, self.kv_lengths,
-                                            self.positions, graphed=self._graph_decode)
-
-    @torch.inference_mode()
-    def _join(self, joining: list[Request]) -> None:
-        """Read the joining prompts in one forward, each row from its own state: prompts right-padded,
-        each row's keys padded after its own (``key_lengths`` masks the padding), each row at its own
-        RoPE position; the state after it, keys and values included, goes into a free row."""
-        engine, model = self.engine, self.model
-        start, k, device = len(self.active), len(joining), engine.device
-        if not start and not self._graph_decode:  # (after a failed step the batch was cleared without _release)
-            self.keys = self.values = self.step_graphs = None
-        self._fit_kv(start + k, max(r.kv_reserved for r in self.active + joining))
-        begun = [engine._start(r.state) for r in joining]  # type: ignore[attr-defined]
-        n_docs = [b[2].shape[3] for b in begun]
-        lengths = [len(r.prompt_ids) for r in joining]
-        ids = torch.zeros(k, max(lengths), dtype=torch.long)
-        for row, r in enumerate(joining):
-            ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        cfg = model.cfg
-        past = torch.zeros(k, len(cfg.attn_layers), cfg.n_kv_heads, max(n_docs), cfg.head_dim, device=device, dtype=model.dtype)
-        past_values = torch.zeros_like(past)
-        for row, (_, _, keys, values, _, _, _) in enumerate(begun):
-            past[row, :, :, :n_docs[row]] = keys[0]
-            past_values[row, :, :, :n_docs[row]] = values[0]
-        ragged_prompts, ragged_keys = len(set(lengths)) > 1, len(set(n_docs)) > 1
-        out = model(ids.to(device), ssm_state=torch.cat([b[0] for b in begun]), conv_state=torch.cat([b[1] for b in begun]),
-                    keys=past, values=past_values, position=torch.tensor([b[4] for b in begun], device=device),
-                    lengths=torch.tensor(lengths, device=device) if ragged_prompts else None,
-                    key_lengths=torch.tensor(n_docs, device=device) if ragged_keys else None, logits="last")
-        self.ssm[start:start + k].copy_(out.ssm_state)
-        self.conv[start:start + k].copy_(out.conv_state)
-        for row, r in enumerate(joining):
-            slot, n_doc, n = start + row, n_docs[row], lengths[row]
-            self.keys[slot, :, :, :n_doc + n].copy_(torch.cat([past[row, :, :, :n_doc], out.keys[row, :, :, :n]], dim=2))  # type: ignore[index]
-            self.values[slot, :, :, :n_doc + n].copy_(torch.cat([past_values[row, :, :, :n_doc], out.values[row, :, :, :n]], dim=2))  # type: ignore[index]
-            r.kv_len, r.position = n_doc + n, begun[row][4] + n
-            r.state = None
-        now = time.perf_counter()
-        for r in joining:
-            r.timings.read = now
-        with self._cv:
-            self.active.extend(joining)
-        self._advance(list(range(start, start + k)), out.logits[:, 0])
-
-    @torch.inference_mode()
-    def _decode(self) -> None:
-        n = len(self.active)
-        graphs = self.step_graphs
-        rows, _ = graphs.bucket(n, max(r.kv_len for r in self.active))  # type: ignore[union-attr]
-        # the bucket's rows past the active ones read one key from position 0: computed, ignored
-        table = torch.zeros(3, rows, dtype=torch.long)
-        table[:, :n] = torch.tensor([[r.last_token, r.kv_len, r.position] for r in self.active], dtype=torch.long).T
-        table = table.to(self.engine.device, non_blocking=True)
-        self.tokens[:rows].copy_(table[0])
-        self.kv_lengths[:rows].copy_(table[1])
-        self.positions[:rows].copy_(table[2])
-        logits = graphs.step(n, max(r.kv_len for r in self.active))[:n]  # type: ignore[union-attr]
-        for r in self.active:
-            r.kv_len += 1
-            r.position += 1
-        self.steps += 1
-        self.rows_decoded += n
-        self._advance(list(range(n)), logits)
-
-    def _release(self, rows: list[int]) -> None:
-        """As :meth:`Scheduler._release`, moving the keys and values too; an emptied batch frees its buffer."""
-        with self._cv:
-            holes = sorted(set(rows))
-            gone = set(holes)
-            n = len(self.active)
-            keep_tail = [i for i in range(n - len(holes), n) if i not in gone]
-            fill = [h for h in holes if h < n - len(holes)]
-            for hole, source in zip(fill, keep_tail):
-                self.ssm[hole].copy_(self.ssm[source])
-                self.conv[hole].copy_(self.conv[source])
-                length = self.active[source].kv_len
-                self.keys[hole, :, :, :length].copy_(self.keys[source, :, :, :length])  # type: ignore[index]
-                self.values[hole, :, :, :length].copy_(self.values[source, :, :, :length])  # type: ignore[index]
-                self.active[hole] = self.active[source]
-            del self.active[n - len(holes):]
-            if not self.active and not self._graph_decode:
+            if self.has_keys and not self.active and not self._graph_decode:
                 self.keys = self.values = self.step_graphs = None
+
+
+HybridScheduler = Scheduler  # deprecated alias (one release): Scheduler batches every model
 
 
 def tokens_of(engine: PicasoEngine, prompts: Sequence[Tokens]) -> list[list[int]]:

@@ -29,7 +29,7 @@ refused), a state file is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regul
 at most :data:`MAX_HEADER_BYTES` of header are read, and tensor bytes only after the header
 described exactly the file's size and this model's state shapes (a hybrid's: its fixed SSM shapes,
 its keys' and values' layers, heads and head size, at most its longest document's tokens; the
-bound on a file's size follows, see :class:`~picaso_rag.state.HybridStateSpec`). A put refuses,
+bound on a file's size follows, see :class:`~picaso_rag.state.StateSpec`). A put refuses,
 before writing anything, a state that this process's readers would refuse. A file that does not verify
 (truncated, bit flip, garbled or wrongly typed header, wrong shapes, NaN, missing or wrong MAC) is
 reported as ``corrupt``, never loaded, and never raises. See docs/guarantees.md (threat model).
@@ -72,7 +72,7 @@ from safetensors.torch import save as save_safetensors
 
 from .errors import PicasoError, StateFileError, StateMismatchError, StoreNotWritableError
 from .precision import check_precision, dequantize, quantize
-from .state import HybridState, State, StateSpec, state_spec_for
+from .state import State, StateSpec, state_spec_for
 
 logger = logging.getLogger("picaso_rag.store")
 
@@ -80,7 +80,7 @@ FORMAT = "picaso-state/1"
 _LAYOUT = "v1"
 _TENSORS = ("ssm", "conv", "log_decay")
 _RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4, "ssm_scale": 2, "keys_scale": 3, "values_scale": 3}
-# a hybrid model's state (picaso_rag.state.HybridState) adds its attention layers' keys and values,
+# a hybrid model's state (a picaso_rag.state.State with keys) adds its attention layers' keys and values,
 # and its next position in the metadata
 _HYBRID_TENSORS = ("keys", "values")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -427,7 +427,7 @@ def encode_state_file(state: State, node_id: str, text: str | None = None, dtype
         "text_sha256": text_sha256(text) if text is not None else "",
         "created": f"{time.time():.3f}",
     })
-    if isinstance(state, HybridState):
+    if state.has_keys:
         metadata["position"] = str(int(state.position))
     metadata["checksum"] = _checksum(tensors, metadata)
     if mac_key is not None:
@@ -999,7 +999,7 @@ class StateStore:
 def check_header_shapes(header: StateHeader, spec: StateSpec) -> None:
     """Check a parsed header against a model's exact shapes (raises :class:`StateFileError`): a
     Mamba-2 model's fixed shapes; a hybrid's fixed SSM shapes, its keys' and values' layers, heads
-    and head size, and at most its longest document's tokens (:class:`~picaso_rag.state.HybridStateSpec`)."""
+    and head size, and at most its longest document's tokens (:class:`~picaso_rag.state.StateSpec`)."""
     check_header_shapes_of(header.tensors, spec)
 
 
@@ -1020,7 +1020,7 @@ def check_storable(state: State, payload: bytes, spec: StateSpec | None, max_sta
     """Refuse (before anything is written) a state file that a reader of this process would refuse:
     a hybrid state longer than its model's registered longest document, or a payload above the bound
     of a model whose shapes are not registered. Raises :class:`PicasoError` naming the fix."""
-    if isinstance(state, HybridState) and spec is not None:
+    if state.has_keys and spec is not None:
         try:
             spec.check(state)
         except StateMismatchError as exc:

@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Mamba2Config
-from ..hybrid import HybridLM
-from ..hybrid import init_weights as init_hybrid_weights
-from ..hybrid_config import HybridConfig
+from ..config import Mamba2Config, ModelConfig
 from ..loading import Tokenizer, load_checkpoint
-from ..model import Mamba2LM, init_weights
+from ..model import PicasoLM, init_weights
 from .data import (PassagePairs, TokenWindows, hotpotqa_titles, iter_corpus_documents, split_passages,
                    tokenize_to_file, train_tokenizer)
 from .train import MODES, TrainConfig, finetune_batches, plot_history, pretrain_batches, train
@@ -102,13 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = Mamba2Config(d_model=args.d_model, n_layer=args.n_layer, vocab_size=_round_up(tok.vocab_size, 16),
                            d_state=args.d_state, headdim=args.headdim, eos_token_id=tok.eos_token_id)
         if args.attn_layers:  # the same recipe with some layers NoPE attention (heads of 64, no MLP)
-            hybrid_cfg = HybridConfig(family="picaso_hybrid", vocab_size=cfg.vocab_size, d_model=cfg.d_model,
-                                      layer_types=tuple("attention" if i in args.attn_layers else "mamba" for i in range(args.n_layer)),
-                                      d_state=cfg.d_state, headdim=cfg.headdim, n_heads=cfg.d_model // 64,
-                                      n_kv_heads=cfg.d_model // 64, head_dim=64, tie_embeddings=True, eos_token_id=cfg.eos_token_id)
-            model = init_hybrid_weights(HybridLM(hybrid_cfg), seed=args.seed).to(args.device)
-        else:
-            model = init_weights(Mamba2LM(cfg), seed=args.seed).to(args.device)
+            cfg = ModelConfig(family="picaso_hybrid", vocab_size=cfg.vocab_size, d_model=cfg.d_model,
+                              layer_types=tuple("attention" if i in args.attn_layers else "mamba" for i in range(args.n_layer)),
+                              d_state=cfg.d_state, headdim=cfg.headdim, n_heads=cfg.d_model // 64,
+                              n_kv_heads=cfg.d_model // 64, head_dim=64, tie_embeddings=True, eos_token_id=cfg.eos_token_id)
+        model = init_weights(PicasoLM(cfg), seed=args.seed).to(args.device)
         n_params = sum(p.numel() for p in model.parameters())
         data = TokenWindows(args.data, args.seq_len, args.batch_size, seed=args.seed)
         train_cfg = TrainConfig(out_dir=args.out, lr=args.lr or 3e-3, max_steps=args.max_steps,

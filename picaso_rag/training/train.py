@@ -20,9 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..compose import METHODS, compose_tensors
-from ..hybrid import HybridLM, HybridOutput
-from ..loading import Tokenizer, save_checkpoint, save_hybrid_checkpoint
-from ..model import Mamba2LM
+from ..loading import Tokenizer, save_checkpoint
+from ..model import ModelOutput, PicasoLM
 from .data import PassagePairs, TokenWindows
 
 MODES = ("bp2c", "bptc")
@@ -48,48 +47,24 @@ class TrainConfig:
             raise ValueError("give max_steps or time_budget_s (or both).")
 
 
-def lm_loss(model: Mamba2LM, inputs: Tensor, targets: Tensor) -> Tensor:
+def lm_loss(model: PicasoLM, inputs: Tensor, targets: Tensor) -> Tensor:
     logits = model(inputs).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def composition_loss(model: Mamba2LM | HybridLM, contexts: Tensor, targets: Tensor, separator: Tensor,
+def composition_loss(model: PicasoLM, contexts: Tensor, targets: Tensor, separator: Tensor,
                      method: str = "picaso-s", mode: str = "bp2c") -> Tensor:
     """Loss of the target read from the composed state of the contexts.
 
     contexts [B, k, S] token ids (k may be 0), targets [B, T]; each context is encoded as
     ``context + separator`` (the same separator the evaluation uses). The target is read from the
-    composed state; tokens 1..T-1 are scored (a state carries no logits for token 0).
-    BP2C: the contexts' pass runs without gradient (states as a store would serve them).
-    BPTC: gradients flow through the composition into every context's pass.
-    A :class:`~picaso_rag.hybrid.HybridLM` composes its attention layers too
-    (:func:`hybrid_composition_loss`).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(model, HybridLM):
-        return hybrid_composition_loss(model, contexts, targets, separator, method, mode)
-    B, k = contexts.shape[:2]
-    ssm = conv = None
-    if k:
-        docs = torch.cat([contexts, separator.expand(B, k, -1)], dim=-1).flatten(0, 1)
-        with torch.set_grad_enabled(mode == "bptc"):
-            out = model(docs, logits="none")
-            unflat = lambda t: t.unflatten(0, (B, k))  # noqa: E731
-            ssm, conv, _ = compose_tensors(unflat(out.ssm_state), unflat(out.conv_state), unflat(out.log_decay), method)
-    logits = model(targets[:, :-1], ssm_state=ssm, conv_state=conv).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten())
+    composed state (:func:`compose_batch`: the SSM states composed, the union of the contexts' keys
+    and values for attention layers; every context of a batch has S + len(separator) tokens, so the
+    unions of the rows have equal length and stack); tokens 1..T-1 are scored (a state carries no
+    logits for token 0). BP2C: the contexts' pass runs without gradient (states as a store would
+    serve them). BPTC: gradients flow through the composition into every context's pass.
 
-
-def hybrid_composition_loss(model: HybridLM, contexts: Tensor, targets: Tensor, separator: Tensor,
-                            method: str = "picaso-s", mode: str = "bp2c") -> Tensor:
-    """:func:`composition_loss` for a hybrid: the target is read from the composed SSM states and
-    the union of the contexts' keys and values, as :func:`picaso_rag.compose.compose_hybrid` composes
-    them (one batched pass; every context of a batch has S + len(separator) tokens, so the unions of
-    the rows have equal length and stack). BP2C / BPTC as for Mamba-2 models: the keys and values
-    are detached with the SSM states in BP2C, and carry gradients into the contexts' pass in BPTC.
-
-    Usage: ``loss = hybrid_composition_loss(model, contexts, targets, torch.tensor(sep_ids), "picaso-s", "bptc")``.
+    Usage: ``loss = composition_loss(model, contexts, targets, torch.tensor(sep_ids), "picaso-s", "bptc")``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -98,24 +73,27 @@ def hybrid_composition_loss(model: HybridLM, contexts: Tensor, targets: Tensor, 
     if k:
         docs = torch.cat([contexts, separator.expand(B, k, -1)], dim=-1).flatten(0, 1)
         with torch.set_grad_enabled(mode == "bptc"):
-            state, position = compose_hybrid_batch(model, model(docs, logits="none"), B, k, method)
+            state, position = compose_batch(model, model(docs, logits="none"), B, k, method)
     logits = model(targets[:, :-1], position=position, **state).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten())
 
 
-def compose_hybrid_batch(model: HybridLM, out: HybridOutput, B: int, k: int, method: str) -> tuple[dict[str, Tensor], int]:
+hybrid_composition_loss = composition_loss  # deprecated alias (one release)
+
+
+def compose_batch(model: PicasoLM, out: ModelOutput, B: int, k: int, method: str) -> tuple[dict[str, Tensor], int]:
     """Compose B rows of k documents of equal length, read from nothing in one pass (``out`` of
     ``model(docs)``, docs [B * k, L], row-major). Differentiable. Returns (the keyword arguments of
-    ``HybridLM.forward``: ssm_state, conv_state, keys, values; the position to read on at).
+    ``PicasoLM.forward``: ssm_state, conv_state, keys, values; the position to read on at).
 
-    As compose_hybrid with no prefix: SSM layers by :func:`compose_tensors` (conv "mean"); attention
+    As picaso_rag.compose.compose with no prefix: SSM layers by :func:`compose_tensors` (conv "mean"); attention
     layers: the union of the documents' keys and values, document after document along the token
     axis; positions: documents in parallel at 0..L-1 and reading on at L, or, for CASO, document j
     moved by j * L (RoPE only) and reading on at k * L. Documents are in the batch's order (the
     retrieval order), as the Mamba-2 loss composes them: attention over a union does not depend on
-    its order; compose_hybrid's canonical order only makes the sums bitwise order-free (and, for
+    its order; compose's canonical order only makes the sums bitwise order-free (and, for
     PICASO-R, picks one of the cyclic orders: with k <= 2 there is only one).
-    Usage: ``state, position = compose_hybrid_batch(model, model(docs, logits="none"), B, k, "picaso-s")``.
+    Usage: ``state, position = compose_batch(model, model(docs, logits="none"), B, k, "picaso-s")``.
     """
     unflat = lambda t: t.unflatten(0, (B, k))  # noqa: E731
     if out.ssm_state.shape[1]:
@@ -134,14 +112,17 @@ def compose_hybrid_batch(model: HybridLM, out: HybridOutput, B: int, k: int, met
     return {"ssm_state": ssm, "conv_state": conv, "keys": union(keys), "values": union(values)}, position
 
 
-def pretrain_batches(data: TokenWindows, device: torch.device) -> Iterator[Callable[[Mamba2LM], Tensor]]:
+compose_hybrid_batch = compose_batch  # deprecated alias (one release)
+
+
+def pretrain_batches(data: TokenWindows, device: torch.device) -> Iterator[Callable[[PicasoLM], Tensor]]:
     for inputs, targets in data:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         yield lambda model, i=inputs, t=targets: lm_loss(model, i, t)
 
 
 def finetune_batches(pairs: PassagePairs, batch_size: int, separator: list[int], device: torch.device,
-                     method: str, mode: str, max_k: int = 10, seed: int = 0) -> Iterator[Callable[[Mamba2LM | HybridLM], Tensor]]:
+                     method: str, mode: str, max_k: int = 10, seed: int = 0) -> Iterator[Callable[[PicasoLM], Tensor]]:
     """Epochs over the passage pairs; k drawn uniformly from {0..max_k} per batch, as in the paper.
     All contexts of a batch have one length (segments of one size), so a hybrid's key/value unions stack."""
     if method not in METHODS:
@@ -157,7 +138,7 @@ def finetune_batches(pairs: PassagePairs, batch_size: int, separator: list[int],
             yield lambda model, c=contexts, t=targets: composition_loss(model, c, t, sep, method, mode)
 
 
-def _param_groups(model: Mamba2LM | HybridLM, weight_decay: float) -> list[dict]:
+def _param_groups(model: PicasoLM, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -167,7 +148,7 @@ def _param_groups(model: Mamba2LM | HybridLM, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, batches: Iterator[Callable[[Mamba2LM | HybridLM], Tensor]], cfg: TrainConfig,
+def train(model: PicasoLM, tokenizer: Tokenizer, batches: Iterator[Callable[[PicasoLM], Tensor]], cfg: TrainConfig,
           name: str = "train") -> dict:
     """Run the loop; writes ``out_dir/checkpoint`` (bf16, loadable by PicasoEngine), ``history.json``
     and ``loss.png``. Returns the history. Usage: see ``python -m picaso_rag.training --help``."""
@@ -226,14 +207,9 @@ def train(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, batches: Iterator[Ca
     return history
 
 
-def save(model: Mamba2LM | HybridLM, tokenizer: Tokenizer, directory: Path) -> None:
+def save(model: PicasoLM, tokenizer: Tokenizer, directory: Path) -> None:
     """Save a bf16 copy (the shipping format) without changing the training model."""
-    if isinstance(model, HybridLM):
-        shipped_hybrid = HybridLM(model.cfg)
-        shipped_hybrid.load_state_dict(model.state_dict())
-        save_hybrid_checkpoint(shipped_hybrid.to(torch.bfloat16), tokenizer, directory)
-        return
-    shipped = Mamba2LM(model.cfg)
+    shipped = PicasoLM(model.cfg)
     shipped.load_state_dict(model.state_dict())
     save_checkpoint(shipped.to(torch.bfloat16), tokenizer, directory)
 
