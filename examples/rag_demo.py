@@ -23,7 +23,7 @@ from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.llms.picaso import PicasoLLM, PicasoStateEncoder, ingest  # noqa: E402
 from llama_index.vector_stores.chroma import ChromaVectorStore  # noqa: E402
 
-from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, StateStore, Tokenizer, init_weights  # noqa: E402
+from picaso_rag import Mamba2Config, PicasoEngine, PicasoLM, StateStore, Tokenizer, init_weights  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent
 CORPUS = EXAMPLES / "data" / "corpus.md"
@@ -48,7 +48,7 @@ def random_engine(paragraphs: list[str]) -> PicasoEngine:
     cfg = Mamba2Config(d_model=256, n_layer=4, vocab_size=1024, d_state=64, headdim=32, chunk_size=64)
     # Larger weights and slower decays than the usual init (std 0.02, A in [1, 16]), with which a random
     # model's output ignores its context and every method would print the same noise.
-    model = init_weights(Mamba2LM(cfg), seed=0, std=0.1)
+    model = init_weights(PicasoLM(cfg), seed=0, std=0.1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):

@@ -453,8 +453,10 @@ class Scheduler:
         if rows <= have_rows and tokens <= have_tokens:
             return
         slack_rows = min(self.max_batch, max(have_rows, 1 << (rows - 1).bit_length()))
-        # powers of two: the buffer is reallocated (and its step graphs recaptured) a few times, not per request
-        slack_tokens = min(self.max_slot_tokens, max(have_tokens, 256, 1 << (tokens - 1).bit_length()))
+        # with graphs, powers of two: the buffer is reallocated (and its step graphs recaptured) a few
+        # times, not per request; without, whole blocks of 256 keys (a power of two could waste half)
+        wanted = 1 << (tokens - 1).bit_length() if self._graph_decode else -(-tokens // 256) * 256
+        slack_tokens = min(self.max_slot_tokens, max(have_tokens, 256, wanted))
         per_token = self.kv_bytes_per_token
         new_rows, new_tokens = next((r, t) for r, t in ((slack_rows, slack_tokens), (rows, slack_tokens),
                                                         (slack_rows, tokens), (rows, tokens))
@@ -508,7 +510,7 @@ class Scheduler:
 
     def _read(self, joining: list[Request], start: int, lengths: list[int]) -> Tensor:
         """The join read eagerly; returns the last real position's logits [k, vocab]."""
-        engine, model, cfg = self.engine, self.model, self.model.cfg
+        engine, model = self.engine, self.model
         k, device = len(joining), engine.device
         if self.has_keys:
             if not start and not self._graph_decode:  # (after a failed step the batch was cleared without _release)
@@ -519,11 +521,15 @@ class Scheduler:
         ids = torch.zeros(k, max(lengths), dtype=torch.long)
         for row, r in enumerate(joining):
             ids[row, :lengths[row]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        past = torch.zeros(k, len(cfg.attn_layers), cfg.n_kv_heads, max(n_docs), cfg.head_dim, device=device, dtype=model.dtype)
-        past_values = torch.zeros_like(past)
-        for row, (_, _, keys, values, _, _, _) in enumerate(begun):
-            past[row, :, :, :n_docs[row]] = keys[0]
-            past_values[row, :, :, :n_docs[row]] = values[0]
+        if self.has_keys:  # each row's documents' keys straight into its slot, read from there
+            for row, (_, _, keys, values, _, _, _) in enumerate(begun):
+                self.keys[start + row, :, :, :n_docs[row]].copy_(keys[0])  # type: ignore[index]
+                self.values[start + row, :, :, :n_docs[row]].copy_(values[0])  # type: ignore[index]
+            past = self.keys[start:start + k, :, :, :max(n_docs)]  # type: ignore[index]
+            past_values = self.values[start:start + k, :, :, :max(n_docs)]  # type: ignore[index]
+        else:
+            past, past_values = begun[0][2].expand(k, *begun[0][2].shape[1:]), begun[0][3].expand(k, *begun[0][3].shape[1:])
+        # a row's keys after its own (a shorter row's padding) are masked: key_lengths
         ragged_prompts, ragged_keys = len(set(lengths)) > 1, len(set(n_docs)) > 1
         # no padding: the exact forward engine.generate runs
         out = model(ids.to(device), ssm_state=torch.cat([b[0] for b in begun]), conv_state=torch.cat([b[1] for b in begun]),
@@ -535,8 +541,8 @@ class Scheduler:
         for row, r in enumerate(joining):
             slot, n_doc, n = start + row, n_docs[row], lengths[row]
             if self.has_keys:
-                self.keys[slot, :, :, :n_doc + n].copy_(torch.cat([past[row, :, :, :n_doc], out.keys[row, :, :, :n]], dim=2))  # type: ignore[index]
-                self.values[slot, :, :, :n_doc + n].copy_(torch.cat([past_values[row, :, :, :n_doc], out.values[row, :, :, :n]], dim=2))  # type: ignore[index]
+                self.keys[slot, :, :, n_doc:n_doc + n].copy_(out.keys[row, :, :, :n])  # type: ignore[index]
+                self.values[slot, :, :, n_doc:n_doc + n].copy_(out.values[row, :, :, :n])  # type: ignore[index]
             r.kv_len, r.position = n_doc + n, begun[row][4] + n
         return out.logits[:, 0]
 

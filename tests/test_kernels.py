@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from picaso_rag.kernels import causal_conv, conv_step_ref, weighted_sum_ref
+from picaso_rag.kernels import chunk_scan, chunk_scan_ref, causal_conv, conv_step_ref, ssm_step, ssm_step_ref, weighted_sum_ref
 
 from .conftest import TEXTS
 
@@ -26,6 +26,45 @@ def test_model_step_equals_reading_one_more_token(engine):
     torch.testing.assert_close(logits, whole.logits[:, -1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ssm, whole.ssm_state, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(conv, whole.conv_state)
+
+
+@pytest.mark.parametrize("layer_major", [False, True])
+def test_cpu_ssm_step_in_place_equals_the_reference(layer_major):
+    """The CPU's in-place step (what decoding runs) against ssm_step_ref, on a batch-major state and
+    on a layer of the scheduler's layer-major buffer (a contiguous block inside a strided whole)."""
+    g = torch.Generator().manual_seed(0)
+    b, h, p, n, groups = 5, 6, 8, 16, 2
+    whole = torch.randn(3, b, h, p, n, generator=g)
+    state = whole.transpose(0, 1)[:, 1] if layer_major else whole[0]
+    x, dt = torch.randn(b, h, p, generator=g), torch.randn(b, h, generator=g)
+    A, D, dt_bias = -torch.rand(h, generator=g) * 4, torch.randn(h, generator=g), torch.randn(h, generator=g)
+    B, C = torch.randn(b, groups, n, generator=g), torch.randn(b, groups, n, generator=g)
+    expected_state = state.clone()
+    expected = ssm_step_ref(expected_state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_limit=(0.0, 2.0))
+    before = whole.clone()
+    y = ssm_step(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_limit=(0.0, 2.0))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)  # updated in place
+    layers, other = (whole.transpose(0, 1), before.transpose(0, 1)) if layer_major else (whole[None], before[None])
+    for i in range(layers.shape[1]):  # the other layers of the buffer are not written
+        if i != (1 if layer_major else 0):
+            assert torch.equal(layers[:, i], other[:, i])
+
+
+@pytest.mark.parametrize("length", [1, 5, 32, 40])
+def test_cpu_short_reads_scan_to_the_reference_result(length):
+    """A read shorter than a chunk scans in a chunk of its own length (a power of two from 16) on the
+    CPU: the same outputs and final state as the reference at the model's chunk size."""
+    g = torch.Generator().manual_seed(length)
+    b, h, p, n, groups, chunk = 2, 4, 8, 16, 2, 256
+    x, dt = torch.randn(b, length, h, p, generator=g), torch.rand(b, length, h, generator=g) * 0.1
+    A, D = -torch.rand(h, generator=g) * 4, torch.randn(h, generator=g)
+    B, C = torch.randn(b, length, groups, n, generator=g), torch.randn(b, length, groups, n, generator=g)
+    initial = torch.randn(b, h, p, n, generator=g)
+    y, final = chunk_scan(x, dt, A, B, C, D, chunk, initial_state=initial)
+    y_ref, final_ref = chunk_scan_ref(x, dt, A, B, C, D, chunk, initial_state=initial)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_step_equals_causal_conv_of_one_token():

@@ -133,9 +133,14 @@ def chunk_scan(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, chunk_size: int,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan (see :func:`chunk_scan_ref`); mamba_ssm's Triton kernel on CUDA."""
+    """Chunked SSD scan (see :func:`chunk_scan_ref`); mamba_ssm's Triton kernel on CUDA.
+
+    Elsewhere the reference, in chunks no longer than the read (a power of two from 16): a short
+    read (a question, a joining prompt) would otherwise pad to a whole chunk and pay the chunk's
+    quadratic part (256 x 256 per head for 32 tokens). Any chunk size computes the same scan."""
     if not _triton_for(x):
-        return chunk_scan_ref(x, dt, A, B, C, D, chunk_size, initial_state)
+        short = max(16, 1 << max(x.shape[1] - 1, 0).bit_length())
+        return chunk_scan_ref(x, dt, A, B, C, D, min(chunk_size, short), initial_state)
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     if initial_state is not None:
@@ -174,6 +179,23 @@ def ssm_step_ref(
     return y.to(x.dtype)
 
 
+def _ssm_step_in_place(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+    dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> Tensor:
+    """:func:`ssm_step_ref` for an fp32 state on the CPU, in three passes over the state (decay,
+    rank-1 update, read-out as a batched matmul) instead of the reference's temporaries: decoding
+    on the CPU is bound by these passes (a batch of 16 rows of a 12-head layer is 6 MB each)."""
+    h = state.shape[1]
+    Bh, Ch = _heads_from_groups(B, h, 1).float(), _heads_from_groups(C, h, 1).float()
+    dt = _step_size(dt, dt_bias, dt_limit)
+    xf = x.float()
+    state.mul_(torch.exp(dt * A.float())[..., None, None])
+    state.addcmul_((dt[..., None] * xf)[..., None], Bh[:, :, None, :])  # += (dt x) B^T, no outer-product temporary
+    y = torch.matmul(state, Ch[..., None])[..., 0] + D.float()[:, None] * xf
+    return y.to(x.dtype)
+
+
 def ssm_step(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
     dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, float("inf")),
@@ -181,6 +203,8 @@ def ssm_step(
     """One recurrent step (see :func:`ssm_step_ref`); mamba_ssm's Triton kernel on CUDA, which
     also applies the bias and softplus (one launch per layer: decoding is launch-bound)."""
     if not _triton_for(x):
+        if state.dtype == torch.float32 and state.device.type == "cpu":
+            return _ssm_step_in_place(state, x, dt, A, B, C, D, dt_bias, dt_limit)
         return ssm_step_ref(state, x, dt, A, B, C, D, dt_bias, dt_limit)
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
