@@ -1,4 +1,4 @@
-"""GPU check of the graphed hybrid decode (picaso_rag.graphs.HybridStepGraphs) on the shipped picaso-mini.
+"""GPU check of the graphed hybrid decode (picaso_rag.graphs.StepGraphs) on the shipped picaso-mini.
 
     bash scripts/gpu_setup.sh build      # on the GPU machine: mamba-ssm's Triton kernels
     PYTHONPATH=. python benchmarks/hybrid_decode_gpu_check.py --out docs/benchmarks/hybrid_decode_h200.json
@@ -10,6 +10,8 @@
 2. Decode time per token, bf16, one request: eager against graphed in this run (the median over
    requests of the time per token after the first), beside the floor of one step (the weights read
    once at the measured copy bandwidth).
+3. bf16 on the trained model: 16 requests batched by the scheduler against each decoded alone;
+   every difference explained by the logit margin where the answers first part.
 """
 
 from __future__ import annotations
@@ -47,6 +49,37 @@ def decode_ms_per_token(engine: PicasoEngine, prompt: list[int], state, n: int) 
             first = time.perf_counter()
     sync()
     return (time.perf_counter() - first) / (len(stream.result["token_ids"]) - 1) * 1000
+
+
+QUESTIONS = [" Question: when was the Eiffel Tower completed?\nAnswer:", " Question: what is Mamba?\nAnswer:",
+             " Question: what do rivers carry to the sea?\nAnswer:", " The", " Summary:", " In short,",
+             " Question: why does the coastline move?\nAnswer:", " Question: how does Mamba read text?\nAnswer:"]
+
+
+def batched_vs_alone_bf16(engine: PicasoEngine, eager: PicasoEngine, n_tokens: int) -> dict:
+    """Greedy answers of 16 requests (8 questions x 2 composed contexts) batched by the scheduler
+    (graphed, 16 rows) against each decoded alone by the eager engine, bf16. Where they differ, the
+    first differing token is explained by the alone run's margin between its top two logits there
+    (a near tie that bf16 rounding of another reduction order can flip)."""
+    states = engine.encode(DOCS * 2)
+    contexts = [engine.compose(states[:3], method="picaso-s"), engine.compose(states[1:5], method="picaso-s")]
+    requests = [(engine.tokenize(q), c) for q in QUESTIONS for c in contexts]
+    alone = [eager.generate(p, state=c, max_new_tokens=n_tokens).token_ids for p, c in requests]
+    with Scheduler(engine, max_batch=16) as scheduler:
+        batched = [r.wait(300).token_ids for r in [scheduler.submit(p, state=c, max_new_tokens=n_tokens) for p, c in requests]]
+    differing = []
+    for (prompt, context), a, b in zip(requests, alone, batched):
+        if a == b:
+            continue
+        first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if any(x != y for x, y in zip(a, b)) else min(len(a), len(b))
+        logits, _ = eager.read(prompt + a[:first], state=context)
+        top = logits[-1].float().topk(2)
+        differing.append({"first_differing_token": first, "alone_top2_logit_margin": round(float(top.values[0] - top.values[1]), 4),
+                          "tokens": [a[first] if first < len(a) else None, b[first] if first < len(b) else None]})
+    return {"requests": len(requests), "rows": 16, "new_tokens": n_tokens,
+            "identical_answers": f"{len(requests) - len(differing)}/{len(requests)}",
+            "tokens_equal": f"{sum(sum(x == y for x, y in zip(a, b)) for a, b in zip(alone, batched))}/{sum(len(a) for a in alone)}",
+            "differing": differing}
 
 
 def main() -> None:
@@ -120,6 +153,10 @@ def main() -> None:
         "speedup": round(statistics.median(times["eager"]) / statistics.median(times["graphed"]), 1),
         "floor_ms": round(weights / bandwidth * 1000, 4), "copy_bandwidth_GBps": round(bandwidth / 1e9, 1)}
     print(out["decode_bf16_one_request"], flush=True)
+
+    # 3. batched against alone, bf16, on the trained model ------------------------------------------
+    out["scheduler_batched_vs_alone_bf16"] = batched_vs_alone_bf16(graphed, eager, args.tokens)
+    print(out["scheduler_batched_vs_alone_bf16"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", args.out)
