@@ -13,10 +13,19 @@ from torch import Tensor
 from .errors import PicasoError
 
 
+# bounds of one request's stop strings: TextStream checks each against the text's end every token,
+# so their count and length are what a request can make every decoding step cost
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# below this temperature, softmax(logits / t) is the argmax in float32 (and dividing by t overflows)
+GREEDY_BELOW_TEMPERATURE = 1e-4
+
+
 @dataclass
 class SamplingParams:
-    """max_new_tokens; temperature 0 = greedy; top_p in (0, 1]; stop strings end the text (excluded),
-    once it has some non-whitespace text (a model often opens an answer with a newline)."""
+    """max_new_tokens; temperature 0 = greedy (and any temperature below 1e-4: its limit); top_p in
+    (0, 1]; stop strings (at most 16, of at most 256 characters) end the text (excluded), once it
+    has some non-whitespace text (a model often opens an answer with a newline)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -50,6 +59,9 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise PicasoError('stop strings must be non-empty (an empty one would stop before any text); '
                               'drop "" from stop.')
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise PicasoError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
+                              f"(got {len(self.stop)}, the longest {max(len(s) for s in self.stop)}); send shorter ones.")
 
 
 def _int(name: str, value: object, fix: str) -> int:
@@ -86,14 +98,17 @@ class Sampler:
             self.generator.manual_seed(params.seed)
 
     def __call__(self, logits: Tensor) -> int:
-        if self.params.temperature == 0:
+        if self.params.temperature < GREEDY_BELOW_TEMPERATURE:  # 0, or so close that its limit is the argmax
             return int(logits.argmax())
         probs = torch.softmax(logits.float().cpu() / self.params.temperature, dim=-1)
         if self.params.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.params.top_p  # keeps at least the top token
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.params.top_p
+            outside[..., 0] = False  # the top token always stays (a top_p that rounds to 0 in fp32 too)
             sorted_probs[outside] = 0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:  # e.g. NaN logits: no distribution
+            raise PicasoError("the model's logits give no probability distribution (NaN or inf); this request cannot be sampled.")
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

@@ -572,16 +572,25 @@ class Scheduler:
         requests = [self.active[i] for i in rows]
         greedy = logits.argmax(-1).tolist()  # one transfer for the whole batch
         sampled = [j for j, r in enumerate(requests) if r.params.temperature > 0]
+        failed: dict[int, BaseException] = {}
         if sampled:
             on_host = logits[sampled].float().cpu()
             for j, row_logits in zip(sampled, on_host):
-                greedy[j] = requests[j].sampler(row_logits)
+                try:  # a request's own sampling error ends that request only, never the batch
+                    greedy[j] = requests[j].sampler(row_logits)
+                except Exception as exc:
+                    failed[j] = exc
         eos = self.engine.eos_token_id
         now = time.perf_counter()
         finished = []
-        for i, request, token in zip(rows, requests, greedy):
+        for j, (i, request, token) in enumerate(zip(rows, requests, greedy)):
             if request.cancelled:
                 self._end(request, "cancelled")
+                finished.append(i)
+                continue
+            if j in failed:
+                self.finished["error"] += 1
+                request._finish("error", error=failed[j])
                 finished.append(i)
                 continue
             request.timings.token_times.append(now)
