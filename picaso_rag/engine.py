@@ -250,19 +250,31 @@ class PicasoEngine:
         Returns fp32 logits [n_tokens, vocab] at every position and the state after the text.
         Usage: ``logits, after = engine.read(" the query", state=context)``.
         """
+        logits, after = self._read(text, state, "all")
+        return logits, after  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def read_state(self, text: Tokens, state: State | None = None) -> State:
+        """The state after reading ``text`` from ``state`` (as :meth:`read`, without logits).
+
+        Usage: ``context = engine.read_state(" a long prompt, part one", state=context)``.
+        """
+        return self._read(text, state, "none")[1]
+
+    def _read(self, text: Tokens, state: State | None, logits: str) -> tuple[Tensor | None, State]:
         ids = self.tokenize(text, what="the text to read")
         if not ids:
             raise PicasoError("nothing to read: the text has no tokens. Pass a non-empty query.")
         ssm, conv, keys, values, position, log_decay, n_tokens = self._start(state)
         out = self.model(torch.tensor([ids], device=self.device), ssm_state=ssm, conv_state=conv, keys=keys,
-                         values=values, position=position)
+                         values=values, position=position, logits=logits)
         kv = {}
         if self.model.cfg.attn_layers:
             kv = dict(keys=torch.cat([keys[0], out.keys[0]], dim=2), values=torch.cat([values[0], out.values[0]], dim=2),
                       position=position + len(ids))
         after = State(out.ssm_state[0], out.conv_state[0], log_decay + out.log_decay[0], n_tokens + len(ids),
                       self.fingerprint, **kv)
-        return out.logits[0].float(), after
+        return (out.logits[0].float() if out.logits is not None else None), after
 
     def _start(self, state: State | None) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor, int]:
         """(ssm, conv, keys, values, position, log_decay, n_tokens) with a batch dim of 1, on this device."""

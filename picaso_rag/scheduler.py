@@ -53,6 +53,9 @@ _END = object()
 # bounds of the keys and values of a model with attention layers in the scheduler (rows without them are fixed-size)
 MAX_SLOT_TOKENS = 32_768  # keys per row: its documents' + prompt + max_new_tokens
 MAX_KV_BYTES = 2 << 30  # the padded key/value buffer of all rows together
+# a prompt longer than this is read this many tokens per loop turn, between decode steps (chunked
+# prefill): a long prompt (concatenated documents) never holds up the rows that are decoding
+PREFILL_CHUNK_TOKENS = 512
 
 
 class QueueFullError(PicasoError):
@@ -112,7 +115,8 @@ class Request:
                  on_event: Callable[["Request", str | None], None] | None, decode: Callable[[list[int]], str],
                  windowed: bool = False):
         self.id = next(_ids)
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = prompt_ids  # what is left to read (a long prompt is read in chunks: the rest)
+        self.n_prompt_tokens = len(prompt_ids)
         self.state = state
         self.params = params
         self.sampler = Sampler(params)
@@ -178,7 +182,7 @@ class Request:
             self._emit(self.stream.flush())
         self.error = error
         self.timings.finished = time.perf_counter()
-        self.result = Generation(text=self.text, token_ids=list(self.stream.ids), n_prompt_tokens=len(self.prompt_ids),
+        self.result = Generation(text=self.text, token_ids=list(self.stream.ids), n_prompt_tokens=self.n_prompt_tokens,
                                  finish_reason=reason)
         self.state = None  # the composed state may be large: free it as soon as it is read
         self._emit(None)
@@ -221,10 +225,14 @@ class Scheduler:
     def __init__(self, engine: PicasoEngine, max_batch: int = 64, max_queue: int = 256, max_read_tokens: int = 8192,
                  max_read_batch: int | None = None, cuda_graphs: bool = True, read_graph_rows: int = 32,
                  read_graph_lengths: tuple[int, ...] = (64, 128), start: bool = True,
-                 max_slot_tokens: int = MAX_SLOT_TOKENS, max_kv_bytes: int = MAX_KV_BYTES):
-        if max_batch < 1 or max_queue < 0 or max_read_tokens < 1 or max_slot_tokens < 1 or max_kv_bytes < 1:
-            raise PicasoError(f"max_batch, max_read_tokens, max_slot_tokens and max_kv_bytes must be >= 1 and max_queue "
-                              f">= 0; got {max_batch}, {max_read_tokens}, {max_slot_tokens}, {max_kv_bytes}, {max_queue}.")
+                 max_slot_tokens: int = MAX_SLOT_TOKENS, max_kv_bytes: int = MAX_KV_BYTES,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+        if min(max_batch, max_read_tokens, max_slot_tokens, max_kv_bytes, prefill_chunk_tokens) < 1 or max_queue < 0:
+            raise PicasoError(f"max_batch, max_read_tokens, max_slot_tokens, max_kv_bytes and prefill_chunk_tokens must be "
+                              f">= 1 and max_queue >= 0; got {max_batch}, {max_read_tokens}, {max_slot_tokens}, "
+                              f"{max_kv_bytes}, {prefill_chunk_tokens}, {max_queue}.")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_chunks = 0  # chunks of long prompts read between decode steps
         self.max_slot_tokens = max_slot_tokens
         self.max_kv_bytes = max_kv_bytes
         self.engine = engine
@@ -356,7 +364,7 @@ class Scheduler:
             figures = {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch,
                        "max_queue": self.max_queue, "steps": self.steps,
                        "mean_batch": round(self.rows_decoded / self.steps, 2) if self.steps else 0.0,
-                       "finished": dict(self.finished),
+                       "finished": dict(self.finished), "prefill_chunks": self.prefill_chunks,
                        "cuda_graph_buckets": list(graphs.row_buckets) if graphs is not None and graphs.graphed else [],
                        "read_graphs": ({"rows": list(self.read_graphs.rows), "lengths": list(self.read_graphs.lengths)}
                                        if self.read_graphs is not None else self.read_graphs_error),
@@ -396,10 +404,15 @@ class Scheduler:
                 if self._closed:
                     return
                 joining = self._take_joining()
+                # the head of the queue, if its prompt is too long to join yet: one chunk of it is read this turn
+                long_prompt = (self.waiting[0] if not joining and self.waiting
+                               and len(self.waiting[0].prompt_ids) > self.prefill_chunk_tokens else None)
             try:
                 self._drop_cancelled()
                 if joining:
                     self._join(joining)
+                if long_prompt is not None:
+                    self._prefill_chunk(long_prompt)
                 if self.active:
                     self._decode()
             except Exception as exc:  # a failed forward (e.g. out of memory) fails its requests, not the server
@@ -422,6 +435,8 @@ class Scheduler:
             if request.cancelled:
                 self._end(self.waiting.popleft(), "cancelled")
                 continue
+            if len(request.prompt_ids) > self.prefill_chunk_tokens:  # read in chunks first (_prefill_chunk), in turn
+                break
             longest_after = max(longest_prompt, len(request.prompt_ids))
             if joining and longest_after * (len(joining) + 1) > self.max_read_tokens:  # the padded prompts of one forward
                 break
@@ -437,6 +452,27 @@ class Scheduler:
             joining.append(self.waiting.popleft())
             longest_prompt = longest_after
         return joining
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, request: Request) -> None:
+        """Read the next ``prefill_chunk_tokens`` of a long prompt from the request's state: the state
+        after them becomes its state, the rest its prompt. The request stays at the head of the queue
+        (FIFO), so it joins once the rest fits one read; meanwhile the active rows decode every turn.
+        A failure fails this request only."""
+        if request.cancelled:
+            return  # _take_joining drops it next turn
+        chunk, rest = request.prompt_ids[:self.prefill_chunk_tokens], request.prompt_ids[self.prefill_chunk_tokens:]
+        try:
+            request.state = self.engine.read_state(chunk, request.state)
+        except Exception as exc:
+            with self._cv:
+                if self.waiting and self.waiting[0] is request:
+                    self.waiting.popleft()
+            self.finished["error"] += 1
+            request._finish("error", error=exc)
+            return
+        request.prompt_ids = rest
+        self.prefill_chunks += 1
 
     @torch.inference_mode()  # it releases rows: their buffers are inference tensors, written in place
     def _drop_cancelled(self) -> None:

@@ -7,6 +7,8 @@ top_p values that overflow in float32, a sampler that raises, a prompt far longe
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from picaso_rag import Mamba2LM, PicasoEngine, PicasoError, SamplingParams, init_weights
@@ -66,3 +68,25 @@ def test_stop_strings_are_bounded_in_number_and_length():
         SamplingParams(stop=["x"] * 17)
     with pytest.raises(PicasoError, match="at most 16 strings of at most 256 characters"):
         SamplingParams(stop=["x" * 257])
+
+
+def test_a_long_prompt_is_read_in_chunks_between_the_others_decode_steps(engine, alone, tokenizer):
+    """A prompt of ten chunks (as concatenated documents make) never holds up a decoding row for
+    more than one chunk: the victim gets a token after every chunk read."""
+    state, expected = alone
+    long_prompt = (tokenizer.encode(" ".join(TEXTS)) * 40)[:10 * 64]
+    with Scheduler(engine, max_batch=4, prefill_chunk_tokens=64) as scheduler:
+        victim = scheduler.submit(VICTIMS[0], state=state, max_new_tokens=200)
+        while not victim.timings.token_times:  # the victim is decoding
+            time.sleep(0.001)
+        attacker = scheduler.submit(long_prompt, state=None, max_new_tokens=4)
+        attacker.wait(120)
+        victim.wait(120)
+        stats = scheduler.stats()
+    assert stats["prefill_chunks"] == 9  # the last 64 tokens join as a prompt
+    during = [t for t in victim.timings.token_times if attacker.timings.submitted <= t <= attacker.timings.read]
+    assert len(during) >= 9, len(during)  # a decode step after every chunk
+    # the chunked read is the same reading: the attacker's answer is the one it gets alone
+    assert attacker.result.token_ids == engine.generate(long_prompt, max_new_tokens=4).token_ids
+    assert attacker.result.n_prompt_tokens == len(long_prompt)
+    assert victim.result.token_ids[:16] == expected[0]
