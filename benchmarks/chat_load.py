@@ -165,7 +165,7 @@ def run(requests: int, concurrency: int, max_tokens: int, db: Path, model: str, 
             if server.poll() is not None:
                 raise RuntimeError("the server exited: " + server.stdout.read()[-2000:])
             try:
-                health = httpx.get(base + "/health", timeout=2).json()
+                health = httpx.get(base + "/health/details", timeout=2).json()
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:
@@ -175,7 +175,7 @@ def run(requests: int, concurrency: int, max_tokens: int, db: Path, model: str, 
         begin = time.perf_counter()
         results, samples = asyncio.run(fire(base, server.pid, requests, concurrency, max_tokens, limit, timeout))
         wall = time.perf_counter() - begin
-        health_after = httpx.get(base + "/health", timeout=10).json()
+        health_after = httpx.get(base + "/health/details", timeout=10).json()
     finally:
         server.terminate()
         try:

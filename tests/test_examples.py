@@ -63,7 +63,7 @@ def chat_server(tmp_path_factory):
 
 
 def test_chat_server_health(chat_server):
-    health = chat_server.get("/health").json()
+    health = chat_server.get("/health/details").json()
     assert health["status"] == "ok" and health["method"] == "picaso-s" and len(health["fingerprint"]) == 16
     assert chat_server.get("/v1/models").json()["data"][0]["id"] == "picaso"
 

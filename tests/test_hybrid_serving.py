@@ -194,7 +194,7 @@ def test_server_serves_a_hybrid_to_the_openai_client(family, tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected[1]
         with pytest.raises(openai.BadRequestError, match="max_slot_tokens"):  # keys bounded per request: a 400
             client.chat.completions.create(model="tiny-bamba", messages=body(*asks[0])[0], max_tokens=450)
-        scheduler = httpx.get(url + "/health").json()["scheduler"]
+        scheduler = httpx.get(url + "/health/details").json()["scheduler"]
     assert scheduler["kv"]["max_slot_tokens"] == 400 and scheduler["steps"] > 0 and scheduler["active"] == 0
 
 

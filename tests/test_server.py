@@ -58,7 +58,7 @@ def ask(client, text, **kw):
 
 def test_models_and_health(world, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    health = httpx.get(world["url"] + "/health").json()
+    health = httpx.get(world["url"] + "/health/details").json()
     assert health["status"] == "ok" and health["scheduler"]["max_batch"] == 8
 
 

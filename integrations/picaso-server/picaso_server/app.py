@@ -40,6 +40,7 @@ from picaso_rag.scheduler import QueueFullError, Request as GenRequest, Schedule
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_message
 from .rag import Prepared, RagPipeline, ServerSettings
 
+DISCONNECT_CHECK_S = 0.25  # a non-streamed request's client is checked this often (streams see it at their next write)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
@@ -91,6 +92,30 @@ class BodyLimit:
                 await JSONResponse(error.body(), status_code=413, headers={"connection": "close"})(scope, receive, send)
 
 
+def key_matches(headers: dict[bytes, bytes], api_key: str) -> bool:
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class KeyCheck:
+    """ASGI middleware: with an API key, every route but the liveness probe ``/health`` answers 401
+    to a request without the key before its body is read or parsed (no validation details, no
+    docs, no openapi.json for a client without the key)."""
+
+    OPEN = ("/health",)
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and self.api_key is not None and scope.get("path") not in self.OPEN
+                and not key_matches(dict(scope.get("headers") or []), self.api_key)):
+            error = APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>' with the key "
+                                  "the server was started with.", code="invalid_api_key")
+            return await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class Server:
     """What the routes share: the pipeline, the scheduler, the bounded pool and the admission count."""
 
@@ -129,9 +154,12 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         if own_scheduler:
             scheduler.close()
 
-    app = FastAPI(title="picaso-rag", lifespan=lifespan)
+    # with a key, no interactive docs or schema: they would describe the server to anyone
+    docs = {} if settings.api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="picaso-rag", lifespan=lifespan, **docs)
     app.state.server = server
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(KeyCheck, api_key=settings.api_key)  # added last: runs first, before the body limit and parsing
 
     # ---------------------------------------------------------------------------- errors
     @app.exception_handler(APIError)
@@ -155,9 +183,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        if not key_matches({k.encode("latin-1"): v.encode("latin-1") for k, v in request.headers.items()}, settings.api_key):
             raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>' with the key "
                                 "the server was started with (--api-key).", code="invalid_api_key")
 
@@ -170,6 +196,13 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
     # async: sync routes would run in anyio's thread pool (up to 40 threads)
     @app.get("/health")
     async def health() -> dict:
+        """Liveness only: open to all, it says nothing about the model or other requests."""
+        return {"status": "ok"}
+
+    @app.get("/health/details")
+    async def health_details(request: Request) -> dict:
+        """For operators (the key, when the server has one): the model and the scheduler's figures."""
+        authorize(request)
         return {"status": "ok", "model": settings.model_name, "fingerprint": rag.engine.fingerprint[:16],
                 "method": settings.method, "scheduler": scheduler.stats(), "in_flight": server.in_flight}
 
@@ -233,16 +266,20 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
             return StreamingResponse(stream(job, events, prepared, ident, created, chat, include_usage),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         try:
+            checked = time.monotonic()
             while True:
                 try:
-                    piece = await asyncio.wait_for(events.get(), timeout=0.5)
+                    piece = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
+                    piece = ""
+                if piece is None:
+                    break
+                # every DISCONNECT_CHECK_S, whether tokens flow or not: a client that went away frees its row
+                if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancel()
                         return JSONResponse({}, status_code=499)
-                    continue
-                if piece is None:
-                    break
         except asyncio.CancelledError:
             job.cancel()
             raise

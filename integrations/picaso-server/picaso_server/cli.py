@@ -1,7 +1,7 @@
 """``picaso-rag serve``: the OpenAI-compatible server over an index built with the integration.
 
     picaso-rag serve --chroma-path ./picaso_db/chroma --collection picaso_quickstart \\
-        --states ./picaso_db/states --model models/picaso-mini [--port 8000] [--api-key KEY]
+        --states ./picaso_db/states --model models/picaso-mini [--port 8000] [--api-key-file FILE]
     picaso-rag serve --chroma-host localhost --chroma-port 8001 --collection docs --states ... --model ...
 
 Then point any OpenAI client at http://HOST:PORT/v1 (docs/serving.md).
@@ -55,9 +55,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=os.environ.get("PICASO_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $PICASO_API_KEY; none: no key)")
+    s.add_argument("--api-key-file", help="require 'Authorization: Bearer KEY', KEY the file's first line (default: "
+                                          "$PICASO_API_KEY; neither: no key). Not on the command line: others see it")
+    s.add_argument("--state-key-file", help="the store's MAC key (StateStore mac=...): states not written with it are "
+                                            "refused as corrupt, so a state planted in the store is never used")
+    s.add_argument("--no-adhoc-documents", action="store_true",
+                   help="refuse ad hoc document texts in requests (extra_body documents [{'text': ...}]): only the index's")
     d = ServerSettings()
+    s.add_argument("--max-adhoc-tokens", type=int, default=d.max_adhoc_tokens, help="tokens of a request's ad hoc texts")
     s.add_argument("--method", default=d.method, choices=["picaso-s", "picaso-r", "caso", "soup", "concat"])
     s.add_argument("--top-k", type=int, default=d.top_k)
     s.add_argument("--max-batch", type=int, default=d.max_batch)
@@ -77,6 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if (args.chroma_path is None) == (args.chroma_host is None):
         sys.exit("picaso-rag serve: give --chroma-path DIR or --chroma-host HOST (one of the two).")
+    api_key = os.environ.get("PICASO_API_KEY") or None
+    if args.api_key_file:
+        try:
+            api_key = open(args.api_key_file, encoding="utf-8").readline().strip() or None
+        except OSError as exc:
+            sys.exit(f"picaso-rag serve: cannot read --api-key-file {args.api_key_file} ({exc.strerror}).")
+        if api_key is None:
+            sys.exit(f"picaso-rag serve: --api-key-file {args.api_key_file} is empty; put the key on its first line.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import chromadb
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     from picaso_rag import StateStore
 
     from .app import create_app
+    from .connections import uvicorn_config
 
     client = (chromadb.PersistentClient(path=args.chroma_path) if args.chroma_path
               else chromadb.HttpClient(host=args.chroma_host, port=args.chroma_port))
@@ -96,14 +110,18 @@ def main(argv: list[str] | None = None) -> None:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     settings = ServerSettings(model_name=name, method=args.method, top_k=args.top_k, max_batch=args.max_batch,
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                              history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=args.api_key,
-                              max_slot_tokens=args.max_slot_tokens, max_kv_bytes=args.max_kv_bytes)
-    llm = PicasoLLM(model=args.model, device=args.device, state_store=StateStore(args.states))
+                              history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key,
+                              max_slot_tokens=args.max_slot_tokens, max_kv_bytes=args.max_kv_bytes,
+                              allow_adhoc_documents=not args.no_adhoc_documents, max_adhoc_tokens=args.max_adhoc_tokens)
+    try:
+        store = StateStore(args.states, mac=args.state_key_file or False)
+    except Exception as exc:  # a missing, world-readable or malformed key file: the error names the fix
+        sys.exit(f"picaso-rag serve: {exc}")
+    llm = PicasoLLM(model=args.model, device=args.device, state_store=store)
     rag = build_pipeline(llm, collection, load_embed_model(args.embed_model), settings)
     app = create_app(rag, settings)
     print(f"serving {name} ({collection.count()} documents) on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections, timeout_keep_alive=5,
-                log_level="warning")
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limit_concurrency=args.max_connections)).run()
 
 
 if __name__ == "__main__":
@@ -119,8 +137,9 @@ class ServerThread:
 
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                                     limit_concurrency=limit_concurrency, timeout_keep_alive=5))
+        from .connections import uvicorn_config
+
+        self._server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, limit_concurrency=limit_concurrency))
         self._thread = threading.Thread(target=self._server.run, daemon=True, name="uvicorn")
 
     def __enter__(self) -> str:

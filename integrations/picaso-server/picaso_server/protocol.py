@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 METHODS = ("picaso-s", "picaso-r", "caso", "soup", "concat")
+MAX_STOP_CHARS = 256  # as picaso_rag.generation bounds them: each is checked against the text every token
 MAX_SEED = 2**63 - 1
 
 
@@ -79,24 +80,25 @@ class DocumentSpec(BaseModel):
 class PicasoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal[METHODS] | None = None  # type: ignore[valid-type]
-    top_k: int | None = Field(default=None, ge=0)  # 0: no retrieval
+    top_k: int | None = Field(default=None, ge=0, strict=True)  # 0: no retrieval
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    # strict: true for max_tokens or "yes" for stream is a 400, not 1 and True
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, strict=True)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, strict=True)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    n: int = 1
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
+    n: int = Field(default=1, strict=True)
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
     user: str | None = None
     documents: list[DocumentSpec] | None = None
@@ -107,8 +109,8 @@ class _Common(BaseModel):
         if self.n != 1:
             raise ValueError("n must be 1 (one choice per request); send several requests for several answers")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
         for s in stops:
             _utf8(s, "stop")
         for i, d in enumerate(self.documents or []):
@@ -123,7 +125,7 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
 
     @model_validator(mode="after")
     def _last_is_user(self) -> "ChatCompletionRequest":

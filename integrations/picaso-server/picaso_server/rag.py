@@ -57,6 +57,9 @@ class ServerSettings:
     history_tokens: int = 1024  # tokens of system + history + question read per request, oldest turns dropped
     max_documents: int = 32  # documents per request (extra_body documents)
     max_document_chars: int = 32_000  # per ad hoc text
+    max_adhoc_tokens: int = 8192  # of all ad hoc texts of one request (a character may be 4 tokens: emoji)
+    allow_adhoc_documents: bool = True  # False: only documents of the index (no encoding per request; no timing oracle)
+    max_concat_tokens: int = 16_384  # documents' tokens one concatenation request reads
     max_body_bytes: int = 1 << 20  # request body, refused before it is read
     max_batch: int = 64
     max_queue: int = 256  # requests waiting for the GPU; more in flight: 503
@@ -148,6 +151,10 @@ class RagPipeline:
             text = PREFIX + "\n\n".join(d.text for d in docs)
             doc_ids = self.engine.tokenize(text)
             figures["document_tokens"] = len(doc_ids) - len(self.engine.tokenize(PREFIX))
+            if figures["document_tokens"] > settings.max_concat_tokens:
+                raise APIError(400, f"the documents are {figures['document_tokens']:,} tokens; concatenation reads at most "
+                                    f"{settings.max_concat_tokens:,} per request: send fewer, or use a composition method.",
+                               "picaso.method")
             tail_ids = doc_ids + tail_ids
             figures["tokens_read"] = len(tail_ids)
         elif docs:
@@ -198,6 +205,10 @@ class RagPipeline:
         if missing:
             raise APIError(404, f"no document with id {missing[0]!r} in the collection; use the ids of the response's "
                                 "picaso.sources or of your index.", "documents", code="document_not_found")
+        if not settings.allow_adhoc_documents and any(s.text is not None for s in specs):
+            raise APIError(400, "this server takes no ad hoc document texts (started with --no-adhoc-documents); send "
+                                'documents of the index as {"id": ...}, or none.', "documents", code="adhoc_documents_disabled")
+        adhoc_tokens = 0
         docs, sources = [], []
         for i, spec in enumerate(specs):
             if spec.id is not None:
@@ -210,6 +221,11 @@ class RagPipeline:
                                         f"{settings.max_document_chars} per ad hoc text: split it or ingest it into the index.",
                                    f"documents.{i}.text")
                 text = spec.text.strip()
+                adhoc_tokens += len(self.engine.tokenizer.encode(text))  # counted before any is encoded
+                if adhoc_tokens > settings.max_adhoc_tokens:
+                    raise APIError(400, f"the ad hoc document texts reach {adhoc_tokens:,} tokens at documents[{i}]; at most "
+                                        f"{settings.max_adhoc_tokens:,} per request: send less, or ingest them into the index.",
+                                   f"documents.{i}.text")
                 ref = DocumentRef.of(text, None)  # not stored: encoded once, then served from the LLM's bounded cache
                 docs.append(ref)
                 sources.append({"id": f"text:{ref.key}", "score": None, "text": text})
