@@ -71,14 +71,16 @@ class S3StateStore:
     under 0.001 nats/token; docs/scaling.md; a hybrid's keys and values with a per-channel scale,
     picaso_rag.precision), or "bf16" / "fp32"; ``mac_key``: the secret (bytes) or the path of a key file shared by every
     replica (see :func:`~picaso_rag.store.load_mac_key`); ``max_state_bytes``: most tensor bytes
-    read for a model whose shapes this process does not know.
+    read for a model whose shapes this process does not know; ``timeout_s``, ``attempts``: of the
+    default client's connections and reads (a socket silent for ``timeout_s`` fails the attempt).
 
     Usage: ``store = S3StateStore("states", endpoint_url="http://127.0.0.1:8333", create_bucket=True)``.
     """
 
     def __init__(self, bucket: str, prefix: str = "picaso", client: Any = None, endpoint_url: str | None = None,
                  precision: str = "fp8", mac_key: bytes | str | os.PathLike | None = None,
-                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, create_bucket: bool = False, max_workers: int = 8):
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES, create_bucket: bool = False, max_workers: int = 8,
+                 timeout_s: float = 10.0, attempts: int = 2):
         if not isinstance(bucket, str) or not bucket:
             raise PicasoError(f"bucket must be a bucket name, got {bucket!r}.")
         self.bucket, self.prefix = bucket, prefix.strip("/")
@@ -90,8 +92,10 @@ class S3StateStore:
                 from botocore.config import Config
             except ImportError:
                 raise PicasoError("S3StateStore needs boto3: pip install 'picaso-rag[s3]' (or pip install boto3).") from None
+            # bounded, not botocore's defaults (60 s a read, retried): a hung endpoint costs a request a few
+            # timeout_s (attempts, with backoff), then StoreUnavailableError, and the answer falls back to encoding
             client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
-                connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": attempts, "mode": "standard"},
                 max_pool_connections=max(10, 2 * max_workers)))
         self.client = client
         self._errors = _client_errors(client)
@@ -314,12 +318,20 @@ def _client_errors(client: Any) -> tuple[type[BaseException], ...]:
         return (ConnectionError, OSError)
 
 
+def _response(exc: BaseException) -> dict:
+    """A ClientError's parsed response; {} for errors without one (timeouts, urllib3's, which may hold None)."""
+    response = getattr(exc, "response", None)
+    return response if isinstance(response, dict) else {}
+
+
 def _status(exc: BaseException) -> int | None:
-    return getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    status = _response(exc).get("ResponseMetadata", {})
+    return status.get("HTTPStatusCode") if isinstance(status, dict) else None
 
 
 def _code(exc: BaseException) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    error = _response(exc).get("Error", {})
+    return str(error.get("Code", "")) if isinstance(error, dict) else ""
 
 
 def _check_fingerprint(fingerprint: str) -> str:

@@ -391,6 +391,10 @@ def state_from_file(header: StateHeader, tensors: dict[str, torch.Tensor], spec:
                                position=int(header.metadata["position"]) if "keys" in tensors else None)
         else:
             state = State(tensors["ssm"], tensors["conv"], tensors["log_decay"], int(header.metadata["n_tokens"]), header.fingerprint)
+        if state.has_keys and not (state.n_keys == state.n_tokens == state.position):
+            # a store keeps documents' states: one key per token, read from position 0
+            raise StateMismatchError(f"the header says {state.n_tokens} tokens at position {state.position}, the file "
+                                     f"holds {state.n_keys} keys; a document's state has one key per token.")
         if spec is not None:
             spec.check(state)
         state.check_finite()

@@ -319,3 +319,18 @@ def test_resolver_serves_hybrid_states_from_memory_and_store(hybrid, states, tmp
     logits, _ = hybrid.read(QUERY, state=hybrid.compose(cold.states))
     assert torch.isfinite(logits).all()
     writer.close()
+
+
+def test_a_header_that_lies_about_its_tokens_is_corrupt(hybrid, states, tmp_path):
+    """A document's stored state holds one key per token from position 0: a header claiming 5,000
+    tokens (or another position) over 3 tokens' keys is refused, whatever its checksum."""
+    state = states[0]
+    store = StateStore(tmp_path)
+    for n_tokens, position in ((5000, state.n_keys), (state.n_keys, 5000), (5000, 5000)):
+        lying = HybridState(state.ssm, state.conv, state.log_decay, n_tokens, hybrid.fingerprint, keys=state.keys,
+                            values=state.values, position=position)
+        path = store.path("liar", hybrid.fingerprint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_state_file(lying, "liar"))
+        found = store.get("liar", hybrid.fingerprint)
+        assert found.status is StoreStatus.CORRUPT and "one key per token" in found.detail, (n_tokens, position)

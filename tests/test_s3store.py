@@ -242,3 +242,52 @@ def test_hybrid_states_in_fp8_by_default_with_the_model_spec(server, tokenizer, 
                                Body=encode_state_file(planted, "n", text=TEXTS[2]))
     found = fp8.get("n", hybrid.fingerprint, text=TEXTS[2])
     assert found.status is StoreStatus.CORRUPT and "not a state of this model" in found.detail
+
+
+class Blackhole:
+    """An endpoint that accepts connections and never answers (a hung object store)."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)  # kept open, never read from or written to
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_hung_endpoint_is_unavailable_within_its_timeouts(monkeypatch):
+    """Every operation against an endpoint that never answers fails as StoreUnavailableError (not a
+    hang, not another error) within seconds (two attempts of 0.5 s here, and botocore's backoff)."""
+    import time
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    hole = Blackhole()
+    try:
+        store = S3StateStore("states", endpoint_url=hole.url, timeout_s=0.5, attempts=2)
+        for name, call in (("get", lambda: store.get("node", FP)), ("put", lambda: store.put("node", make_state(0))),
+                           ("delete", lambda: store.delete("node", FP)), ("list", lambda: list(store.node_ids(FP)))):
+            start = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                call()
+            assert time.monotonic() - start < 10, name  # two attempts of 0.5 s, retry backoff: seconds, not minutes
+    finally:
+        hole.close()
