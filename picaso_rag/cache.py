@@ -231,7 +231,7 @@ class StateBackend(Protocol):
 
     def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]: ...
 
-    def put(self, node_id: str, state: State, text: str | None = None) -> object: ...
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> object: ...
 
     def delete(self, node_id: str, fingerprint: str | None = None) -> int: ...
 
@@ -334,7 +334,7 @@ class StateWriter:
                 host = state if state.device.type == "cpu" else self._to_host(state, ready)
                 for store in stores:
                     try:
-                        store.put(node_id, host, text=text)
+                        store.put(node_id, host, text=text, write_back=True)  # a deleted node stays deleted
                         written, failed = 1, 0
                     except Exception as exc:  # noqa: BLE001 - a write-back never fails a query
                         logger.warning("write-back of node %s to %r failed: %s", node_id, store, exc)
@@ -387,11 +387,13 @@ class BudgetedStore:
                     self._lru.move_to_end((node_id, fingerprint[:16]))
         return found
 
-    def put(self, node_id: str, state: State, text: str | None = None) -> object:
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> object:
         size = state.nbytes
         if size > self.max_bytes:
             return None  # larger than the whole budget: not kept in this tier
-        result = self.store.put(node_id, state, text=text)
+        result = self.store.put(node_id, state, text=text, write_back=write_back)
+        if result is None:  # a deleted node: nothing written
+            return None
         if hasattr(result, "stat"):
             try:
                 size = result.stat().st_size

@@ -13,9 +13,8 @@ from torch import Tensor
 from .errors import PicasoError
 
 
-# bounds of one request's stop strings: TextStream checks each against the text's end every token,
-# so their count and length are what a request can make every decoding step cost
-MAX_STOP_STRINGS = 16
+# a stop string's length bound: TextStream checks each prefix of each against the text's end every
+# token (quadratic in the length); how many a request may send is the server's bound (4, as OpenAI)
 MAX_STOP_CHARS = 256
 # below this temperature, softmax(logits / t) is the argmax in float32 (and dividing by t overflows)
 GREEDY_BELOW_TEMPERATURE = 1e-4
@@ -24,8 +23,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-4
 @dataclass
 class SamplingParams:
     """max_new_tokens; temperature 0 = greedy (and any temperature below 1e-4: its limit); top_p in
-    (0, 1]; stop strings (at most 16, of at most 256 characters) end the text (excluded), once it
-    has some non-whitespace text (a model often opens an answer with a newline)."""
+    (0, 1]; stop strings (of at most 256 characters) end the text (excluded), once it has some
+    non-whitespace text (a model often opens an answer with a newline)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -59,9 +58,9 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise PicasoError('stop strings must be non-empty (an empty one would stop before any text); '
                               'drop "" from stop.')
-        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
-            raise PicasoError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters "
-                              f"(got {len(self.stop)}, the longest {max(len(s) for s in self.stop)}); send shorter ones.")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise PicasoError(f"stop strings are at most {MAX_STOP_CHARS} characters (the longest here has "
+                              f"{max(len(s) for s in self.stop)}); send shorter ones.")
 
 
 def _int(name: str, value: object, fix: str) -> int:

@@ -131,23 +131,44 @@ class S3StateStore:
         return f"{self.prefix}/{_LAYOUT}/{model}/" if self.prefix else f"{_LAYOUT}/{model}/"
 
     # ------------------------------------------------------------------------------ writing
-    def put(self, node_id: str, state: State, text: str | None = None) -> str:
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> str | None:
         """Write the state of ``node_id`` (replacing any previous one of the same model) in one PUT.
 
-        Returns the object name. Raises :class:`StoreUnavailableError` if the store cannot be reached.
+        ``write_back``: as ``StateStore.put``: a node deleted since is not written back (None). Without
+        locks, the tombstone is checked before and after the PUT: a delete writes it before removing
+        the objects, so whichever comes second removes the object. Returns the object name. Raises
+        :class:`StoreUnavailableError` if the store cannot be reached.
         """
         payload = encode_state_file(state, node_id, text=text, mac_key=self._mac_key, precision=self.precision)
         check_storable(state, payload, state_spec_for(state.fingerprint), self.max_state_bytes)  # never an unreadable object
         name = self.object_name(node_id, state.fingerprint)
+        tombstone = self._tombstone(node_id)
+        if write_back and self._exists(tombstone):
+            return None
+        if not write_back and self._exists(tombstone):
+            with self._call("delete", tombstone):
+                self.client.delete_object(Bucket=self.bucket, Key=tombstone)
         with self._call("write", name):
             self.client.put_object(Bucket=self.bucket, Key=name, Body=payload, ContentType="application/octet-stream")
+        if write_back and self._exists(tombstone):  # deleted while we wrote: ours is the orphan
+            with self._call("delete", name):
+                self.client.delete_object(Bucket=self.bucket, Key=name)
+            return None
         return name
+
+    def _tombstone(self, node_id: str) -> str:
+        key = state_key(node_id)
+        return f"{self._model_prefix('deleted')}{key[:2]}/{key}"
 
     def delete(self, node_id: str, fingerprint: str | None = None) -> int:
         """Delete the state(s) of ``node_id`` (of one model, or of every model); returns how many existed."""
         models = [_check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
         removed = 0
         key = state_key(node_id)
+        if fingerprint is None:  # the node is gone: first the tombstone, then the objects (see put)
+            tombstone = self._tombstone(node_id)
+            with self._call("write", tombstone):
+                self.client.put_object(Bucket=self.bucket, Key=tombstone, Body=b"")
         for model in models:
             name = f"{self._model_prefix(model)}{key[:2]}/{key}.safetensors"
             if self._exists(name):

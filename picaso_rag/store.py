@@ -78,6 +78,7 @@ logger = logging.getLogger("picaso_rag.store")
 
 FORMAT = "picaso-state/1"
 _LAYOUT = "v1"
+_DELETED = "deleted"  # <directory>/v1/deleted/<key[:2]>/<key>: tombstones of deleted nodes (not a model: 16 hex digits)
 _TENSORS = ("ssm", "conv", "log_decay")
 _RANKS = {"ssm": 4, "conv": 3, "log_decay": 2, "keys": 4, "values": 4, "ssm_scale": 2, "keys_scale": 3, "values_scale": 3}
 # a hybrid model's state (a picaso_rag.state.State with keys) adds its attention layers' keys and values,
@@ -697,12 +698,15 @@ class StateStore:
         return lock
 
     # -------------------------------------------------------------------------------- writing
-    def put(self, node_id: str, state: State, text: str | None = None) -> Path:
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> Path | None:
         """Write the state of ``node_id`` (replacing any previous one of the same model), atomically.
 
         ``text``: the exact text the state was encoded from; :meth:`get` can then tell a stale state
         (the node's text changed) from a valid one. A state put without its text is reported STALE
         to every ``get`` that passes a text (it cannot be checked). Returns the file's path.
+        ``write_back``: a query storing a state it had to encode; a node deleted (:meth:`delete` of
+        every model) since is not written (returns None): deletion wins over a racing query. A put
+        without it (ingestion) writes, and brings a deleted node back.
         Raises :class:`StoreNotWritableError` (nothing written) on a read-only store, a full disk, or a
         symlinked directory below the store's directory.
         """
@@ -711,7 +715,11 @@ class StateStore:
         check_storable(state, payload, state_spec_for(state.fingerprint), self.max_state_bytes)
         key = self._key(node_id)
         with self._writable():
-            with self._lock(node_id):
+            with self._lock(node_id):  # delete takes the same lock: a tombstone is checked and written atomically
+                if write_back and self._is_deleted(key):
+                    return None
+                if not write_back:
+                    self._unlink(_DELETED, key[:2], key)
                 stripe_fd = self._open_dir(_LAYOUT, state.fingerprint[:16], key[:2], create=True)
                 try:
                     _atomic_write(stripe_fd, path.name, payload)
@@ -750,9 +758,31 @@ class StateStore:
         key = self._key(node_id)
         removed = 0
         with self._writable(), self._lock(node_id):
+            if fingerprint is None:  # the node is gone: a query's write-back must not bring it back
+                self._mark_deleted(key)
             for model in models:
                 removed += self._unlink(model, key[:2], f"{key}.safetensors")
         return removed
+
+    def _mark_deleted(self, key: str) -> None:
+        fd = self._open_dir(_LAYOUT, _DELETED, key[:2], create=True)
+        try:
+            os.close(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=fd))
+        finally:
+            os.close(fd)
+
+    def _is_deleted(self, key: str) -> bool:
+        try:
+            fd = self._open_dir(_LAYOUT, _DELETED, key[:2])
+        except FileNotFoundError:
+            return False
+        try:
+            os.stat(key, dir_fd=fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
 
     def _unlink(self, model: str, stripe: str, name: str) -> int:
         """Remove one directory entry (never following links); 1 if removed, 0 if absent."""

@@ -62,11 +62,9 @@ def test_a_request_whose_sampling_raises_fails_alone(engine, alone):
     assert scheduler.stats()["finished"]["error"] == 1
 
 
-def test_stop_strings_are_bounded_in_number_and_length():
-    SamplingParams(stop=["x" * 256] * 16)
-    with pytest.raises(PicasoError, match="at most 16 strings of at most 256 characters"):
-        SamplingParams(stop=["x"] * 17)
-    with pytest.raises(PicasoError, match="at most 16 strings of at most 256 characters"):
+def test_stop_strings_are_bounded_in_length():
+    SamplingParams(stop=["x" * 256] * 4)
+    with pytest.raises(PicasoError, match="at most 256 characters"):
         SamplingParams(stop=["x" * 257])
 
 

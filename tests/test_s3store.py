@@ -291,3 +291,14 @@ def test_a_hung_endpoint_is_unavailable_within_its_timeouts(monkeypatch):
             assert time.monotonic() - start < 10, name  # two attempts of 0.5 s, retry backoff: seconds, not minutes
     finally:
         hole.close()
+
+
+def test_deletion_wins_over_a_racing_write_back_on_s3(store):
+    state = make_state(3)
+    store.put("node", state, text="t")
+    store.delete("node")  # every model: a tombstone, then the objects
+    assert store.put("node", state, text="t", write_back=True) is None
+    assert store.get("node", FP, text="t").status is StoreStatus.MISSING
+    assert store.put("node", state, text="t") is not None and store.get("node", FP, text="t").ok  # re-ingested
+    assert store.put("other", state, write_back=True) is not None
+    assert sorted(store.node_ids(FP)) == ["node", "other"] and store.fingerprints() == [FP[:16]]

@@ -44,12 +44,12 @@ class BlockingStore:
     def get_many(self, node_ids, fingerprint, texts=None):
         return self.inner.get_many(node_ids, fingerprint, texts)
 
-    def put(self, node_id, state, text=None):
+    def put(self, node_id, state, text=None, write_back=False):
         self.release.wait(30)
         if self.fail:
             raise OSError("the store is down")
         self.puts += 1
-        return self.inner.put(node_id, state, text=text)
+        return self.inner.put(node_id, state, text=text, write_back=write_back)
 
     def delete(self, node_id, fingerprint=None):
         return self.inner.delete(node_id, fingerprint)

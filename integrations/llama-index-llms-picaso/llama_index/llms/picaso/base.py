@@ -236,7 +236,8 @@ class PicasoLLM(CustomLLM):
                     states[i] = state
                     if self._store is not None and docs[i].node_id:
                         try:
-                            self._store.put(docs[i].node_id, state, text=docs[i].text)
+                            # write_back: a node deleted since it was retrieved stays deleted
+                            self._store.put(docs[i].node_id, state, text=docs[i].text, write_back=True)
                         except (StoreNotWritableError, StoreUnavailableError) as exc:  # full, read-only or down:
                             # the answer does not need the file
                             not_stored += 1
