@@ -223,7 +223,7 @@ def bench_shape(name: str, args, tokenizer, deadline: float, result: dict, save:
         state_bytes = gpu_states[0].ssm.numel() * gpu_states[0].ssm.element_size()
         # a hybrid's composition also copies the documents' keys and values into their union (read + write)
         kv_bytes = sum(t.numel() * t.element_size() for t in (gpu_states[0].keys, gpu_states[0].values)) \
-            if hasattr(gpu_states[0], "keys") else 0
+            if gpu_states[0].has_keys else 0
         result["state_MiB"] = gpu_states[0].nbytes / 2**20
 
         for k in args.ks:
