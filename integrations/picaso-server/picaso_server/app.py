@@ -1,4 +1,5 @@
-"""The OpenAI-compatible FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /health.
+"""The OpenAI-compatible FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /health
+(liveness), /health/details (the figures; the key when the server has one).
 
 Every request: bounded body (refused before it is read), validated fields, RAG prepared in a
 bounded thread pool (retrieve, load states, compose), then one row of the continuous-batching
@@ -185,7 +186,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
             return
         if not key_matches({k.encode("latin-1"): v.encode("latin-1") for k, v in request.headers.items()}, settings.api_key):
             raise APIError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>' with the key "
-                                "the server was started with (--api-key).", code="invalid_api_key")
+                                "the server was started with (--api-key-file or $PICASO_API_KEY).", code="invalid_api_key")
 
     def check_model(name: str) -> None:
         if name != settings.model_name:
