@@ -233,7 +233,7 @@ class StateBackend(Protocol):
 
     def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> object: ...
 
-    def delete(self, node_id: str, fingerprint: str | None = None) -> int: ...
+    def delete(self, node_id: str, fingerprint: str | None = None, node_deleted: bool = False) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -413,11 +413,11 @@ class BudgetedStore:
             self.evictions += 1
         return result
 
-    def delete(self, node_id: str, fingerprint: str | None = None) -> int:
+    def delete(self, node_id: str, fingerprint: str | None = None, node_deleted: bool = False) -> int:
         with self._lock:
             for key in [k for k in self._lru if k[0] == node_id and (fingerprint is None or k[1] == fingerprint[:16])]:
                 self._bytes -= self._lru.pop(key)
-        return self.store.delete(node_id, fingerprint)
+        return self.store.delete(node_id, fingerprint, node_deleted=node_deleted)
 
 
 def _existing_files(store: StateBackend) -> list[tuple[str, str, int]]:

@@ -160,12 +160,13 @@ class S3StateStore:
         key = state_key(node_id)
         return f"{self._model_prefix('deleted')}{key[:2]}/{key}"
 
-    def delete(self, node_id: str, fingerprint: str | None = None) -> int:
-        """Delete the state(s) of ``node_id`` (of one model, or of every model); returns how many existed."""
+    def delete(self, node_id: str, fingerprint: str | None = None, node_deleted: bool = False) -> int:
+        """Delete the state(s) of ``node_id`` (of one model, or of every model); returns how many existed.
+        ``node_deleted``: as ``StateStore.delete`` (a tombstone stops racing write-backs)."""
         models = [_check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
         removed = 0
         key = state_key(node_id)
-        if fingerprint is None:  # the node is gone: first the tombstone, then the objects (see put)
+        if node_deleted:  # the node is gone: first the tombstone, then the objects (see put)
             tombstone = self._tombstone(node_id)
             with self._call("write", tombstone):
                 self.client.put_object(Bucket=self.bucket, Key=tombstone, Body=b"")
@@ -177,10 +178,10 @@ class S3StateStore:
                 removed += 1
         return removed
 
-    def delete_many(self, node_ids: Sequence[str], fingerprint: str | None = None) -> int:
+    def delete_many(self, node_ids: Sequence[str], fingerprint: str | None = None, node_deleted: bool = False) -> int:
         if isinstance(node_ids, str):
             raise PicasoError("delete_many takes a list of node ids; for one id call delete(node_id).")
-        return sum(self.delete(node_id, fingerprint) for node_id in node_ids)
+        return sum(self.delete(node_id, fingerprint, node_deleted) for node_id in node_ids)
 
     def remove_temp_files(self) -> int:
         """Nothing to remove: a PUT is atomic, no temporary object is ever made (kept for ``ingest()``)."""

@@ -749,16 +749,19 @@ class StateStore:
                 "or pass StateStore('<a writable directory>'). Stored states can still be read."
             ) from exc
 
-    def delete(self, node_id: str, fingerprint: str | None = None) -> int:
+    def delete(self, node_id: str, fingerprint: str | None = None, node_deleted: bool = False) -> int:
         """Delete the state(s) of ``node_id``: of one model, or of every model (default).
 
-        Returns how many files were removed (0 if there were none).
+        ``node_deleted``: the node itself left the index (what the integration's deletions say): a
+        tombstone then stops a query that retrieved it just before from writing its state back
+        (``put(write_back=True)``); ingesting the node again (a plain put) lifts it. Returns how
+        many files were removed (0 if there were none).
         """
         models = [self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_names()
         key = self._key(node_id)
         removed = 0
         with self._writable(), self._lock(node_id):
-            if fingerprint is None:  # the node is gone: a query's write-back must not bring it back
+            if node_deleted:  # the node is gone: a query's write-back must not bring it back
                 self._mark_deleted(key)
             for model in models:
                 removed += self._unlink(model, key[:2], f"{key}.safetensors")
@@ -801,11 +804,12 @@ class StateStore:
         finally:
             os.close(fd)
 
-    def delete_many(self, node_ids: list[str] | tuple[str, ...] | set[str], fingerprint: str | None = None) -> int:
+    def delete_many(self, node_ids: list[str] | tuple[str, ...] | set[str], fingerprint: str | None = None,
+                    node_deleted: bool = False) -> int:
         """:meth:`delete` for each node id; returns the number of files removed."""
         if isinstance(node_ids, str):
             raise PicasoError("delete_many takes a list of node ids; for one id call delete(node_id).")
-        return sum(self.delete(node_id, fingerprint) for node_id in node_ids)
+        return sum(self.delete(node_id, fingerprint, node_deleted) for node_id in node_ids)
 
     # -------------------------------------------------------------------------------- reading
     def get(self, node_id: str, fingerprint: str, text: str | None = None, spec: StateSpec | None = None) -> StoredState:

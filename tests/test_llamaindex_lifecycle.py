@@ -206,3 +206,24 @@ def test_a_full_disk_degrades_like_a_read_only_store(tmp_path, engine):
         assert not [p for p in mount.rglob("*") if p.is_file() and p.suffix not in (".lock",) and p.name != ".mac-key"]
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_query_that_retrieved_a_node_just_before_it_was_deleted_does_not_bring_it_back(tmp_path, engine):
+    """The query retrieved the node, then the node was deleted (stock delete_ref_doc), then the query
+    needed its state: it is encoded for this answer, and not written back (no orphan state)."""
+    from llama_index.llms.picaso import DocumentRef
+
+    store = StateStore(tmp_path / "states")
+    llm = PicasoLLM(engine=engine, state_store=store)
+    vector_store = PicasoChromaVectorStore(chroma_collection=collection(tmp_path), llm=llm)
+    docs = corpus_documents()
+    index = VectorStoreIndex.from_documents(docs[:3], storage_context=StorageContext.from_defaults(vector_store=vector_store),
+                                            embed_model=embed_model(), transformations=[SPLITTER])
+    retrieved = [n for n in vector_store.get_nodes(None) if n.ref_doc_id == docs[1].doc_id]  # what the query got
+    refs = [DocumentRef.of(node_llm_text(n), n.node_id) for n in retrieved]
+    index.delete_ref_doc(docs[1].doc_id)  # deleted before the query resolved its states
+    resolution = PicasoLLM(engine=engine, state_store=store).resolve_states(refs)  # a fresh LLM: nothing in memory
+    assert len(resolution.states) == len(refs) and resolution.stats["states_encoded"] == len(refs)
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)  # no orphan of the deleted nodes
+    index.insert(docs[1])  # ingested again: its states are stored again
+    assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)

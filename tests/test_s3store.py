@@ -296,7 +296,7 @@ def test_a_hung_endpoint_is_unavailable_within_its_timeouts(monkeypatch):
 def test_deletion_wins_over_a_racing_write_back_on_s3(store):
     state = make_state(3)
     store.put("node", state, text="t")
-    store.delete("node")  # every model: a tombstone, then the objects
+    store.delete("node", node_deleted=True)  # the node left the index: a tombstone, then the objects
     assert store.put("node", state, text="t", write_back=True) is None
     assert store.get("node", FP, text="t").status is StoreStatus.MISSING
     assert store.put("node", state, text="t") is not None and store.get("node", FP, text="t").ok  # re-ingested

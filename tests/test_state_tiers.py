@@ -51,8 +51,8 @@ class BlockingStore:
         self.puts += 1
         return self.inner.put(node_id, state, text=text, write_back=write_back)
 
-    def delete(self, node_id, fingerprint=None):
-        return self.inner.delete(node_id, fingerprint)
+    def delete(self, node_id, fingerprint=None, node_deleted=False):
+        return self.inner.delete(node_id, fingerprint, node_deleted=node_deleted)
 
 
 def assert_same(a, b):

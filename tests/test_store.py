@@ -260,7 +260,7 @@ def test_get_many_equals_get_in_order(tmp_path, engine, states):
 
 def test_deletion_wins_over_a_racing_write_back(tmp_path):
     """A query that found a node's state missing encodes it and writes it back; if the node was deleted
-    in between (delete of every model), the write-back writes nothing. Ingestion (a plain put) brings it back."""
+    from the index in between (node_deleted), the write-back writes nothing. Ingestion (a plain put) brings it back."""
     import torch
 
     from picaso_rag import State
@@ -270,11 +270,11 @@ def test_deletion_wins_over_a_racing_write_back(tmp_path):
     state = State(torch.zeros(1, 2, 4, 8), torch.zeros(1, 24, 3), torch.zeros(1, 2), 5, fp)
     store.put("node", state, text="t")
     assert store.get("node", fp, text="t").ok
-    store.delete("node")  # the index deletes the node (a query retrieved it a moment before)
+    store.delete("node", node_deleted=True)  # the index deletes the node (a query retrieved it a moment before)
     assert store.put("node", state, text="t", write_back=True) is None  # the query's write-back
     assert store.get("node", fp, text="t").status is StoreStatus.MISSING and not store.path("node", fp).exists()
     assert store.put("node", state, text="t") == store.path("node", fp)  # re-ingested: stored again
     assert store.put("other", state, text="t", write_back=True) == store.path("other", fp)  # never deleted: written
-    store.delete("node", fp)  # one model's state only: not a deletion of the node
+    store.delete("node")  # a state file removed (lost, or cleaned up), the node still indexed: not a deletion of it
     assert store.put("node", state, text="t", write_back=True) == store.path("node", fp)
     assert sorted(store.node_ids(fp)) == ["node", "other"]

@@ -199,7 +199,8 @@ class PicasoChromaVectorStore(ChromaVectorStore):
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         node_ids = self._collection.get(where={"document_id": ref_doc_id}, include=[])["ids"]
         super().delete(ref_doc_id, **delete_kwargs)
-        self.state_store.delete_many(node_ids)  # after the records: a crash in between leaves prunable states
+        # after the records: a crash in between leaves prunable states; tombstones stop racing queries' write-backs
+        self.state_store.delete_many(node_ids, node_deleted=True)
 
     def delete_nodes(self, node_ids: Optional[List[str]] = None, filters: Optional[MetadataFilters] = None,
                      **delete_kwargs: Any) -> None:
@@ -209,12 +210,12 @@ class PicasoChromaVectorStore(ChromaVectorStore):
         else:
             gone = list(node_ids or [])
         super().delete_nodes(node_ids=node_ids, filters=filters, **delete_kwargs)
-        self.state_store.delete_many(gone)
+        self.state_store.delete_many(gone, node_deleted=True)
 
     def clear(self) -> None:
         gone = self._collection.get(include=[])["ids"]
         super().clear()
-        self.state_store.delete_many(gone)
+        self.state_store.delete_many(gone, node_deleted=True)
 
 
 @contextmanager
@@ -372,14 +373,14 @@ def delete_ref_doc(index: Any, ref_doc_id: str, state_store: StateStore, **delet
     """
     node_ids = _ref_doc_node_ids(index.vector_store, ref_doc_id)
     index.delete_ref_doc(ref_doc_id, **delete_kwargs)
-    return state_store.delete_many(node_ids)
+    return state_store.delete_many(node_ids, node_deleted=True)
 
 
 def delete_nodes(index: Any, node_ids: Iterable[str], state_store: StateStore, **delete_kwargs: Any) -> int:
     """Delete nodes from the index and their states from the store; returns state files removed."""
     node_ids = list(node_ids)
     index.delete_nodes(node_ids, **delete_kwargs)
-    return state_store.delete_many(node_ids)
+    return state_store.delete_many(node_ids, node_deleted=True)
 
 
 def prune_states(vector_store: BasePydanticVectorStore, state_store: StateStore) -> int:
