@@ -287,7 +287,7 @@ def test_a_request_cancelled_between_steps_leaves_the_others_whole(family):
     rest to the end. The others answer as alone (the drop once failed the whole batch: it wrote the
     key buffer outside inference mode)."""
     engine, states = family
-    scheduler = Scheduler(engine, max_batch=4)  # not started: this thread plays the worker
+    scheduler = Scheduler(engine, max_batch=4, start=False)  # not started: this thread plays the worker
     cancelled = scheduler.submit(QUESTIONS[2], state=states["caso"], max_new_tokens=50)
     first = scheduler.submit(QUESTIONS[0], state=states["one doc"], max_new_tokens=8)
     second = scheduler.submit(QUESTIONS[1], state=states["two"], max_new_tokens=8)
