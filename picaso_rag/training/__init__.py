@@ -7,7 +7,7 @@ Command line: ``python -m picaso_rag.training --help``.
 """
 
 from .data import PassagePairs, TokenWindows, iter_corpus_documents, split_passages, tokenize_to_file, train_tokenizer
-from .train import (MODES, TrainConfig, composition_loss, finetune_batches, hybrid_composition_loss, lm_loss,
+from .train import (MODES, TrainConfig, composition_loss, concat_loss, finetune_batches, hybrid_composition_loss, lm_loss,
                     pretrain_batches, train)
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "TokenWindows",
     "TrainConfig",
     "composition_loss",
+    "concat_loss",
     "finetune_batches",
     "hybrid_composition_loss",
     "iter_corpus_documents",

@@ -69,12 +69,20 @@ def main(argv: list[str] | None = None) -> None:
     p2.add_argument("--model", required=True)
     p2.add_argument("--data", required=True, help="uint16 token file (documents separated by EOS)")
     p2.add_argument("--mode", choices=MODES, default="bp2c")
-    p2.add_argument("--method", default="picaso-s")
+    p2.add_argument("--method", default="picaso-s",
+                    help="a composition method, or several separated by commas (each batch draws one)")
     p2.add_argument("--segment-len", type=int, default=128)
     p2.add_argument("--n-passages", type=int, default=30000)
     p2.add_argument("--max-k", type=int, default=10)
     p2.add_argument("--batch-size", type=int, default=32)
     p2.add_argument("--epochs", type=float, default=1.0)
+    p2.add_argument("--concat-fraction", type=float, default=0.0,
+                    help="this fraction of batches reads its contexts concatenated (keeps concatenation good)")
+    p2.add_argument("--lm-fraction", type=float, default=0.0,
+                    help="this fraction of batches is plain language modelling on --lm-data (keeps perplexity)")
+    p2.add_argument("--lm-data", help="uint16 token file for the language-model batches (default: --data)")
+    p2.add_argument("--lm-seq-len", type=int, default=1024)
+    p2.add_argument("--lm-batch-size", type=int, default=16)
 
     for q in (p, p2):
         q.add_argument("--lr", type=float, default=None)
@@ -124,9 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         train_cfg = TrainConfig(out_dir=args.out, lr=args.lr or 3e-4, warmup_steps=min(100, steps // 10 + 1),
                                 max_steps=steps, time_budget_s=args.time_budget, seed=args.seed,
                                 extra={"mode": args.mode, "method": args.method, "passages": len(pairs),
-                                       "segment_len": args.segment_len, "base_model": args.model})
-        batches = finetune_batches(pairs, args.batch_size, tok.encode(SEPARATOR), model.device, args.method,
-                                   args.mode, args.max_k, args.seed)
+                                       "segment_len": args.segment_len, "base_model": args.model,
+                                       "concat_fraction": args.concat_fraction, "lm_fraction": args.lm_fraction,
+                                       "lm_data": args.lm_data, "data": args.data})
+        lm_windows = (TokenWindows(args.lm_data or args.data, args.lm_seq_len, args.lm_batch_size, seed=args.seed)
+                      if args.lm_fraction else None)
+        batches = finetune_batches(pairs, args.batch_size, tok.encode(SEPARATOR), model.device, args.method.split(","),
+                                   args.mode, args.max_k, args.seed, lm_windows, args.lm_fraction, args.concat_fraction)
         history = train(model, tok, batches, train_cfg, name=args.mode)
         print(json.dumps({"steps": history["steps"], "final_loss": history["loss"][-1], "train_time_s": history["train_time_s"]}))
 

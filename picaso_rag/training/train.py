@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,19 @@ def composition_loss(model: PicasoLM, contexts: Tensor, targets: Tensor, separat
 hybrid_composition_loss = composition_loss  # deprecated alias (one release)
 
 
+def concat_loss(model: PicasoLM, contexts: Tensor, targets: Tensor, separator: Tensor) -> Tensor:
+    """Loss of the target read after its contexts concatenated (``context + separator`` each, in the
+    batch's order), scored like :func:`composition_loss` (tokens 1..T-1) and like the evaluation's
+    ``concat`` row. Mixed into composition fine-tuning so the model keeps reading concatenated text.
+
+    Usage: ``loss = concat_loss(model, contexts, targets, torch.tensor(sep_ids))``.
+    """
+    B, k = contexts.shape[:2]
+    prefix = torch.cat([contexts, separator.expand(B, k, -1)], dim=-1).flatten(1)  # [B, k * (S + len(sep))]
+    logits = model(torch.cat([prefix, targets[:, :-1]], dim=1)).logits[:, prefix.shape[1]:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, 1:].flatten())
+
+
 def compose_batch(model: PicasoLM, out: ModelOutput, B: int, k: int, method: str) -> tuple[dict[str, Tensor], int]:
     """Compose B rows of k documents of equal length, read from nothing in one pass (``out`` of
     ``model(docs)``, docs [B * k, L], row-major). Differentiable. Returns (the keyword arguments of
@@ -122,20 +135,43 @@ def pretrain_batches(data: TokenWindows, device: torch.device) -> Iterator[Calla
 
 
 def finetune_batches(pairs: PassagePairs, batch_size: int, separator: list[int], device: torch.device,
-                     method: str, mode: str, max_k: int = 10, seed: int = 0) -> Iterator[Callable[[PicasoLM], Tensor]]:
+                     method: str | Sequence[str], mode: str, max_k: int = 10, seed: int = 0,
+                     lm_windows: TokenWindows | None = None, lm_fraction: float = 0.0,
+                     concat_fraction: float = 0.0) -> Iterator[Callable[[PicasoLM], Tensor]]:
     """Epochs over the passage pairs; k drawn uniformly from {0..max_k} per batch, as in the paper.
-    All contexts of a batch have one length (segments of one size), so a hybrid's key/value unions stack."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    All contexts of a batch have one length (segments of one size), so a hybrid's key/value unions stack.
+
+    ``method``: one composition method, or several (each batch draws one uniformly). A fraction of
+    the batches can keep the model's other two ways of reading: ``lm_fraction`` plain language-model
+    batches from ``lm_windows``, ``concat_fraction`` batches whose k >= 1 contexts are concatenated
+    (:func:`concat_loss`) instead of composed. Usage: see ``python -m picaso_rag.training finetune``."""
+    methods = [method] if isinstance(method, str) else list(method)
+    if not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"method must be one or more of {METHODS}, got {method!r}")
+    if not (0 <= lm_fraction and 0 <= concat_fraction and lm_fraction + concat_fraction < 1):
+        raise ValueError(f"lm_fraction + concat_fraction must be in [0, 1), got {lm_fraction} + {concat_fraction}")
+    if lm_fraction and lm_windows is None:
+        raise ValueError("lm_fraction > 0 needs lm_windows (a token file: --lm-data).")
     rng = random.Random(seed)
     sep = torch.tensor(separator, device=device)
+    lm = iter(lm_windows) if lm_windows is not None else None
     while True:
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            k = rng.randint(0, max_k)
+            kind = rng.random()
+            if kind < lm_fraction:
+                inputs, lm_targets = (t.to(device, non_blocking=True) for t in next(lm))
+                yield lambda model, i=inputs, t=lm_targets: lm_loss(model, i, t)
+                continue
+            concat = kind < lm_fraction + concat_fraction
+            k = rng.randint(1 if concat else 0, max_k)
+            m = rng.choice(methods)
             contexts, targets = pairs.batch(order[start:start + batch_size], k)
             contexts, targets = contexts.to(device), targets.to(device)
-            yield lambda model, c=contexts, t=targets: composition_loss(model, c, t, sep, method, mode)
+            if concat:
+                yield lambda model, c=contexts, t=targets: concat_loss(model, c, t, sep)
+            else:
+                yield lambda model, c=contexts, t=targets, m=m: composition_loss(model, c, t, sep, m, mode)
 
 
 def _param_groups(model: PicasoLM, weight_decay: float) -> list[dict]:
