@@ -66,7 +66,7 @@ receive)  # there, once per part
         tar --occurrence=1 -xf $W/bundle.tar -C $W/data code.tar COMMIT mamba_ssm-2.3.2.post1.tar.gz || exit 1
         tar xf $W/data/code.tar -C $F && cp -r models $F/ && echo "code at $(cat $W/data/COMMIT)"
         mkdir -p .gpu && cp $W/data/mamba_ssm-*.tar.gz .gpu/ && ${SETUP:-bash scripts/gpu_setup.sh build} > $R/setup.log 2>&1 || { cat $R/setup.log; exit 1; }
-        python3 -c "import numpy as np; np.random.default_rng(0).integers(1, 16384, 2_000_000, dtype=np.uint16).tofile('$W/random.bin')"
+        python3 -c "import numpy as np; t = np.random.default_rng(0).integers(1, 16384, 2_000_000, dtype=np.uint16); t[256::257] = 0; t.tofile('$W/random.bin')"  # EOS (0) ends each 256-token passage
         # the same shapes as the real runs: Triton compiles each kernel once into ~/.triton/cache
         cd $F && setsid bash -c "
             python3 -m picaso_rag.training finetune --model models/picaso-mini --data $W/random.bin --n-passages 4000 --max-steps 12 \
