@@ -20,8 +20,9 @@ metadata, and with ``mac`` an HMAC-SHA256 of that checksum under the store's sec
 
 Writes are atomic (temporary file in the same directory, fsync, ``os.replace``, fsync of the
 directory), so a reader sees the old file or the new one, never half of one. Writers of the
-same node take a file lock (``filelock``, striped over 256 lock files), so a put never
-interleaves with a delete of the same node in another thread or process.
+same node take a file lock (``flock``, striped over 256 lock files in ``.locks``, each opened
+without following links on every acquisition), so a put never interleaves with a delete of the same
+node in another thread or process.
 
 Reading is bounded and never follows links below the store's directory: each directory under it
 is opened relative to its parent with ``O_NOFOLLOW`` (a symlinked stripe or model directory is
@@ -49,6 +50,7 @@ statuses exactly as :meth:`StateStore.get` does.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -67,7 +69,6 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import torch
-from filelock import FileLock
 from safetensors.torch import save as save_safetensors
 
 from .errors import PicasoError, StateFileError, StateMismatchError, StoreNotWritableError
@@ -102,6 +103,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAC_DOMAIN = b"picaso-state-mac/1\0"
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW, _O_CLOEXEC = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_CLOEXEC", 0)
 _O_CREATE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
 
 
@@ -559,6 +561,53 @@ class _UnsafePath(Exception):
         self.path = path
 
 
+class _StripeLock:
+    """An exclusive lock (``flock``) on ``<store>/.locks/<stripe>.lock``, shared by threads and
+    processes. Every acquisition opens ``.locks`` relative to the store's directory with
+    ``O_NOFOLLOW | O_DIRECTORY`` and the lock file relative to that descriptor with ``O_NOFOLLOW``:
+    one path resolution, no window between a check and the open, on every operation (a ``.locks``
+    or lock file replaced by a symlink after the store was opened is refused). Not reentrant."""
+
+    def __init__(self, store: "StateStore", stripe: str):
+        self.store, self.stripe, self._fd = store, stripe, -1
+
+    def __enter__(self) -> None:
+        dir_fd = self.store._open_dir(".locks", create=True)  # _UnsafePath for a symlink or a non-directory
+        name = f"{self.stripe}.lock"
+        try:
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                    raise _UnsafePath(self.store.directory / ".locks" / name) from None
+                raise
+        finally:
+            os.close(dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _UnsafePath(self.store.directory / ".locks" / name)
+            deadline = time.monotonic() + self.store.lock_timeout
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"another writer held the lock {self.store.directory / '.locks' / name} for "
+                                           f"{self.store.lock_timeout} s (StateStore(lock_timeout=...)); try again") from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class StateStore:
     """Document states on disk, keyed by node id and model fingerprint (see the module docstring).
 
@@ -593,7 +642,6 @@ class StateStore:
         self.lock_timeout = lock_timeout
         self.max_state_bytes = max_state_bytes
         self._root = self.directory / _LAYOUT
-        self._locks: dict[str, FileLock] = {}
         self.mac_key_path: Path | None = None
         self._mac_key: bytes | None = None
         if mac is True:
@@ -685,17 +733,14 @@ class StateStore:
         finally:
             os.close(fd)
 
-    def _lock(self, node_id: str) -> FileLock:
+    def _lock(self, node_id: str) -> "_StripeLock":
         return self._stripe_lock(self._key(node_id)[:2])
 
-    def _stripe_lock(self, stripe: str) -> FileLock:
-        """The lock of every node whose key starts with ``stripe`` (also the name of their directory)."""
-        lock = self._locks.get(stripe)
-        if lock is None:
-            os.close(self._open_dir(".locks", create=True))  # a real directory, not a link out of the store
-            lock = self._locks.setdefault(stripe, FileLock(str(self.directory / ".locks" / f"{stripe}.lock"),
-                                                          timeout=self.lock_timeout))
-        return lock
+    def _stripe_lock(self, stripe: str) -> "_StripeLock":
+        """The lock of every node whose key starts with ``stripe`` (also the name of their directory).
+        Each acquisition opens ``.locks`` and the lock file anew, without following links: a
+        ``.locks`` replaced by a symlink at any time is refused (:class:`_UnsafePath`)."""
+        return _StripeLock(self, stripe)
 
     # -------------------------------------------------------------------------------- writing
     def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> Path | None:

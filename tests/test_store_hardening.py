@@ -243,6 +243,34 @@ def test_symlinked_lock_directory_is_refused(tmp_path, engine, state):
     assert list(outside.iterdir()) == []
 
 
+def test_lock_directory_replaced_by_a_symlink_after_the_store_was_used_is_refused(tmp_path, engine, state):
+    """The check holds on every operation, not once per store: each lock is opened anew, without links."""
+    store = StateStore(tmp_path / "store")
+    store.put("n", state, text=TEXT)  # .locks and a lock file exist, the store has locked before
+    store.delete("n")
+    store.put("n", state, text=TEXT)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    locks = tmp_path / "store" / ".locks"
+    shutil.rmtree(locks)
+    locks.symlink_to(outside, target_is_directory=True)
+    for call in (lambda: store.put("n", state, text=TEXT), lambda: store.delete("n"),
+                 lambda: store.put("m", state, text=TEXT), lambda: store.remove_temp_files(),
+                 lambda: store.prune(keep=set())):
+        with pytest.raises(StoreNotWritableError, match="symlink"):
+            call()
+    assert list(outside.iterdir()) == [] and store.get("n", engine.fingerprint, text=TEXT).ok  # reads still work
+    # a lock file replaced by a symlink (the directory real again) is refused too, its target untouched
+    locks.unlink()
+    locks.mkdir()
+    bait = outside / "bait"
+    bait.write_text("not ours")
+    (locks / f"{store._key('n')[:2]}.lock").symlink_to(bait)
+    with pytest.raises(StoreNotWritableError, match="symlink"):
+        store.delete("n")
+    assert bait.read_text() == "not ours" and store.get("n", engine.fingerprint, text=TEXT).ok
+
+
 # -------------------------------------------------------------------------------- the MAC
 def test_mac_binds_states_to_the_store(tmp_path, engine, state, other_state):
     store = StateStore(tmp_path / "states", mac=True)
