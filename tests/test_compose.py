@@ -123,7 +123,14 @@ def test_picaso_equals_mean_of_concatenations_on_exact_model(exact_engine, metho
 
 
 def test_composition_gap_on_general_model_is_reported(engine, record_property):
-    """Above one layer (and with the conv window) composition is approximate: measure, don't hide."""
+    """Above one layer (and with the conv window) composition is approximate: measure, don't hide, and
+    bound it. CASO of TEXTS[:4] against their concatenation on the session's seeded model (2 layers,
+    d_conv 4): relative SSM-state gap 0.560 (layers 0.494, 0.677; each document's first three tokens
+    see the previous one's last through the conv window, and "Ok." is all window). Broken compositions
+    of the same states land far above the bound: the last document dropped 0.73, the own decay in each
+    weight 0.81, PICASO-S's weights 0.80, soup's 0.84, documents 2 and 3 swapped 0.94, the order
+    reversed 1.22, a plain sum 1.46. (Dropping the first or a middle document, weights 0.11 and 0.25,
+    moves it by 0.01 to 0.02 only, within this model's error: the exact model's tests catch that.)"""
     texts = TEXTS[:4]
     caso = compose(engine.encode(texts), "caso", conv="last")
     concat = _concat_state(engine, texts, range(4))
@@ -131,7 +138,8 @@ def test_composition_gap_on_general_model_is_reported(engine, record_property):
     per_layer = [((caso.ssm[i] - concat.ssm[i]).norm() / concat.ssm[i].norm()).item() for i in range(caso.ssm.shape[0])]
     record_property("caso_vs_concat_relative_gap", gap)
     print(f"\nCASO vs concatenation, 2-layer d_conv=4 model: relative state gap {gap:.3e}, per layer {per_layer}")
-    assert math.isfinite(gap) and gap > 0
+    # above: the comparison is not degenerate (composition is not exact here); below: no broken composition
+    assert 0.1 < gap < 0.64, f"relative gap {gap:.4f}: expected about 0.560 (per layer {per_layer})"
 
 
 @pytest.mark.parametrize("method", ["caso", "picaso-s", "picaso-r", "soup"])
