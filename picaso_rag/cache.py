@@ -38,7 +38,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .errors import PicasoError
-from .state import State
+from .state import State, StateSpec
 from .store import StoredState, StoreStatus
 
 logger = logging.getLogger("picaso_rag.cache")
@@ -229,7 +229,8 @@ def _pinned(state: State) -> State:
 class StateBackend(Protocol):
     """What the resolver needs of a store (:class:`~picaso_rag.store.StateStore`, the S3 store...)."""
 
-    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]: ...
+    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
+                 spec: StateSpec | None = None) -> list[StoredState]: ...
 
     def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> object: ...
 
@@ -379,8 +380,9 @@ class BudgetedStore:
         with self._lock:
             return self._bytes
 
-    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]:
-        found = self.store.get_many(node_ids, fingerprint, texts)
+    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
+                 spec: StateSpec | None = None) -> list[StoredState]:
+        found = self.store.get_many(node_ids, fingerprint, texts, spec=spec)
         with self._lock:
             for node_id, f in zip(node_ids, found):
                 if f.ok and (node_id, fingerprint[:16]) in self._lru:
@@ -482,6 +484,7 @@ class StateResolver:
             else:
                 todo.setdefault(key, []).append(i)
         from_store = [0] * len(self.stores)
+        spec = engine.state_spec  # what a stored state must be: this model's shapes, its longest document
         rejected: list[dict] = []
         store_errors: list[dict] = []
         for level, store in enumerate(self.stores):
@@ -490,7 +493,7 @@ class StateResolver:
                 break
             try:
                 found = store.get_many([docs[todo[k][0]][1] for k in asked], engine.fingerprint,
-                                       [docs[todo[k][0]][2] for k in asked])
+                                       [docs[todo[k][0]][2] for k in asked], spec=spec)
             except Exception as exc:  # noqa: BLE001 - a store that is down is a miss, never a failed query
                 logger.warning("state store %r unavailable, its states are encoded instead: %s", store, exc)
                 store_errors.append({"store": level, "error": str(exc)[:300]})

@@ -26,7 +26,7 @@ from .generation import Sampler, SamplingParams, TextStream
 from .graphs import GraphedModel, StepGraphs
 from .loading import Tokenizer, fingerprint_of, load_checkpoint
 from .model import PicasoLM
-from .state import State, StateSpec, register_state_spec
+from .state import State, StateSpec
 
 Tokens = str | Sequence[int]
 logger = logging.getLogger("picaso_rag")
@@ -95,10 +95,15 @@ class PicasoEngine:
 
     @max_document_tokens.setter
     def max_document_tokens(self, value: int) -> None:
-        # the stores of this process validate (and bound) a stored state of this model by its shapes
-        # and (a hybrid's state grows with its document) this longest document, whenever it changes
         self._max_document_tokens = value
-        register_state_spec(self.fingerprint, StateSpec.of_config(self.model.cfg, value))
+
+    @property
+    def state_spec(self) -> StateSpec:
+        """The shapes of this model's document states, what a store validates (and bounds) them
+        against: pass it to the store's reads, e.g. ``store.get(node_id, engine.fingerprint,
+        spec=engine.state_spec)``. A hybrid's follows ``max_document_tokens`` (its keys grow with
+        the document)."""
+        return StateSpec.of_config(self.model.cfg, self._max_document_tokens)
 
     @classmethod
     def from_pretrained(

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import PicasoError, StateFileError, StoreUnavailableError
 from .precision import check_precision
-from .state import State, StateSpec, state_spec_for
+from .state import State, StateSpec
 from .store import (
     DEFAULT_MAX_STATE_BYTES,
     MAX_HEADER_BYTES,
@@ -71,7 +71,7 @@ class S3StateStore:
     under 0.001 nats/token; docs/scaling.md; a hybrid's keys and values with a per-channel scale,
     picaso_rag.precision), or "bf16" / "fp32"; ``mac_key``: the secret (bytes) or the path of a key file shared by every
     replica (see :func:`~picaso_rag.store.load_mac_key`); ``max_state_bytes``: most tensor bytes
-    read for a model whose shapes this process does not know; ``timeout_s``, ``attempts``: of the
+    a read given no spec accepts; ``timeout_s``, ``attempts``: of the
     default client's connections and reads (a socket silent for ``timeout_s`` fails the attempt).
 
     Usage: ``store = S3StateStore("states", endpoint_url="http://127.0.0.1:8333", create_bucket=True)``.
@@ -131,7 +131,8 @@ class S3StateStore:
         return f"{self.prefix}/{_LAYOUT}/{model}/" if self.prefix else f"{_LAYOUT}/{model}/"
 
     # ------------------------------------------------------------------------------ writing
-    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> str | None:
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False,
+            spec: StateSpec | None = None) -> str | None:
         """Write the state of ``node_id`` (replacing any previous one of the same model) in one PUT.
 
         ``write_back``: as ``StateStore.put``: a node deleted since is not written back (None). Without
@@ -140,7 +141,7 @@ class S3StateStore:
         :class:`StoreUnavailableError` if the store cannot be reached.
         """
         payload = encode_state_file(state, node_id, text=text, mac_key=self._mac_key, precision=self.precision)
-        check_storable(state, payload, state_spec_for(state.fingerprint), self.max_state_bytes)  # never an unreadable object
+        check_storable(state, payload, spec, self.max_state_bytes)  # never an unreadable object
         name = self.object_name(node_id, state.fingerprint)
         tombstone = self._tombstone(node_id)
         if write_back and self._exists(tombstone):
@@ -198,7 +199,6 @@ class S3StateStore:
             raise PicasoError(f"text must be the node's text (a str) or None, got {type(text).__name__}.")
         name = self.object_name(node_id, fingerprint)
         path = PurePosixPath("/", self.bucket, name)
-        spec = spec if spec is not None else state_spec_for(fingerprint)
         try:
             with self._call("read", name):
                 response = self.client.get_object(Bucket=self.bucket, Key=name)
@@ -230,15 +230,16 @@ class S3StateStore:
             body.close()
         return checked_against_text(state, header, text, path)
 
-    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None) -> list[StoredState]:
+    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
+                 spec: StateSpec | None = None) -> list[StoredState]:
         """:meth:`get` for several nodes, in order, ``max_workers`` requests at a time."""
         texts = list(texts) if texts is not None else [None] * len(node_ids)
         if len(texts) != len(node_ids):
             raise PicasoError(f"{len(node_ids)} node ids but {len(texts)} texts; pass one text per node (or none).")
         if len(node_ids) <= 1:
-            return [self.get(n, fingerprint, t) for n, t in zip(node_ids, texts)]
+            return [self.get(n, fingerprint, t, spec) for n, t in zip(node_ids, texts)]
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(node_ids))) as pool:
-            return list(pool.map(lambda pair: self.get(pair[0], fingerprint, pair[1]), zip(node_ids, texts)))
+            return list(pool.map(lambda pair: self.get(pair[0], fingerprint, pair[1], spec), zip(node_ids, texts)))
 
     def fingerprints(self) -> list[str]:
         """Short fingerprints (first 16 hex digits) of the models that have states here."""

@@ -232,32 +232,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-# fingerprint -> the spec of that model's states; filled by every PicasoEngine, so that a StateStore
-# of this process validates (and bounds) the states of a model it only knows by fingerprint
-_SPECS: dict[str, StateSpec] = {}
-
-
-def register_state_spec(fingerprint: str, spec: StateSpec) -> None:
-    """Record the state shapes of the model ``fingerprint`` (PicasoEngine does it for itself).
-
-    For a hybrid model, engines of one model with different ``max_document_tokens`` in one process
-    register the largest: a store of this process then reads every state any of them wrote.
-    """
-    known = _SPECS.get(fingerprint)
-    if known is not None and spec.kv is not None and replace(known, max_tokens=0) == replace(spec, max_tokens=0):
-        spec = replace(spec, max_tokens=max(spec.max_tokens, known.max_tokens))
-    _SPECS[fingerprint] = spec
-
-
-def state_spec_for(fingerprint: str) -> StateSpec | None:
-    """The registered spec of a model's states (by full fingerprint, or its first 16 hex digits as in
-    a store's directory names), or None for a model not loaded in this process."""
-    spec = _SPECS.get(fingerprint)
-    if spec is None and len(fingerprint) == 16:
-        spec = next((s for f, s in list(_SPECS.items()) if f.startswith(fingerprint)), None)
-    return spec
-
-
 def state_spec_of(cfg: Any, max_tokens: int = 1 << 17) -> StateSpec:
     """Deprecated alias of :meth:`StateSpec.of_config`. Usage: ``state_spec_of(engine.model.cfg)``."""
     return StateSpec.of_config(cfg, max_tokens)

@@ -28,10 +28,12 @@ Reading is bounded and never follows links below the store's directory: each dir
 is opened relative to its parent with ``O_NOFOLLOW`` (a symlinked stripe or model directory is
 refused), a state file is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file (fstat),
 at most :data:`MAX_HEADER_BYTES` of header are read, and tensor bytes only after the header
-described exactly the file's size and this model's state shapes (a hybrid's: its fixed SSM shapes,
-its keys' and values' layers, heads and head size, at most its longest document's tokens; the
-bound on a file's size follows, see :class:`~picaso_rag.state.StateSpec`). A put refuses,
-before writing anything, a state that this process's readers would refuse. A file that does not verify
+described exactly the file's size, shapes consistent with each other and with its token count,
+and, when the reader passes the model's :class:`~picaso_rag.state.StateSpec` (``engine.state_spec``),
+this model's state shapes (a hybrid's: its fixed SSM shapes, its keys' and values' layers, heads and
+head size, at most its longest document's tokens; the bound on a file's size follows). Nothing
+process-wide: what a read validates against is what its caller passes. A put given the spec refuses,
+before writing anything, a state that a reader with it would refuse. A file that does not verify
 (truncated, bit flip, garbled or wrongly typed header, wrong shapes, NaN, missing or wrong MAC) is
 reported as ``corrupt``, never loaded, and never raises. See docs/guarantees.md (threat model).
 
@@ -73,7 +75,7 @@ from safetensors.torch import save as save_safetensors
 
 from .errors import PicasoError, StateFileError, StateMismatchError, StoreNotWritableError
 from .precision import check_precision, dequantize, quantize
-from .state import State, StateSpec, state_spec_for
+from .state import State, StateSpec
 
 logger = logging.getLogger("picaso_rag.store")
 
@@ -96,7 +98,7 @@ _FILE_DTYPES = {**_DTYPES, "F8_E4M3": torch.float8_e4m3fn}
 _FILE_ITEMSIZE = {**_ITEMSIZE, "F8_E4M3": 1}
 MAX_HEADER_BYTES = 64 * 1024  # a state's header is under 1 KiB (4 KiB inline node id at most, escaped x6)
 MAX_INLINE_NODE_ID_BYTES = 4096  # longer ids are recorded (and checked) by their sha256 only
-DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound for a model whose state shapes this process does not know
+DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound of a read given no StateSpec
 _HEADER_ONLY_BOUND = 1 << 62  # listing reads headers only: no tensor byte is read, whatever the size described
 _STATE_FILE = re.compile(r"[0-9a-f]{32}\.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -294,6 +296,16 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
             if tensors[f"{name}_scale"][1] != (shape[0], shape[1], shape[3]):
                 raise StateFileError(f"{name}_scale shape {tensors[f'{name}_scale'][1]} is not {name}'s "
                                      f"[n_attn, kv_heads, head_dim] {(shape[0], shape[1], shape[3])}")
+    # the shapes against each other and the token count, model or not: a lying header is refused unread
+    ssm_shape = tensors["ssm"][1]
+    if tensors["log_decay"][1] != ssm_shape[:2] or tensors["conv"][1][0] != ssm_shape[0]:
+        raise StateFileError(f"inconsistent shapes: ssm {ssm_shape}, conv {tensors['conv'][1]}, log_decay "
+                             f"{tensors['log_decay'][1]}; expected [L,H,P,N], [L,C,W-1], [L,H]")
+    if hybrid and tensors["keys"][1][0] > 0:  # a store keeps documents' states: one key per token, from position 0
+        n_keys, n_tokens, position = tensors["keys"][1][2], int(metadata["n_tokens"]), int(metadata["position"])
+        if not n_keys == n_tokens == position:
+            raise StateFileError(f"the header says {n_tokens} tokens at position {position}, its keys hold {n_keys}; "
+                                 "a document's state has one key per token")
     if spec is not None:  # this model's exact shapes (and, for a hybrid, its longest document)
         check_header_shapes_of(tensors, spec)
     if not fp8 and tensors["ssm"][0] != tensors["conv"][0]:
@@ -618,9 +630,9 @@ class StateStore:
     ``mac``: False (checksum only: fine for a store that only you can write, or shared read-only),
     True (HMAC-SHA256 with a secret in ``<directory>.mac-key``, created 0600 on first use) or the
     path of a key file; with a key, a file not written with it is CORRUPT. ``max_state_bytes``:
-    most tensor bytes read for a model whose shapes this process does not know (an engine of the
-    model registers its exact shapes: see :class:`~picaso_rag.state.StateSpec`; a hybrid's bound
-    is its largest state, which grows with its ``max_document_tokens``).
+    most tensor bytes a read given no spec accepts (a read given ``spec=engine.state_spec`` is
+    bounded by the model's largest state instead, see :class:`~picaso_rag.state.StateSpec`; a
+    hybrid's grows with its ``max_document_tokens``).
 
     Usage: ``store = StateStore("./picaso_db/states", mac=True); store.put(node_id, state, text=text)``.
     """
@@ -743,7 +755,8 @@ class StateStore:
         return _StripeLock(self, stripe)
 
     # -------------------------------------------------------------------------------- writing
-    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> Path | None:
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False,
+            spec: StateSpec | None = None) -> Path | None:
         """Write the state of ``node_id`` (replacing any previous one of the same model), atomically.
 
         ``text``: the exact text the state was encoded from; :meth:`get` can then tell a stale state
@@ -751,13 +764,14 @@ class StateStore:
         to every ``get`` that passes a text (it cannot be checked). Returns the file's path.
         ``write_back``: a query storing a state it had to encode; a node deleted (:meth:`delete` of
         every model) since is not written (returns None): deletion wins over a racing query. A put
-        without it (ingestion) writes, and brings a deleted node back.
+        without it (ingestion) writes, and brings a deleted node back. ``spec``: the model's state
+        shapes (``engine.state_spec``): a state its readers would refuse is refused, nothing written.
         Raises :class:`StoreNotWritableError` (nothing written) on a read-only store, a full disk, or a
         symlinked directory below the store's directory.
         """
         path = self.path(node_id, state.fingerprint)
         payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key, precision=self.precision)
-        check_storable(state, payload, state_spec_for(state.fingerprint), self.max_state_bytes)
+        check_storable(state, payload, spec, self.max_state_bytes)
         key = self._key(node_id)
         with self._writable():
             with self._lock(node_id):  # delete takes the same lock: a tombstone is checked and written atomically
@@ -861,15 +875,17 @@ class StateStore:
         """Load and verify the state of ``node_id`` made by the model ``fingerprint``.
 
         ``text``: the node's current text; a state encoded from another text, or put without its
-        text, is reported STALE. ``spec``: the model's state shapes (default: those registered by
-        an engine of that fingerprint in this process). Never raises for a bad file, whatever its
+        text, is reported STALE. ``spec``: the model's state shapes (``engine.state_spec``): a file
+        of other shapes, or (a hybrid) of a longer document than it allows, is CORRUPT, unread.
+        Without it, every check that needs no model is made (format, sizes against the header and
+        ``max_state_bytes``, the header's shapes against each other and against its token count,
+        checksum, MAC, values), but not the model's own shapes. Never raises for a bad file, whatever its
         bytes, type or size: the status says what was found (see :class:`StoreStatus`).
         """
         path = self.path(node_id, fingerprint)
         key = self._key(node_id)
         if text is not None and not isinstance(text, str):
             raise PicasoError(f"text must be the node's text (a str) or None, got {type(text).__name__}.")
-        spec = spec if spec is not None else state_spec_for(fingerprint)
         try:
             fd = self._open_state_file(fingerprint[:16], key[:2], path.name)
         except FileNotFoundError:
@@ -939,27 +955,31 @@ class StateStore:
             os.close(fd)
 
     def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
-                 max_workers: int = 8) -> list[StoredState]:
+                 max_workers: int = 8, spec: StateSpec | None = None) -> list[StoredState]:
         """:meth:`get` for several nodes at once, in order, on a thread pool: reading, hashing and
         parsing release the GIL, and a large model's states are tens of MiB each.
 
-        Usage: ``found = store.get_many(["n1", "n2"], engine.fingerprint)``.
+        Usage: ``found = store.get_many(["n1", "n2"], engine.fingerprint, spec=engine.state_spec)``.
         """
         texts = list(texts) if texts is not None else [None] * len(node_ids)
         if len(texts) != len(node_ids):
             raise PicasoError(f"{len(node_ids)} node ids but {len(texts)} texts; pass one text per node (or none).")
         if len(node_ids) <= 1:
-            return [self.get(n, fingerprint, t) for n, t in zip(node_ids, texts)]
+            return [self.get(n, fingerprint, t, spec) for n, t in zip(node_ids, texts)]
         with ThreadPoolExecutor(max_workers=min(max_workers, len(node_ids))) as pool:
-            return list(pool.map(lambda pair: self.get(pair[0], fingerprint, pair[1]), zip(node_ids, texts)))
+            return list(pool.map(lambda pair: self.get(pair[0], fingerprint, pair[1], spec), zip(node_ids, texts)))
 
     def fingerprints(self) -> list[str]:
         """Short fingerprints (first 16 hex digits) of the models that have states here."""
         return self._model_names()
 
-    def entries(self, fingerprint: str | None = None) -> Iterator[StoreEntry]:
+    def entries(self, fingerprint: str | None = None, spec: StateSpec | None = None) -> Iterator[StoreEntry]:
         """Every state file (of one model, or of all), with the status of its header; never raises
-        for a bad file (symlinks, FIFOs, devices, garbage are CORRUPT entries, never opened through)."""
+        for a bad file (symlinks, FIFOs, devices, garbage are CORRUPT entries, never opened through).
+        ``spec``: the shapes of the model ``fingerprint`` (``engine.state_spec``): a header of other
+        shapes is CORRUPT too."""
+        if spec is not None and not fingerprint:
+            raise PicasoError("entries(spec=...) checks one model's files: pass its fingerprint too.")
         models = [self._check_fingerprint(fingerprint)[:16]] if fingerprint else self._model_names()
         for model, stripe in self._stripes(models):
             try:
@@ -972,7 +992,7 @@ class StateStore:
             finally:
                 os.close(stripe_fd)
             for name in names:
-                yield self._entry(model, stripe, name)
+                yield self._entry(model, stripe, name, spec)
 
     def _stripes(self, models: list[str]) -> Iterator[tuple[str, str]]:
         """(model, stripe) of every real stripe directory of ``models`` (links and files skipped)."""
@@ -988,7 +1008,7 @@ class StateStore:
             for stripe in stripes:
                 yield model, stripe
 
-    def _entry(self, model: str, stripe: str, name: str) -> StoreEntry:
+    def _entry(self, model: str, stripe: str, name: str, spec: StateSpec | None = None) -> StoreEntry:
         path = self._root / model / stripe / name
         try:
             fd = self._open_state_file(model, stripe, name)
@@ -997,7 +1017,6 @@ class StateStore:
         except OSError as exc:
             return StoreEntry(path, model, StoreStatus.CORRUPT, detail=f"unreadable: {exc}")
         try:
-            spec = state_spec_for(model)
             header = read_state_header(_FdReader(fd), spec, read_bound(spec, self.max_state_bytes) if spec else _HEADER_ONLY_BOUND)
             size = os.fstat(fd).st_size
         except StateFileError as exc:
@@ -1100,10 +1119,11 @@ def read_bound(spec: StateSpec | None, max_state_bytes: int) -> int:
 
 
 def check_storable(state: State, payload: bytes, spec: StateSpec | None, max_state_bytes: int) -> None:
-    """Refuse (before anything is written) a state file that a reader of this process would refuse:
-    a hybrid state longer than its model's registered longest document, or a payload above the bound
-    of a model whose shapes are not registered. Raises :class:`PicasoError` naming the fix."""
-    if state.has_keys and spec is not None:
+    """Refuse (before anything is written) a state file that a reader with ``spec`` (or, without
+    one, with ``max_state_bytes``) would refuse: a state of other shapes than ``spec``'s (a hybrid's
+    longer than its longest document), or a payload above the bound. Raises :class:`PicasoError`
+    naming the fix."""
+    if spec is not None:
         try:
             spec.check(state)
         except StateMismatchError as exc:
@@ -1112,9 +1132,9 @@ def check_storable(state: State, payload: bytes, spec: StateSpec | None, max_sta
     bound = read_bound(spec, max_state_bytes)
     if data > bound:
         raise PicasoError(
-            f"not stored: this state's file holds {data:,} bytes of tensors, above the {bound:,} a store reads for a "
-            "model whose state shapes this process does not know. Load the model's engine in this process (it registers "
-            "its shapes and longest document), or pass max_state_bytes to the store (readers too).")
+            f"not stored: this state's file holds {data:,} bytes of tensors, above the {bound:,} a store reads without "
+            "the model's state shapes. Pass spec=engine.state_spec to the store's put and reads, or a larger "
+            "max_state_bytes to the store (readers too).")
 
 
 def _atomic_write(dir_fd: int, name: str, payload: bytes) -> None:

@@ -66,6 +66,18 @@ def nan_inside(data, path, **_):
     return save(tensors, metadata=meta)
 
 
+def wrong_shape(data, path, **_):
+    """A consistent file with a valid checksum, this model's fingerprint and another model's shapes
+    (half the state size): only the model's spec, which the LLM passes to the store, tells."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}
+    tensors["ssm"] = tensors["ssm"][..., : tensors["ssm"].shape[-1] // 2].contiguous()
+    meta["checksum"] = _checksum(tensors, meta)
+    return save(tensors, metadata=meta)
+
+
 def pickle_payload(data, path, marker, **_):
     torch.save({"ssm": Payload(marker)}, path)  # what a malicious torch checkpoint looks like
     return path.read_bytes()
@@ -82,6 +94,7 @@ KINDS = {  # what happens to the file -> the status it must get
     "bit-flipped": (bit_flipped, StoreStatus.CORRUPT, "checksum"),
     "zero-length": (zero_length, StoreStatus.CORRUPT, "truncated"),
     "nan": (nan_inside, StoreStatus.CORRUPT, "NaN"),
+    "wrong shape": (wrong_shape, StoreStatus.CORRUPT, "shape"),
     "pickle payload": (pickle_payload, StoreStatus.CORRUPT, "unpickling can run code"),
     "foreign model": (foreign_model, StoreStatus.OTHER_MODEL, "made by model"),
 }
@@ -98,7 +111,7 @@ def test_damaged_state_is_detected_re_encoded_and_reported(world, clean, kind, c
     other = {"dir": tmp_path / "other", "engine": sensitive_engine(tokenizer, seed=9)}
     path.write_bytes(damage(path.read_bytes(), path=path, marker=marker, node_id=victim.node_id, text=text, other=other))
 
-    found = world.store.get(victim.node_id, fingerprint, text=text)
+    found = world.store.get(victim.node_id, fingerprint, text=text, spec=world.llm.engine.state_spec)
     assert found.status is status and found.state is None and phrase in found.detail, found.detail
     with caplog.at_level(logging.INFO, logger="llama_index.llms.picaso"):
         answer, response, _ = run_query(world, QUESTION, llm=fresh_llm(world))

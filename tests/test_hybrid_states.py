@@ -18,7 +18,7 @@ from picaso_rag.errors import StateFileError, StateMismatchError
 from picaso_rag.hybrid import HybridLM, init_weights
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.precision import FP8, PRECISIONS, dequantize, kv_nbytes_per_token, quantize, roundtrip, state_nbytes
-from picaso_rag.state import HybridState, HybridStateSpec, StateSpec, state_spec_for
+from picaso_rag.state import HybridState, HybridStateSpec, StateSpec
 from picaso_rag.store import DEFAULT_MAX_STATE_BYTES, encode_state_file, parse_state_header
 
 from .conftest import TEXTS
@@ -151,7 +151,7 @@ def test_store_round_trips_at_every_precision_with_every_guarantee(hybrid, state
 
 def test_planted_files_of_another_hybrid_or_shape_are_refused_by_the_spec(hybrid, states, tmp_path, tokenizer):
     fp = hybrid.fingerprint
-    spec = state_spec_for(fp)
+    spec = hybrid.state_spec
     assert isinstance(spec, HybridStateSpec) and spec.kv == (2, 2, 16) and spec.max_tokens == hybrid.max_document_tokens
     store = StateStore(tmp_path)
     other = PicasoEngine(init_weights(HybridLM(hybrid_config(n_kv_heads=4, layer_types=("mamba", "attention"))), seed=1),
@@ -159,10 +159,11 @@ def test_planted_files_of_another_hybrid_or_shape_are_refused_by_the_spec(hybrid
     mamba = State(states[0].ssm, states[0].conv, states[0].log_decay, 5, fp)
     longer = states[0]
     planted = {  # each with this model's fingerprint and a valid checksum: only the shapes give it away
-        "another hybrid": (HybridState(other.ssm, other.conv, other.log_decay, 3, fp, keys=other.keys, values=other.values,
-                                       position=3), "shape"),
-        "other kv heads": (HybridState(longer.ssm, longer.conv, longer.log_decay, 3, fp, keys=longer.keys.repeat(1, 2, 1, 1),
-                                       values=longer.values.repeat(1, 2, 1, 1), position=3), "keys"),
+        "another hybrid": (HybridState(other.ssm, other.conv, other.log_decay, other.n_keys, fp, keys=other.keys,
+                                       values=other.values, position=other.n_keys), "shape"),
+        "other kv heads": (HybridState(longer.ssm, longer.conv, longer.log_decay, longer.n_keys, fp,
+                                       keys=longer.keys.repeat(1, 2, 1, 1), values=longer.values.repeat(1, 2, 1, 1),
+                                       position=longer.n_keys), "keys"),
         "a Mamba-2 state": (mamba, "Mamba-2 model's state"),
     }
     for label, (state, message) in planted.items():
@@ -170,12 +171,13 @@ def test_planted_files_of_another_hybrid_or_shape_are_refused_by_the_spec(hybrid
             path = store.path(label, fp)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode_state_file(state, label, precision=precision))
-            found = store.get(label, fp)
+            found = store.get(label, fp, spec=spec)
             assert found.status is StoreStatus.CORRUPT and message in found.detail, (label, found.detail)
-            assert [e.status for e in store.entries(fp) if e.path == path] == [StoreStatus.CORRUPT]
-    # the store refuses to write what a reader would refuse, and writes nothing
+            assert [e.status for e in store.entries(fp, spec=spec) if e.path == path] == [StoreStatus.CORRUPT]
+            assert store.get_many([label, label], fp, spec=spec)[1].status is StoreStatus.CORRUPT
+    # the store refuses to write what a reader with the spec would refuse, and writes nothing
     with pytest.raises(PicasoError, match="not stored"):
-        store.put("x", planted["other kv heads"][0])
+        store.put("x", planted["other kv heads"][0], spec=spec)
     assert not store.path("x", fp).exists()
 
 
@@ -184,22 +186,46 @@ def test_the_longest_document_bounds_a_state_and_follows_the_engine(hybrid, stat
     n = state.n_keys
     # the same model under another fingerprint, whose documents may hold one token fewer than this state
     small = PicasoEngine(hybrid.model, tokenizer, fingerprint="ef" * 32, max_document_tokens=n - 1)
-    assert state_spec_for(small.fingerprint).max_tokens == n - 1
+    assert small.state_spec.max_tokens == n - 1
     long_state = HybridState(state.ssm, state.conv, state.log_decay, n, small.fingerprint, keys=state.keys,
                              values=state.values, position=n)
     store = StateStore(tmp_path)
     with pytest.raises(PicasoError, match="raise engine.max_document_tokens"):  # refused, nothing half written
-        store.put("long", long_state)
+        store.put("long", long_state, spec=small.state_spec)
     assert not store.path("long", small.fingerprint).exists()
     path = store.path("long", small.fingerprint)  # planted anyway: refused on reading, before its tensors
     path.parent.mkdir(parents=True)
     path.write_bytes(encode_state_file(long_state, "long"))
-    found = store.get("long", small.fingerprint)
+    found = store.get("long", small.fingerprint, spec=small.state_spec)
     assert found.status is StoreStatus.CORRUPT and "max_document_tokens" in found.detail
     small.max_document_tokens = n  # the spec follows the engine's limit
-    assert state_spec_for(small.fingerprint).max_tokens == n and store.get("long", small.fingerprint).ok
-    small.max_document_tokens = n - 1  # lowering it never turns states already written into corrupt ones
-    assert state_spec_for(small.fingerprint).max_tokens == n and store.get("long", small.fingerprint).ok
+    assert small.state_spec.max_tokens == n and store.get("long", small.fingerprint, spec=small.state_spec).ok
+    small.max_document_tokens = n - 1  # and back: what a read accepts is what its caller passes, nothing else
+    assert store.get("long", small.fingerprint, spec=small.state_spec).status is StoreStatus.CORRUPT
+
+
+def test_a_store_validates_the_same_whether_or_not_an_engine_was_built(hybrid, states, tmp_path, tokenizer):
+    """No process-wide registry: building engines (of any limit) changes nothing a store accepts."""
+    import subprocess
+    import sys
+
+    state = states[4]
+    fp = "ab" * 32
+    store = StateStore(tmp_path)
+    long_state = HybridState(state.ssm, state.conv, state.log_decay, state.n_keys, fp, keys=state.keys,
+                             values=state.values, position=state.n_keys)
+    store.put("long", long_state)
+    spec = PicasoEngine(hybrid.model, tokenizer, fingerprint=fp, max_document_tokens=state.n_keys - 1).state_spec
+    # with the spec: CORRUPT (longer than its longest document); without: OK, in this process and in a fresh
+    # one where no engine was ever built
+    assert store.get("long", fp, spec=spec).status is StoreStatus.CORRUPT
+    assert store.get("long", fp).ok
+    code = (f"from picaso_rag import StateStore; import sys; s = StateStore({str(tmp_path)!r}); "
+            f"sys.exit(0 if s.get('long', {fp!r}).ok else 1)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    import picaso_rag.state as state_module
+
+    assert not any(name in vars(state_module) for name in ("register_state_spec", "state_spec_for", "_SPECS"))
 
 
 def test_a_long_document_of_a_big_hybrid_reads_past_the_default_bound():
@@ -246,7 +272,7 @@ def test_mamba2_specs_refuse_hybrid_files(engine, tmp_path):
     path = StateStore(tmp_path).path("n", engine.fingerprint)
     path.parent.mkdir(parents=True)
     path.write_bytes(encode_state_file(hybrid_like, "n"))
-    found = StateStore(tmp_path).get("n", engine.fingerprint)
+    found = StateStore(tmp_path).get("n", engine.fingerprint, spec=engine.state_spec)
     assert found.status is StoreStatus.CORRUPT and "Mamba-2 model" in found.detail
     with pytest.raises(StateMismatchError):
         spec.check(hybrid_like)
@@ -255,8 +281,8 @@ def test_mamba2_specs_refuse_hybrid_files(engine, tmp_path):
 def test_fp8_hybrid_file_layout_is_checked(states):
     state = states[1]
     good = quantize(state, "fp8")
-    metadata = {"format": "picaso-state/1", "node_id": "n", "fingerprint": state.fingerprint, "n_tokens": "3",
-                "position": "3", "checksum": "0" * 64}
+    metadata = {"format": "picaso-state/1", "node_id": "n", "fingerprint": state.fingerprint,
+                "n_tokens": str(state.n_keys), "position": str(state.n_keys), "checksum": "0" * 64}
 
     def header_of(tensors: dict) -> bytes:
         data = save(tensors, metadata=metadata)

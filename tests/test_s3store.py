@@ -212,7 +212,7 @@ def test_shared_tier_of_the_resolver_falls_back_when_down(engine, server, tmp_pa
 def test_hybrid_states_in_fp8_by_default_with_the_model_spec(server, tokenizer, request):
     """A hybrid model's states (SSM tensors, and keys and values that grow with the document): fp8
     by default (keys and values too, per-channel scales), fp32 bit for bit, and an object of another
-    shape under this model's name refused by the model's registered spec."""
+    shape under this model's name refused by the model's spec (passed by the reader)."""
     from picaso_rag import PicasoEngine
     from picaso_rag.hybrid import HybridLM, init_weights
     from picaso_rag.hybrid_config import HybridConfig
@@ -236,12 +236,15 @@ def test_hybrid_states_in_fp8_by_default_with_the_model_spec(server, tokenizer, 
         assert all(torch.equal(t, want.tensors()[n]) for n, t in found.state.tensors().items())
         assert 0 < sizes[store.precision] - state_nbytes(cfg, store.precision, state.n_keys) < 1536  # + the header
     assert sizes["fp8"] < 0.4 * sizes["fp32"]
-    planted = type(state)(state.ssm, state.conv, state.log_decay, 3, hybrid.fingerprint, keys=state.keys[:, :1].contiguous(),
-                          values=state.values[:, :1].contiguous(), position=3)  # one kv head: another model's shape
+    n = state.n_keys
+    planted = type(state)(state.ssm, state.conv, state.log_decay, n, hybrid.fingerprint, keys=state.keys[:, :1].contiguous(),
+                          values=state.values[:, :1].contiguous(), position=n)  # one kv head: another model's shape
     server.client().put_object(Bucket=server.BUCKET, Key=fp8.object_name("n", hybrid.fingerprint),
                                Body=encode_state_file(planted, "n", text=TEXTS[2]))
-    found = fp8.get("n", hybrid.fingerprint, text=TEXTS[2])
+    found = fp8.get("n", hybrid.fingerprint, text=TEXTS[2], spec=hybrid.state_spec)
     assert found.status is StoreStatus.CORRUPT and "not a state of this model" in found.detail
+    assert fp8.get_many(["n", "n"], hybrid.fingerprint, spec=hybrid.state_spec)[1].status is StoreStatus.CORRUPT
+    assert fp8.get("n", hybrid.fingerprint, text=TEXTS[2]).ok  # consistent in itself: only the spec tells
 
 
 class Blackhole:

@@ -41,8 +41,8 @@ class BlockingStore:
     def __init__(self, inner, fail: bool = False):
         self.inner, self.release, self.fail, self.puts = inner, threading.Event(), fail, 0
 
-    def get_many(self, node_ids, fingerprint, texts=None):
-        return self.inner.get_many(node_ids, fingerprint, texts)
+    def get_many(self, node_ids, fingerprint, texts=None, spec=None):
+        return self.inner.get_many(node_ids, fingerprint, texts, spec=spec)
 
     def put(self, node_id, state, text=None, write_back=False):
         self.release.wait(30)

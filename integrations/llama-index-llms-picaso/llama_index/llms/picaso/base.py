@@ -196,7 +196,8 @@ class PicasoLLM(CustomLLM):
         # one call for all the misses: the files are read and verified in parallel
         try:
             found_by_index = dict(zip(stored, self._store.get_many([docs[i].node_id for i in stored], self._engine.fingerprint,
-                                                                   [docs[i].text for i in stored]))) if stored else {}
+                                                                   [docs[i].text for i in stored],
+                                                                   spec=self._engine.state_spec))) if stored else {}
         except StoreUnavailableError as exc:  # a shared store that is down: the states are encoded from the text
             logger.warning("state store unavailable, encoding %d states from their text: %s", len(stored), exc)
             found_by_index, reasons["store unavailable"] = {}, len(stored)

@@ -99,7 +99,7 @@ class PicasoStateEncoder(TransformComponent):
                 logger.info("node %s has no text: no state encoded", node.node_id)
                 continue
             node.metadata[METADATA_KEY] = DocumentRef.of(text).key
-            if not store.get(node.node_id, fingerprint, text=text).ok:
+            if not store.get(node.node_id, fingerprint, text=text, spec=self._llm.engine.state_spec).ok:
                 todo.append((node, text))
         bar = tqdm(total=len(todo), desc="Encoding states", unit="node", disable=not self.show_progress or not todo)
         for start in range(0, len(todo), self.batch_size):
