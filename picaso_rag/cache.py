@@ -33,13 +33,14 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from .errors import PicasoError
 from .state import State, StateSpec
-from .store import StoredState, StoreStatus
+from .store_api import StateBackend, StoreEntry, StoredState, StoreStatus
 
 logger = logging.getLogger("picaso_rag.cache")
 
@@ -226,17 +227,6 @@ def _pinned(state: State) -> State:
 
 
 # ============================================================== the store as a cache with a fallback
-class StateBackend(Protocol):
-    """What the resolver needs of a store (:class:`~picaso_rag.store.StateStore`, the S3 store...)."""
-
-    def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
-                 spec: StateSpec | None = None) -> list[StoredState]: ...
-
-    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> object: ...
-
-    def delete(self, node_id: str, fingerprint: str | None = None, node_deleted: bool = False) -> int: ...
-
-
 @dataclass(frozen=True)
 class WriterStats:
     queued: int  # states accepted for writing
@@ -353,8 +343,10 @@ class StateWriter:
 class BudgetedStore:
     """A store with a byte budget: past it, the least recently used states are deleted.
 
-    Wraps any store (the local disk tier, typically). Counted: the bytes of each state as written
-    (the file's size where the store has ``path``, else the state's tensor bytes), for the states
+    Wraps any store (the local disk tier, typically) and is one itself
+    (:class:`~picaso_rag.store_api.StateBackend`: every other method passes through). Counted:
+    the bytes of each state as written (the file's size where the store has ``path``, else the
+    state's tensor bytes), for the states
     this object has written or read, and, at start, the files ``store.entries()`` lists (oldest
     modification first). One process should own a budget (two budgets over one directory each
     count only what they saw). Usage: ``disk = BudgetedStore(StateStore("/nvme/states"), 2 << 40)``.
@@ -380,6 +372,13 @@ class BudgetedStore:
         with self._lock:
             return self._bytes
 
+    @property
+    def mac(self) -> bool:
+        return bool(getattr(self.store, "mac", False))
+
+    def get(self, node_id: str, fingerprint: str, text: str | None = None, spec: StateSpec | None = None) -> StoredState:
+        return self.get_many([node_id], fingerprint, [text], spec=spec)[0]
+
     def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
                  spec: StateSpec | None = None) -> list[StoredState]:
         found = self.store.get_many(node_ids, fingerprint, texts, spec=spec)
@@ -389,11 +388,37 @@ class BudgetedStore:
                     self._lru.move_to_end((node_id, fingerprint[:16]))
         return found
 
-    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False) -> object:
+    def fingerprints(self) -> list[str]:
+        return self.store.fingerprints()
+
+    def entries(self, fingerprint: str | None = None, spec: StateSpec | None = None) -> Iterator[StoreEntry]:
+        return self.store.entries(fingerprint, spec=spec)
+
+    def node_ids(self, fingerprint: str | None = None) -> Iterator[str]:
+        return self.store.node_ids(fingerprint)
+
+    def delete_many(self, node_ids: Sequence[str], fingerprint: str | None = None, node_deleted: bool = False) -> int:
+        if isinstance(node_ids, str):
+            raise PicasoError("delete_many takes a list of node ids; for one id call delete(node_id).")
+        return sum(self.delete(node_id, fingerprint, node_deleted) for node_id in node_ids)
+
+    def prune(self, keep: Iterable[str]) -> int:
+        keep = set(keep)
+        removed = self.store.prune(keep)
+        with self._lock:
+            for key in [k for k in self._lru if k[0] not in keep]:
+                self._bytes -= self._lru.pop(key)
+        return removed
+
+    def remove_temp_files(self) -> int:
+        return self.store.remove_temp_files()
+
+    def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False,
+            spec: StateSpec | None = None) -> object:
         size = state.nbytes
         if size > self.max_bytes:
             return None  # larger than the whole budget: not kept in this tier
-        result = self.store.put(node_id, state, text=text, write_back=write_back)
+        result = self.store.put(node_id, state, text=text, write_back=write_back, spec=spec)
         if result is None:  # a deleted node: nothing written
             return None
         if hasattr(result, "stat"):
@@ -424,12 +449,13 @@ class BudgetedStore:
 
 def _existing_files(store: StateBackend) -> list[tuple[str, str, int]]:
     """(node id, fingerprint, bytes) of a local store's files, oldest first (empty for other stores)."""
+
     entries = getattr(store, "entries", None)
     if entries is None:
         return []
     found = []
     for entry in entries():
-        if getattr(entry, "node_id", None):
+        if getattr(entry, "node_id", None) and isinstance(entry.path, Path):  # a local file (not an object's name)
             try:
                 info = entry.path.stat()
             except OSError:

@@ -8,10 +8,10 @@ Usage::
     found = store.get("node-1", engine.fingerprint, text="some text")   # a StoredState, as StateStore.get
 
 Needs ``boto3`` (``pip install picaso-rag[s3]``). The same objects and the same guarantees as the
-local :class:`~picaso_rag.store.StateStore`, whose file format this module reuses unchanged
-(:func:`~picaso_rag.store.encode_state_file`, :func:`~picaso_rag.store.read_state_header`,
-:func:`~picaso_rag.store.read_state_tensors`, :func:`~picaso_rag.store.state_from_file`) and whose
-statuses it returns (:class:`~picaso_rag.store.StoreStatus`):
+local :class:`~picaso_rag.store.StateStore`: the same interface
+(:class:`~picaso_rag.store_api.StateBackend`), the same file format and the same read, which
+decides every status (:func:`~picaso_rag.state_file.read_stored_state`; this module only opens the
+object and maps the client's errors):
 
 - object names ``<prefix>/v1/<fingerprint[:16]>/<key[:2]>/<key>.safetensors``, ``key = sha256(node id)[:32]``;
 - a sha256 checksum over tensors and metadata, and with ``mac_key`` an HMAC-SHA256 (every replica
@@ -38,27 +38,22 @@ from typing import Any, Iterator, Sequence
 from .errors import PicasoError, StateFileError, StoreUnavailableError
 from .precision import check_precision
 from .state import State, StateSpec
-from .store import (
+from .state_file import (
     DEFAULT_MAX_STATE_BYTES,
+    HEADER_ONLY_BOUND,
+    LAYOUT,
     MAX_HEADER_BYTES,
-    StoredState,
-    StoreStatus,
-    check_header_shapes,
-    checked_against_text,
+    check_fingerprint,
     check_storable,
+    check_text_arg,
     encode_state_file,
     load_mac_key,
-    read_bound,
     read_state_header,
-    read_state_tensors,
-    state_from_file,
-    state_key,
+    read_stored_state,
+    state_name,
+    tombstone_name,
 )
-
-_LAYOUT = "v1"
-_HEADER_ONLY_BOUND = 1 << 62  # listing reads headers only: no tensor byte is read, whatever the size described
-
-
+from .store_api import StoredState, StoreStatus
 
 
 class S3StateStore:
@@ -120,15 +115,17 @@ class S3StateStore:
     # ------------------------------------------------------------------------------- names
     def object_name(self, node_id: str, fingerprint: str) -> str:
         """The object key of the state of ``node_id`` under the model ``fingerprint``."""
-        key = state_key(node_id)
-        return f"{self._model_prefix(_check_fingerprint(fingerprint)[:16])}{key[:2]}/{key}.safetensors"
+        return self._under_prefix(state_name(node_id, fingerprint))
 
     def path(self, node_id: str, fingerprint: str) -> PurePosixPath:
         """``/<bucket>/<object name>`` (what :class:`StoredState` reports as its path)."""
         return PurePosixPath("/", self.bucket, self.object_name(node_id, fingerprint))
 
+    def _under_prefix(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
     def _model_prefix(self, model: str) -> str:
-        return f"{self.prefix}/{_LAYOUT}/{model}/" if self.prefix else f"{_LAYOUT}/{model}/"
+        return self._under_prefix(f"{LAYOUT}/{model}/")
 
     # ------------------------------------------------------------------------------ writing
     def put(self, node_id: str, state: State, text: str | None = None, write_back: bool = False,
@@ -158,21 +155,19 @@ class S3StateStore:
         return name
 
     def _tombstone(self, node_id: str) -> str:
-        key = state_key(node_id)
-        return f"{self._model_prefix('deleted')}{key[:2]}/{key}"
+        return self._under_prefix(tombstone_name(node_id))
 
     def delete(self, node_id: str, fingerprint: str | None = None, node_deleted: bool = False) -> int:
         """Delete the state(s) of ``node_id`` (of one model, or of every model); returns how many existed.
         ``node_deleted``: as ``StateStore.delete`` (a tombstone stops racing write-backs)."""
-        models = [_check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
+        models = [check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
         removed = 0
-        key = state_key(node_id)
         if node_deleted:  # the node is gone: first the tombstone, then the objects (see put)
             tombstone = self._tombstone(node_id)
             with self._call("write", tombstone):
                 self.client.put_object(Bucket=self.bucket, Key=tombstone, Body=b"")
         for model in models:
-            name = f"{self._model_prefix(model)}{key[:2]}/{key}.safetensors"
+            name = self.object_name(node_id, model)
             if self._exists(name):
                 with self._call("delete", name):
                     self.client.delete_object(Bucket=self.bucket, Key=name)
@@ -195,40 +190,25 @@ class S3StateStore:
         Never raises for a bad object (the status says what was found); raises
         :class:`StoreUnavailableError` when the store cannot be reached.
         """
-        if text is not None and not isinstance(text, str):
-            raise PicasoError(f"text must be the node's text (a str) or None, got {type(text).__name__}.")
+        check_text_arg(text)
         name = self.object_name(node_id, fingerprint)
         path = PurePosixPath("/", self.bucket, name)
         try:
             with self._call("read", name):
                 response = self.client.get_object(Bucket=self.bucket, Key=name)
         except _NotFound:
-            key = state_key(node_id)
-            others = [m for m in self.fingerprints() if m != fingerprint[:16]
-                      and self._exists(f"{self._model_prefix(m)}{key[:2]}/{key}.safetensors")]
+            others = [m for m in self.fingerprints() if m != fingerprint[:16] and self._exists(self.object_name(node_id, m))]
             if others:
                 return StoredState(StoreStatus.OTHER_MODEL, None, path, f"states of this node exist only for other models ({', '.join(others)})")
             return StoredState(StoreStatus.MISSING, None, path, "no state stored for this node")
         body = response["Body"]
         try:
-            header = read_state_header(body, None, read_bound(spec, self.max_state_bytes))  # a hybrid's grows with its document
-            size = int(response.get("ContentLength", -1))
-            if size != header.file_size:  # before a byte of tensor data is read
-                raise StateFileError(f"truncated or padded: the object has {size} bytes, its header describes {header.file_size}")
-            if header.fingerprint != fingerprint:
-                return StoredState(StoreStatus.OTHER_MODEL, None, path, f"made by model {header.fingerprint[:12]}, not {fingerprint[:12]}")
-            if not header.holds(node_id):
-                return StoredState(StoreStatus.CORRUPT, None, path, f"object holds node {header.describe_node()}, not {node_id!r}")
-            if spec is not None:
-                check_header_shapes(header, spec)
-            state = state_from_file(header, read_state_tensors(body, header, self._mac_key), spec)
-        except StateFileError as exc:
-            return StoredState(StoreStatus.CORRUPT, None, path, str(exc))
+            return read_stored_state(body, int(response.get("ContentLength", -1)), node_id, fingerprint, path, text, spec,
+                                     self._mac_key, self.max_state_bytes)
         except self._errors as exc:  # the connection broke mid-body
             raise StoreUnavailableError(f"reading s3://{self.bucket}/{name} failed mid-way ({exc}); the store is unreachable.") from exc
         finally:
             body.close()
-        return checked_against_text(state, header, text, path)
 
     def get_many(self, node_ids: Sequence[str], fingerprint: str, texts: Sequence[str | None] | None = None,
                  spec: StateSpec | None = None) -> list[StoredState]:
@@ -243,7 +223,7 @@ class S3StateStore:
 
     def fingerprints(self) -> list[str]:
         """Short fingerprints (first 16 hex digits) of the models that have states here."""
-        root = f"{self.prefix}/{_LAYOUT}/" if self.prefix else f"{_LAYOUT}/"
+        root = self._under_prefix(f"{LAYOUT}/")
         models = []
         for page in self._pages(root, delimiter="/"):
             for common in page.get("CommonPrefixes", []):
@@ -254,7 +234,7 @@ class S3StateStore:
 
     def node_ids(self, fingerprint: str | None = None) -> Iterator[str]:
         """Node ids that have a state object (reads each object's header only, with a ranged GET)."""
-        models = [_check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
+        models = [check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
         for model in models:
             for page in self._pages(self._model_prefix(model)):
                 for item in page.get("Contents", []):
@@ -264,7 +244,7 @@ class S3StateStore:
                         with self._call("read", item["Key"]):
                             response = self.client.get_object(Bucket=self.bucket, Key=item["Key"],
                                                               Range=f"bytes=0-{8 + MAX_HEADER_BYTES - 1}")
-                        header = read_state_header(response["Body"], None, _HEADER_ONLY_BOUND)  # a ranged GET: header only
+                        header = read_state_header(response["Body"], None, HEADER_ONLY_BOUND)  # a ranged GET: header only
                     except (StateFileError, _NotFound):
                         continue
                     if header.node_id:
@@ -355,12 +335,6 @@ def _status(exc: BaseException) -> int | None:
 def _code(exc: BaseException) -> str:
     error = _response(exc).get("Error", {})
     return str(error.get("Code", "")) if isinstance(error, dict) else ""
-
-
-def _check_fingerprint(fingerprint: str) -> str:
-    if not isinstance(fingerprint, str) or len(fingerprint) < 16 or not all(c in "0123456789abcdef" for c in fingerprint):
-        raise PicasoError(f"fingerprint must be the hex string of engine.fingerprint, got {fingerprint!r}.")
-    return fingerprint
 
 
 __all__ = ["S3StateStore", "StoreUnavailableError"]

@@ -44,7 +44,7 @@ class BlockingStore:
     def get_many(self, node_ids, fingerprint, texts=None, spec=None):
         return self.inner.get_many(node_ids, fingerprint, texts, spec=spec)
 
-    def put(self, node_id, state, text=None, write_back=False):
+    def put(self, node_id, state, text=None, write_back=False, spec=None):
         self.release.wait(30)
         if self.fail:
             raise OSError("the store is down")

@@ -278,3 +278,34 @@ def test_deletion_wins_over_a_racing_write_back(tmp_path):
     store.delete("node")  # a state file removed (lost, or cleaned up), the node still indexed: not a deletion of it
     assert store.put("node", state, text="t", write_back=True) == store.path("node", fp)
     assert sorted(store.node_ids(fp)) == ["node", "other"]
+
+
+def test_one_declared_interface_and_every_old_import_path(tmp_path, engine, states):
+    """The format (picaso_rag.state_file) and the interface (picaso_rag.store_api) each live in one
+    place; the local store and the budgeted tier implement the interface; picaso_rag.store still
+    exports every name it did, as the same objects."""
+    import inspect
+
+    import picaso_rag.state_file as state_file
+    import picaso_rag.store as store_module
+    from picaso_rag.cache import BudgetedStore
+    from picaso_rag.cache import StateBackend as CacheBackend
+    from picaso_rag.store_api import StateBackend, StoredState
+
+    store = StateStore(tmp_path)
+    budgeted = BudgetedStore(store, 1 << 30)
+    assert isinstance(store, StateBackend) and isinstance(budgeted, StateBackend) and CacheBackend is StateBackend
+    for name in ("FORMAT", "MAX_HEADER_BYTES", "MAX_INLINE_NODE_ID_BYTES", "DEFAULT_MAX_STATE_BYTES", "StateHeader",
+                 "encode_state_file", "decode_state_file", "read_state_header", "read_state_tensors", "parse_state_header",
+                 "state_from_file", "state_header_length", "load_mac_key", "state_key", "node_id_sha256", "text_sha256",
+                 "checked_against_text", "check_header_shapes", "check_storable", "read_bound", "_checksum"):
+        assert getattr(store_module, name) is getattr(state_file, name), name
+    assert store_module.StoredState is StoredState and store_module.StoreStatus is StoreStatus
+    # the format module knows no file system: no os.open, no directories
+    assert "os.open(" not in inspect.getsource(state_file).split("def load_mac_key")[0]
+    # the budgeted tier passes every call through (and the spec with it)
+    budgeted.put("n", states[0], text=TEXTS[0])
+    assert budgeted.get("n", engine.fingerprint, text=TEXTS[0], spec=engine.state_spec).ok
+    assert list(budgeted.node_ids()) == ["n"] and budgeted.fingerprints() == [engine.fingerprint[:16]]
+    assert [e.node_id for e in budgeted.entries(engine.fingerprint, spec=engine.state_spec)] == ["n"]
+    assert budgeted.prune(keep=set()) == 1 and budgeted.bytes == 0 and budgeted.remove_temp_files() == 0
