@@ -31,29 +31,33 @@ then encodes the states, and :class:`~picaso_rag.cache.StateWriter` counts the f
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import PicasoError, StateFileError, StoreUnavailableError
+from .errors import PicasoError, StoreUnavailableError
 from .precision import check_precision
 from .state import State, StateSpec
 from .state_file import (
     DEFAULT_MAX_STATE_BYTES,
-    HEADER_ONLY_BOUND,
+    DELETED,
     LAYOUT,
     MAX_HEADER_BYTES,
+    STATE_FILE,
     check_fingerprint,
     check_storable,
     check_text_arg,
     encode_state_file,
     load_mac_key,
-    read_state_header,
+    node_id_sha256,
     read_stored_state,
+    state_key,
     state_name,
+    stored_entry,
     tombstone_name,
 )
-from .store_api import StoredState, StoreStatus
+from .store_api import StoreEntry, StoredState, StoreStatus
 
 
 class S3StateStore:
@@ -232,28 +236,83 @@ class S3StateStore:
                     models.append(model)
         return sorted(models)
 
-    def node_ids(self, fingerprint: str | None = None) -> Iterator[str]:
-        """Node ids that have a state object (reads each object's header only, with a ranged GET)."""
+    def entries(self, fingerprint: str | None = None, spec: StateSpec | None = None) -> Iterator[StoreEntry]:
+        """Every object under the models' prefixes (of one model, or of all), with the status of its
+        header (a ranged GET each: the header only): OK, or CORRUPT with the reason (a header that
+        does not verify, a size other than it describes, an object misplaced under another node or
+        model, or a name that is not a state's: garbage). ``spec``: as ``StateStore.entries``."""
+        if spec is not None and not fingerprint:
+            raise PicasoError("entries(spec=...) checks one model's objects: pass its fingerprint too.")
         models = [check_fingerprint(fingerprint)[:16]] if fingerprint else self.fingerprints()
         for model in models:
-            for page in self._pages(self._model_prefix(model)):
+            prefix = self._model_prefix(model)
+            for page in self._pages(prefix):
                 for item in page.get("Contents", []):
-                    if not item["Key"].endswith(".safetensors"):
-                        continue
-                    try:
-                        with self._call("read", item["Key"]):
-                            response = self.client.get_object(Bucket=self.bucket, Key=item["Key"],
-                                                              Range=f"bytes=0-{8 + MAX_HEADER_BYTES - 1}")
-                        header = read_state_header(response["Body"], None, HEADER_ONLY_BOUND)  # a ranged GET: header only
-                    except (StateFileError, _NotFound):
-                        continue
-                    if header.node_id:
-                        yield header.node_id
+                    entry = self._entry(item["Key"], int(item.get("Size", -1)), model, item["Key"][len(prefix):], spec)
+                    if entry is not None:
+                        yield entry
 
-    def prune(self, keep: set[str] | list[str]) -> int:
-        """Delete the states of every node id not in ``keep``; returns the number of objects removed."""
-        keep = set(keep)
-        return self.delete_many(sorted({n for n in self.node_ids() if n not in keep}))
+    def _entry(self, name: str, size: int, model: str, rest: str, spec: StateSpec | None = None) -> StoreEntry | None:
+        """The entry of the object ``name`` (``rest``: its name below the model's prefix); None if it
+        was deleted meanwhile."""
+        path = PurePosixPath("/", self.bucket, name)
+        stripe, _, file_name = rest.partition("/")
+        if not (STATE_FILE.fullmatch(file_name) and stripe == file_name[:2]):
+            return StoreEntry(path, model, StoreStatus.CORRUPT, detail=f"not a state object's name ({rest[:80]!r}): garbage")
+        if size < 8:  # (a ranged GET of an empty object is an error, not an empty body)
+            return StoreEntry(path, model, StoreStatus.CORRUPT, detail=f"truncated: {size} bytes, not even the 8-byte header length")
+        try:
+            with self._call("read", name):
+                response = self.client.get_object(Bucket=self.bucket, Key=name, Range=f"bytes=0-{8 + MAX_HEADER_BYTES - 1}")
+        except _NotFound:
+            return None
+        body = response["Body"]
+        try:
+            return stored_entry(body, size, model, file_name, path, spec, self.max_state_bytes)
+        except self._errors as exc:
+            raise StoreUnavailableError(f"reading s3://{self.bucket}/{name} failed mid-way ({exc}); the store is unreachable.") from exc
+        finally:
+            body.close()
+
+    def node_ids(self, fingerprint: str | None = None) -> Iterator[str]:
+        """Node ids that have a valid state object (headers only, a ranged GET each; as
+        ``StateStore.node_ids``: ids longer than 4 KiB, recorded by their sha256, are not listed)."""
+        for entry in self.entries(fingerprint):
+            if entry.status is StoreStatus.OK and entry.node_id:
+                yield entry.node_id
+
+    def prune(self, keep: Iterable[str]) -> int:
+        """Delete every object under ``<prefix>/v1/`` that is not a valid state of a node id in
+        ``keep`` (by the sha256 of its id, so ids of any length) or a deleted node's tombstone:
+        states of other nodes, objects whose header does not verify, and objects that are no
+        state at all (planted garbage, temporary or misnamed objects). A state object is checked
+        again just before it is deleted (a writer may have replaced it with a kept state). Returns
+        the number of objects removed. Raises :class:`PicasoError` for a node id that is not a
+        non-empty string, before anything is deleted.
+        """
+        if isinstance(keep, str):
+            raise PicasoError("prune takes the node ids to keep (a set or list), not one id.")
+        keep_hashes = {node_id_sha256(_checked_id(n)) for n in keep}
+        root = self._under_prefix(f"{LAYOUT}/")
+        removed = 0
+        for page in self._pages(root):
+            for item in page.get("Contents", []):
+                name = item["Key"]
+                model, _, rest = name[len(root):].partition("/")
+                if model == DELETED and _TOMBSTONE.fullmatch(rest) and rest[:2] == rest[3:5]:
+                    continue  # a deleted node's mark (see put): not ours to lift
+                if _MODEL.fullmatch(model):
+                    entry = self._entry(name, int(item.get("Size", -1)), model, rest)
+                    if entry is None or (entry.status is StoreStatus.OK and entry.node_id_sha256 in keep_hashes):
+                        continue
+                    if entry.status is StoreStatus.OK or STATE_FILE.fullmatch(rest.partition("/")[2]):
+                        again = self._entry(name, self._size(name), model, rest)  # replaced meanwhile?
+                        if again is None or (again.status is StoreStatus.OK and again.node_id_sha256 in keep_hashes):
+                            continue
+                with self._call("delete", name):
+                    self.client.delete_object(Bucket=self.bucket, Key=name)
+                removed += 1
+        return removed
 
     # ----------------------------------------------------------------------------- internal
     def _create_bucket(self) -> None:
@@ -262,6 +321,14 @@ class S3StateStore:
         except self._errors as exc:
             if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise StoreUnavailableError(f"cannot create bucket {self.bucket} ({exc}).") from exc
+
+    def _size(self, name: str) -> int:
+        """The object's size now (-1 if it is gone)."""
+        try:
+            with self._call("read", name):
+                return int(self.client.head_object(Bucket=self.bucket, Key=name).get("ContentLength", -1))
+        except _NotFound:
+            return -1
 
     def _exists(self, name: str) -> bool:
         try:
@@ -289,6 +356,15 @@ class S3StateStore:
 
 class _NotFound(Exception):
     pass
+
+
+_MODEL = re.compile(r"[0-9a-f]{16}")
+_TOMBSTONE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{32}")
+
+
+def _checked_id(node_id: str) -> str:
+    state_key(node_id)  # a non-empty string, else PicasoError naming it
+    return node_id
 
 
 class _Call:

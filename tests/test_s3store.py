@@ -114,6 +114,56 @@ def test_damaged_or_forged_objects_are_corrupt_never_loaded(store, server, tmp_p
     assert other_key.get("node-1", FP, text="t").status is StoreStatus.CORRUPT
 
 
+def test_prune_removes_garbage_and_states_of_ids_of_any_length(store, server):
+    """prune(keep) leaves exactly the valid states of kept ids (by the sha256 of the id: a 5,000- or
+    100,000-character id too) and deleted nodes' tombstones under <prefix>/v1/; everything else there
+    goes: other nodes' states (long ids included), garbage at a state's name, empty, temporary and
+    misnamed objects, stray objects outside the model directories."""
+    from picaso_rag import PicasoError
+    from picaso_rag.store_api import StateBackend
+
+    client, bucket = server.client(), server.BUCKET
+    long_kept, long_gone = "k" * 5000, "g" * 100_000
+    kept = ["a", long_kept]
+    for i, node in enumerate(kept + ["b", long_gone]):
+        store.put(node, make_state(i), text=f"t{i}")
+    store.put("c", make_state(9))
+    store.delete("c", node_deleted=True)  # a tombstone stays: it stops racing write-backs
+    model = store._model_prefix(FP[:16])
+    root = store._under_prefix("v1/")
+    planted = {
+        store.object_name("garbage-node", FP): b"not a state at all",
+        store.object_name("empty-node", FP): b"",
+        f"{model}ab/.abcdef.tmp": b"half a write",
+        f"{model}zz/{'0' * 32}.safetensors": b"misnamed stripe",
+        f"{model}stray": b"x",
+        f"{root}stray.bin": b"x",
+        f"{root}deleted/not-a-tombstone": b"x",
+        f"{root}{'e' * 16}/ee/{'e' * 32}.safetensors": b"another model's garbage",
+    }
+    outside = store._under_prefix("not-ours.txt")  # outside the layout: never touched
+    for name, body in {**planted, outside: b"x"}.items():
+        client.put_object(Bucket=bucket, Key=name, Body=body)
+
+    def names():
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=store.prefix + "/")
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    with pytest.raises(PicasoError, match="node id"):  # refused before anything is deleted
+        store.prune(keep=["a", ""])
+    with pytest.raises(PicasoError, match="not one id"):
+        store.prune(keep="a")
+    assert set(planted) <= set(names())
+    assert isinstance(store, StateBackend)
+    statuses = {e.path.name: e.status for e in store.entries()}
+    assert statuses[store.object_name("garbage-node", FP).rsplit("/", 1)[1]] is StoreStatus.CORRUPT
+    assert store.prune(keep=kept) == 2 + len(planted)  # b, the long gone id, every planted object
+    assert names() == sorted([store.object_name(n, FP) for n in kept] + [store._tombstone("c"), outside])
+    assert store.get(long_kept, FP, text="t1").ok and store.get("a", FP, text="t0").ok
+    assert store.get(long_gone, FP).status is StoreStatus.MISSING
+    assert store.prune(keep=kept) == 0
+
+
 def test_concurrent_writers_never_leave_a_partial_object(store, server):
     versions = [make_state(10 + i) for i in range(6)]
     stop = threading.Event()
