@@ -167,7 +167,7 @@ def _from_fp8(q: Tensor, scale: Tensor, name: str, reduce: tuple[int, ...]) -> T
     if tuple(scale.shape) != expected or scale.dtype != torch.float32:
         raise PicasoError(f"{name}_scale {tuple(scale.shape)} {scale.dtype} does not fit {name} {tuple(q.shape)}; "
                           "the state is corrupt: re-encode the document.")
-    return q.float() * _expand(scale, reduce)
+    return q.float().mul_(_expand(scale, reduce))  # one fp32 buffer: the result (a read allocates it once)
 
 
 def roundtrip(state: State, precision: str, dtype: torch.dtype | None = None) -> State:

@@ -21,7 +21,8 @@ object and maps the client's errors):
   the new body, whole), so no temporary object or lock is needed; concurrent writers of one node
   leave one of their (complete, verified) versions. Reads are bounded: the object's size must be
   what its header describes before any tensor byte is read, and the header itself is read with a
-  bound.
+  bound; the body is read into the tensors 16 MiB at a time, so a read costs what a local one
+  does (at most 2 x the bound + 32 MiB, about one state: docs/guarantees.md).
 
 A store that cannot be reached raises :class:`StoreUnavailableError` (from get, put, delete...),
 so callers can tell "the store is down" from "the state is missing"; :class:`~picaso_rag.cache.StateResolver`

@@ -115,12 +115,20 @@ _EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.i
                   torch.float32: (torch.int32, 0x7F800000)}
 
 
+_FINITE_CHUNK = 1 << 20  # values checked at a time on the CPU: the check's own memory stays under 6 MiB
+
+
 def all_finite(t: Tensor) -> bool:
     """No NaN or inf in ``t``. On the CPU, by the exponent bits (all ones for NaN and inf): twice
-    as fast as ``isfinite`` on bf16, which matters for the 80 MiB states of a 2.7B model."""
+    as fast as ``isfinite`` on bf16, which matters for the 80 MiB states of a 2.7B model; a chunk
+    at a time, so checking a state costs a bounded few MiB, never a copy of it."""
     if t.device.type == "cpu" and t.dtype in _EXPONENT_BITS and t.is_contiguous():
         int_dtype, mask = _EXPONENT_BITS[t.dtype]
-        return not bool(((t.view(int_dtype) & mask) == mask).any())
+        bits = t.view(-1).view(int_dtype)
+        return not any(bool(((bits[i:i + _FINITE_CHUNK] & mask) == mask).any()) for i in range(0, bits.numel(), _FINITE_CHUNK))
+    if t.device.type == "cpu" and t.is_contiguous():
+        flat = t.view(-1)
+        return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
     return bool(torch.isfinite(t).all())
 
 

@@ -72,7 +72,8 @@ _FILE_DTYPES = {**_DTYPES, "F8_E4M3": torch.float8_e4m3fn}
 _FILE_ITEMSIZE = {**_ITEMSIZE, "F8_E4M3": 1}
 MAX_HEADER_BYTES = 64 * 1024  # a state's header is under 1 KiB (4 KiB inline node id at most, escaped x6)
 MAX_INLINE_NODE_ID_BYTES = 4096  # longer ids are recorded (and checked) by their sha256 only
-DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound of a read given no StateSpec
+DEFAULT_MAX_STATE_BYTES = 1 << 30  # bound of a read given no StateSpec (tensor bytes, in the file and as read)
+READ_CHUNK_BYTES = 1 << 24  # tensor bytes are read (and, for a stream without readinto, copied) 16 MiB at a time
 HEADER_ONLY_BOUND = 1 << 62  # listing reads headers only: no tensor byte is read, whatever the size described
 STATE_FILE = re.compile(r"[0-9a-f]{32}\.safetensors")  # the name of a state file (object) in its stripe
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -138,6 +139,17 @@ class StateHeader:
     @property
     def file_size(self) -> int:
         return 8 + self.header_len + self.data_len
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of the state a read returns: fp8 tensors in fp32 (their scales folded in), the
+        others as stored."""
+        total = 0
+        for name, (dtype, shape, start, end) in self.tensors.items():
+            if name.endswith("_scale"):
+                continue
+            total += (end - start) * (4 if dtype == "F8_E4M3" else 1)
+        return total
 
     @property
     def node_id(self) -> str | None:
@@ -258,10 +270,18 @@ def parse_state_header(header_bytes: bytes, spec: StateSpec | None = None,
         if start != position:
             raise StateFileError(f"tensor byte ranges {ranges} leave holes or overlap")
         position = end
-    bound = spec.max_nbytes if spec is not None else max_state_bytes
-    if position > bound:
-        raise StateFileError(f"the header describes {position} bytes of tensors, more than a state's {bound}")
-    return StateHeader(header_len, dict(metadata), tensors, position)
+    parsed = StateHeader(header_len, dict(metadata), tensors, position)
+    check_read_bound(parsed, spec.max_nbytes if spec is not None else max_state_bytes)
+    return parsed
+
+
+def check_read_bound(header: StateHeader, bound: int) -> None:
+    """Refuse (:class:`StateFileError`) a header whose tensors take more than ``bound`` bytes in
+    the file, or in the state a read returns (fp8 tensors are read back in fp32: four times their
+    file bytes): what a read may allocate is bounded before a tensor byte is read."""
+    if max(header.data_len, header.decoded_nbytes) > bound:
+        raise StateFileError(f"the header describes {header.data_len:,} bytes of tensors ({header.decoded_nbytes:,} as "
+                             f"read), more than a state's {bound:,}")
 
 
 _NAME_SETS = (set(_TENSORS), set(_TENSORS + _HYBRID_TENSORS), set(_TENSORS + _SCALE_TENSORS),
@@ -303,17 +323,22 @@ def read_state_header(stream: _Reader, spec: StateSpec | None = None,
 
 
 def read_state_tensors(stream: _Reader, header: StateHeader, mac_key: bytes | None = None) -> dict[str, torch.Tensor]:
-    """Read exactly the header's tensor bytes after it, verify the checksum (and the MAC with ``mac_key``)."""
-    data = _read_upto(stream, header.data_len)
-    if len(data) != header.data_len:
-        raise StateFileError(f"truncated in the tensors: {8 + header.header_len + len(data)} bytes, the header describes {header.file_size}")
+    """Read exactly the header's tensor bytes after it, verify the checksum (and the MAC with ``mac_key``).
+
+    Memory: each tensor's bytes are read straight into that tensor's own buffer, in pieces of at
+    most :data:`READ_CHUNK_BYTES` (``readinto`` when the stream has it, else one ``read`` per
+    piece), and checksummed there: a read holds the file's tensor bytes once, plus one piece.
+    """
+    tensors = {name: torch.empty(shape, dtype=_FILE_DTYPES[dtype]) for name, (dtype, shape, _, _) in header.tensors.items()}
+    got = 0
+    for name, (_, _, start, end) in sorted(header.tensors.items(), key=lambda item: item[1][2]):  # file order
+        n = _read_into(stream, tensors[name].view(-1).view(torch.uint8).numpy().data)
+        got += n
+        if n != end - start:
+            raise StateFileError(f"truncated in the tensors: {8 + header.header_len + got} bytes, the header describes "
+                                 f"{header.file_size}")
     if stream.read(1):
         raise StateFileError(f"appended bytes: the file is longer than the {header.file_size} bytes its header describes")
-    tensors = {}
-    for name, (dtype, shape, start, end) in header.tensors.items():
-        # a copy per tensor (bytearray): aligned, writable, independent of the other tensors
-        tensors[name] = (torch.frombuffer(bytearray(memoryview(data)[start:end]), dtype=_FILE_DTYPES[dtype]).reshape(shape)
-                        if end > start else torch.empty(shape, dtype=_FILE_DTYPES[dtype]))
     checksum = _checksum(tensors, header.metadata)
     if not hmac.compare_digest(checksum, header.metadata["checksum"]):
         raise StateFileError("checksum mismatch: the file's bytes changed after it was written")
@@ -477,13 +502,37 @@ class _BytesReader:
 
 
 class _FdReader:
-    """Reads a file descriptor (never more than asked)."""
+    """Reads a file descriptor (never more than asked; ``readinto`` without a copy)."""
 
     def __init__(self, fd: int):
         self.fd = fd
 
     def read(self, n: int) -> bytes:
         return os.read(self.fd, n)
+
+    def readinto(self, buffer: memoryview) -> int:
+        return os.readv(self.fd, [buffer])
+
+
+def _read_into(stream: _Reader, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``stream`` in pieces of at most :data:`READ_CHUNK_BYTES` (fewer bytes
+    only at the end of the stream); returns how many were read. A piece at a time, also through
+    ``readinto``: some streams (urllib3's) allocate what one ``readinto`` asks for."""
+    readinto = getattr(stream, "readinto", None)
+    got, size = 0, len(buffer)
+    while got < size:
+        piece = buffer[got:got + READ_CHUNK_BYTES]
+        if readinto is not None:
+            n = readinto(piece) or 0
+        else:
+            data = stream.read(len(piece))
+            n = len(data)
+            piece[:n] = data
+            del data  # before the next piece is read
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def _read_upto(stream: _Reader, n: int) -> bytes:
@@ -518,9 +567,10 @@ def check_header_shapes_of(tensors: dict[str, tuple[str, tuple[int, ...], int, i
 
 
 def read_bound(spec: StateSpec | None, max_state_bytes: int) -> int:
-    """Most tensor bytes to accept in a file of a model with ``spec``: the model's own largest state
-    (a hybrid's grows with its longest document), at least ``max_state_bytes``."""
-    return max(max_state_bytes, spec.max_nbytes) if spec is not None else max_state_bytes
+    """Most tensor bytes a read accepts, in the file and in the state it returns: with the
+    model's ``spec``, its own largest state (:attr:`StateSpec.max_nbytes`: fp32, a hybrid's
+    longest document), whatever ``max_state_bytes``; without, ``max_state_bytes``."""
+    return spec.max_nbytes if spec is not None else max_state_bytes
 
 
 def check_storable(state: State, payload: bytes, spec: StateSpec | None, max_state_bytes: int) -> None:
@@ -576,7 +626,7 @@ def read_stored_state(stream: _Reader, size: int, node_id: str, fingerprint: str
     client's) propagate, for the back end to map.
     """
     try:
-        header = read_state_header(stream, None, read_bound(spec, max_state_bytes))
+        header = read_state_header(stream, None, HEADER_ONLY_BOUND)  # the bound below, after the model is known
         if size != header.file_size:  # before a byte of tensor data is read
             raise StateFileError(f"truncated or padded: it has {size} bytes, its header describes {header.file_size}")
         if header.fingerprint != fingerprint:
@@ -585,6 +635,7 @@ def read_stored_state(stream: _Reader, size: int, node_id: str, fingerprint: str
             return StoredState(StoreStatus.CORRUPT, None, path, f"holds node {header.describe_node()}, not {_short_repr(node_id)}")
         if spec is not None:  # this model's exact shapes, before a byte of tensor data is read
             check_header_shapes(header, spec)
+        check_read_bound(header, read_bound(spec, max_state_bytes))  # what reading it may allocate
         state = state_from_file(header, read_state_tensors(stream, header, mac_key), spec)
     except StateFileError as exc:
         return StoredState(StoreStatus.CORRUPT, None, path, str(exc))

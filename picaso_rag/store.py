@@ -175,6 +175,12 @@ class StateStore:
     bounded by the model's largest state instead, see :class:`~picaso_rag.state.StateSpec`; a
     hybrid's grows with its ``max_document_tokens``).
 
+    Memory of a read: the file's tensor bytes and the state it returns are each at most that bound
+    (checked before a tensor byte is read); a read allocates the file's tensor bytes once, the
+    returned state when it is another buffer (fp8 files, read back in fp32) and about 32 MiB of
+    working pieces: at most 2 x the bound + 32 MiB, about one state in practice (docs/guarantees.md).
+    :meth:`get_many` runs up to ``max_workers`` reads at once.
+
     Usage: ``store = StateStore("./picaso_db/states", mac=True); store.put(node_id, state, text=text)``.
     """
 

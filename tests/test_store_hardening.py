@@ -430,6 +430,99 @@ def test_full_tmpfs(tmp_path, engine, state):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+# -------------------------------------------------------------------- memory of one read
+BOUND_SSM, BOUND_CONV, BOUND_KV = (2, 4, 16, 16), (2, 96, 3), (2, 2, 64)  # 2 KiB of fp32 keys and values a token
+BOUND_TOKENS = 1 << 16  # the model's longest document: its largest state is 128 MiB (fp32)
+
+READ_ONE = """
+import json, sys
+from picaso_rag import StateStore
+from picaso_rag.state import StateSpec
+
+def hwm():  # peak RSS of this address space (VmHWM: not inherited from the forking parent, unlike ru_maxrss)
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+
+spec = StateSpec(%r, %r, kv=%r, max_tokens=%d)
+store = StateStore(sys.argv[1])
+assert store.get("small", sys.argv[2], spec=spec).ok  # warm: first-use allocations are not the read's
+before = rss()
+found = store.get("n", sys.argv[2], text="t", spec=spec)
+assert found.ok, found.detail
+print(json.dumps({"extra": hwm() - before, "state": found.state.nbytes, "bound": spec.max_nbytes}))
+""" % (BOUND_SSM, BOUND_CONV, BOUND_KV, BOUND_TOKENS)
+
+
+def bound_state(fingerprint: str) -> State:
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(BOUND_KV[0], BOUND_KV[1], BOUND_TOKENS, BOUND_KV[2], generator=g)
+    return State(torch.randn(*BOUND_SSM, generator=g), torch.randn(*BOUND_CONV, generator=g),
+                 -torch.rand(BOUND_SSM[:2], generator=g), BOUND_TOKENS, fingerprint, keys=keys, values=keys.clone(),
+                 position=BOUND_TOKENS)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_a_state_at_the_models_size_bound_costs_one_state_per_read(tmp_path, precision):
+    """docs/guarantees.md's bound: a read allocates its file's tensor bytes, the state it returns when
+    that is another buffer (fp8 files are read back in fp32) and 32 MiB of working pieces, never
+    more; measured in a fresh process (peak RSS) on a planted state at the model's size bound."""
+    import json
+    import subprocess
+    import sys
+
+    from picaso_rag.state import StateSpec
+
+    fp = "ab" * 32
+    spec = StateSpec(BOUND_SSM, BOUND_CONV, kv=BOUND_KV, max_tokens=BOUND_TOKENS)
+    store = StateStore(tmp_path, precision=precision)
+    big = bound_state(fp)
+    path = store.put("n", big, text="t", spec=spec)
+    store.put("small", State(big.ssm, big.conv, big.log_decay, 4, fp, keys=big.keys[:, :, :4].contiguous(),
+                             values=big.values[:, :, :4].contiguous(), position=4), spec=spec)
+    del big
+    data_bytes = path.stat().st_size - 8 - struct.unpack("<Q", path.read_bytes()[:8])[0]
+    out = subprocess.run([sys.executable, "-c", READ_ONE, str(tmp_path), fp], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    read = json.loads(out.stdout.strip().splitlines()[-1])
+    assert read["state"] <= read["bound"] == spec.max_nbytes and data_bytes <= spec.max_nbytes
+    copies = data_bytes + (read["state"] if precision == "fp8" else 0)  # fp32: the state is the file's bytes
+    assert read["extra"] <= copies + (32 << 20), (precision, read, data_bytes)  # (before this bound: 2x, fp8 7.6x the file)
+
+
+def test_reading_from_a_stream_without_readinto_holds_one_piece_at_a_time(tmp_path):
+    """A stream with ``read`` only (any object store client): the tensors are filled a piece at a
+    time, never from a copy of the whole body (Python's allocations during the read: one piece)."""
+    import io
+    import tracemalloc
+
+    from picaso_rag.state_file import READ_CHUNK_BYTES, read_state_header, read_state_tensors
+
+    payload = encode_state_file(bound_state("ab" * 32), "n", text="t")
+
+    class ReadOnly:
+        def __init__(self, data):
+            self._buf = io.BytesIO(data)
+
+        def read(self, n=-1):
+            return self._buf.read(n)
+
+    stream = ReadOnly(payload)
+    header = read_state_header(stream, None, len(payload))
+    tracemalloc.start()
+    try:
+        tensors = read_state_tensors(stream, header)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tensors["keys"].shape[2] == BOUND_TOKENS and header.data_len > 8 * READ_CHUNK_BYTES
+    assert peak <= 2 * READ_CHUNK_BYTES, peak  # (before: the whole body, twice: the parts and their join)
+    short = ReadOnly(payload[:-1000])
+    with pytest.raises(StateFileError, match="truncated in the tensors"):
+        read_state_tensors(short, read_state_header(short, None, len(payload)))
+
+
 # ---------------------------------------------------------------------- the reusable seams
 def test_encode_and_decode_functions_round_trip(engine, state, tmp_path):
     import io
