@@ -1,4 +1,6 @@
-"""Composing document states: CASO, PICASO-S, PICASO-R and soup (docs/method.md is the spec).
+"""Composing document states: CASO, PICASO-S, PICASO-R and soup, as defined by the PICASO paper
+(Liu et al., "PICASO: Permutation-Invariant Context Composition with State Space Models", ICLR 2025);
+docs/state-engine.md records the decisions this implementation makes (weights, order, prefix, conv).
 
 Each document k contributes its SSM state x_k with a per-layer, per-head scalar weight W_k:
     composed = sum_k W_k * x_k   (+ prod_j a_j * x(prefix) with a fixed prefix)

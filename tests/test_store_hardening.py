@@ -1,5 +1,6 @@
-"""Issue 12 (hardening, round 2), the state store: planted files, forged states, symlinked
-directories, long node ids, text-less states, full disks. Every StateStore call answers with a
+"""The state store against hostile files: planted files, forged states, symlinked directories
+(also replaced after the store was used), long node ids, text-less states, full disks, the memory
+one read costs. Every StateStore call answers with a
 status (or the error that names the fix) for any file, whatever its bytes, type or size; nothing is
 read, written or deleted outside the store's directory.
 """
