@@ -583,13 +583,16 @@ def check_storable(state: State, payload: bytes, spec: StateSpec | None, max_sta
             spec.check(state)
         except StateMismatchError as exc:
             raise PicasoError(f"not stored: {exc}") from None
-    data = len(payload) - 8 - struct.unpack("<Q", payload[:8])[0]
+    header_len = struct.unpack("<Q", payload[:8])[0]
+    header = parse_state_header(payload[8:8 + header_len], None, HEADER_ONLY_BOUND)
     bound = read_bound(spec, max_state_bytes)
-    if data > bound:
+    if max(header.data_len, header.decoded_nbytes) > bound:  # as check_read_bound, on the reader's side
+        reads = "for this spec" if spec is not None else "without the model's state shapes"
         raise PicasoError(
-            f"not stored: this state's file holds {data:,} bytes of tensors, above the {bound:,} a store reads without "
-            "the model's state shapes. Pass spec=engine.state_spec to the store's put and reads, or a larger "
-            "max_state_bytes to the store (readers too).")
+            f"not stored: this state's file holds {header.data_len:,} bytes of tensors ({header.decoded_nbytes:,} as "
+            f"read back), above the {bound:,} a store reads {reads}. "
+            "Pass spec=engine.state_spec to the store's put and reads, or a larger max_state_bytes to the store "
+            "(readers too).")
 
 
 # ====================================================== the read every back end makes (statuses)

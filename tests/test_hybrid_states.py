@@ -264,6 +264,20 @@ def test_a_state_above_the_bound_of_an_unknown_model_is_refused_before_writing(s
     assert StateStore(tmp_path, max_state_bytes=state.nbytes).put("n", unknown).is_file()
 
 
+def test_the_bound_counts_an_fp8_file_as_read_back_in_fp32(states, tmp_path):
+    """An fp8 file is a quarter of the state it reads back as: the bound holds for both, on put and
+    on read, before a tensor byte is read."""
+    state = states[2]
+    fp8 = StateStore(tmp_path, precision="fp8", max_state_bytes=state.nbytes // 2)  # the file fits, the state not
+    with pytest.raises(PicasoError, match="as read back"):
+        fp8.put("n", state)
+    path = StateStore(tmp_path, precision="fp8").put("n", state)  # planted by a store of a larger bound
+    assert path.stat().st_size < state.nbytes // 2
+    found = fp8.get("n", state.fingerprint)
+    assert found.status is StoreStatus.CORRUPT and "as read" in found.detail
+    assert StateStore(tmp_path, max_state_bytes=state.nbytes).get("n", state.fingerprint).ok
+
+
 def test_mamba2_specs_refuse_hybrid_files(engine, tmp_path):
     spec = StateSpec.of_config(engine.model.cfg)
     state = engine.encode([TEXTS[0]])[0]
