@@ -2,7 +2,8 @@
 (liveness), /health/details (the figures; the key when the server has one).
 
 Every request: bounded body (refused before it is read), validated fields, RAG prepared in a
-bounded thread pool (retrieve, load states, compose), then one row of the continuous-batching
+bounded thread pool (retrieve, load states, compose; requests with ad hoc texts in a pool of their
+own, so that encoding them never delays the others' preparation), then one row of the continuous-batching
 :class:`picaso_rag.scheduler.Scheduler`. Streams are SSE ``chat.completion.chunk`` events ending
 with ``data: [DONE]``; a client that goes away cancels its row. Responses carry the extension
 field ``picaso`` (sources, figures). docs/serving.md documents all of it.
@@ -123,6 +124,8 @@ class Server:
     def __init__(self, rag: RagPipeline, scheduler: Scheduler, settings: ServerSettings):
         self.rag, self.scheduler, self.settings = rag, scheduler, settings
         self.pool = ThreadPoolExecutor(max_workers=settings.prepare_threads, thread_name_prefix="picaso-prepare")
+        # requests with ad hoc texts (encoded on first use: seconds each on a CPU) queue here, among themselves
+        self.adhoc_pool = ThreadPoolExecutor(max_workers=settings.adhoc_threads, thread_name_prefix="picaso-adhoc")
         self.in_flight = 0
         self.max_in_flight = settings.max_queue + settings.max_batch
         self._lock = threading.Lock()
@@ -145,13 +148,16 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
     """The app over a prepared :class:`RagPipeline` (see :mod:`picaso_server.cli` for building one)."""
     own_scheduler = scheduler is None
     scheduler = scheduler or Scheduler(rag.engine, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                                       max_slot_tokens=settings.max_slot_tokens, max_kv_bytes=settings.max_kv_bytes)
+                                       max_slot_tokens=settings.max_slot_tokens, max_kv_bytes=settings.max_kv_bytes,
+                                       prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                                       max_read_tokens=settings.max_read_tokens)
     server = Server(rag, scheduler, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         server.pool.shutdown(wait=False, cancel_futures=True)
+        server.adhoc_pool.shutdown(wait=False, cancel_futures=True)
         if own_scheduler:
             scheduler.close()
 
@@ -204,8 +210,11 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
     async def health_details(request: Request) -> dict:
         """For operators (the key, when the server has one): the model and the scheduler's figures."""
         authorize(request)
+        cache = rag.llm.state_cache.stats()
         return {"status": "ok", "model": settings.model_name, "fingerprint": rag.engine.fingerprint[:16],
-                "method": settings.method, "scheduler": scheduler.stats(), "in_flight": server.in_flight}
+                "method": settings.method, "scheduler": scheduler.stats(), "in_flight": server.in_flight,
+                "state_cache": {"bytes": cache.device_bytes + cache.host_bytes, "entries": cache.device_entries +
+                                cache.host_entries, "budget": cache.device_budget + cache.host_budget}}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -235,7 +244,8 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         loop = asyncio.get_running_loop()
         try:
             prepare = rag.prepare_chat if chat else rag.prepare_completion
-            prepared: Prepared = await loop.run_in_executor(server.pool, prepare, body)
+            adhoc = any(d.text is not None for d in body.documents or ())
+            prepared: Prepared = await loop.run_in_executor(server.adhoc_pool if adhoc else server.pool, prepare, body)
             events: asyncio.Queue = asyncio.Queue()
 
             def on_event(_: GenRequest, piece: str | None) -> None:  # worker thread -> event loop

@@ -28,6 +28,27 @@ def load_embed_model(path: str | None = None) -> Any:
     return HuggingFaceEmbedding(model_name=path, device="cpu")
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """glibc's malloc: at most ``arenas`` arenas (``mallopt(M_ARENA_MAX)``), unless ``$MALLOC_ARENA_MAX`` is set.
+
+    By default glibc gives threads up to 8 arenas per core; tensors of every size (composed states of
+    megabytes, a decode step's temporaries) freed in one arena are not reused by another, and the
+    server's RSS kept creeping up after its caches were full (benchmarks/soak.py: +3.7 MB/min after
+    the warm-up; with 2 arenas +0.8 MB/min, same throughput, docs/serving.md). Call it before threads
+    start. Returns whether it was applied (False elsewhere than glibc, or when the environment decides)."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    M_ARENA_MAX = -8
+    return mallopt(M_ARENA_MAX, arenas) == 1
+
+
 def build_pipeline(llm: Any, collection: Any, embed_model: Any, settings: ServerSettings) -> RagPipeline:
     """A pipeline over a Chroma collection (a PersistentClient's or an HttpClient's)."""
     from llama_index.core import VectorStoreIndex
@@ -75,6 +96,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-kv-bytes", type=int, default=d.max_kv_bytes,
                    help="hybrid models: bytes of all requests' keys and values (more: requests wait for others to finish)")
     s.add_argument("--max-connections", type=int, default=512, help="uvicorn's limit_concurrency (more: 503)")
+    s.add_argument("--prefill-chunk-tokens", type=int, default=d.prefill_chunk_tokens,
+                   help="a longer prompt is read this many tokens per scheduler turn, between the others' decode steps")
+    s.add_argument("--max-read-tokens", type=int, default=d.max_read_tokens,
+                   help="padded prompt tokens of one join read (with the chunk, what bounds a decoding row's wait "
+                        "between two tokens; raise it on a GPU, where joins of many prompts are cheap)")
+    s.add_argument("--state-cache-bytes", type=int, default=1 << 30,
+                   help="memory for recently used document states (ad hoc texts' included), least recently used out")
     return p
 
 
@@ -92,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"picaso-rag serve: --api-key-file {args.api_key_file} is empty; put the key on its first line.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    limit_malloc_arenas()  # before torch's and the server's threads start
     import chromadb
     import uvicorn
     from llama_index.llms.picaso import PicasoLLM
@@ -112,12 +141,13 @@ def main(argv: list[str] | None = None) -> None:
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                               history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key,
                               max_slot_tokens=args.max_slot_tokens, max_kv_bytes=args.max_kv_bytes,
-                              allow_adhoc_documents=not args.no_adhoc_documents, max_adhoc_tokens=args.max_adhoc_tokens)
+                              allow_adhoc_documents=not args.no_adhoc_documents, max_adhoc_tokens=args.max_adhoc_tokens,
+                              prefill_chunk_tokens=args.prefill_chunk_tokens, max_read_tokens=args.max_read_tokens)
     try:
         store = StateStore(args.states, mac=args.state_key_file or False)
     except Exception as exc:  # a missing, world-readable or malformed key file: the error names the fix
         sys.exit(f"picaso-rag serve: {exc}")
-    llm = PicasoLLM(model=args.model, device=args.device, state_store=store)
+    llm = PicasoLLM(model=args.model, device=args.device, state_store=store, state_cache_bytes=args.state_cache_bytes)
     rag = build_pipeline(llm, collection, load_embed_model(args.embed_model), settings)
     app = create_app(rag, settings)
     print(f"serving {name} ({collection.count()} documents) on http://{args.host}:{args.port}/v1", flush=True)

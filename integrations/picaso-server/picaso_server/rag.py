@@ -68,6 +68,14 @@ class ServerSettings:
     max_slot_tokens: int = 32_768
     max_kv_bytes: int = 2 << 30
     prepare_threads: int = 2  # retrieval, state loading and composition (bounded: no thread per request)
+    # requests with ad hoc texts are prepared in their own pool: encoding them (up to max_adhoc_tokens, seconds
+    # on a CPU) never holds up the preparation of requests without them
+    adhoc_threads: int = 1
+    # the scheduler's reads per loop turn (chunked prefill): a long prompt is read prefill_chunk_tokens at a
+    # time, and one join reads at most max_read_tokens padded prompt tokens; a decoding row waits between two
+    # tokens at most one such read plus one decode step (docs/serving.md, "A victim's longest gap")
+    prefill_chunk_tokens: int = 512
+    max_read_tokens: int = 512
     api_key: str | None = None
     conv: str = "mean"
     extra: dict = field(default_factory=dict)
