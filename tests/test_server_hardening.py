@@ -62,9 +62,15 @@ def test_with_a_key_every_route_but_liveness_needs_it_and_is_checked_before_the_
 
 
 def test_strict_types_are_400s(keyed):
-    for field, value in (("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"), ("seed", 1.5), ("n", True)):
+    authed = {"authorization": f"Bearer {KEY}"}
+    for field, value in (("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"), ("seed", 1.5), ("n", True),
+                         ("max_tokens", "8"), ("stream", 1), ("top_p", True), ("max_completion_tokens", True),
+                         ("stream_options", {"include_usage": "yes"})):
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], field: value}
-        reply = httpx.post(keyed["url"] + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+        reply = httpx.post(keyed["url"] + "/v1/chat/completions", json=body, headers=authed)
+        assert reply.status_code == 400 and field in reply.json()["error"]["message"], (field, reply.text)
+    for field, value in (("max_tokens", True), ("stream", "yes")):  # the completions route too
+        reply = httpx.post(keyed["url"] + "/v1/completions", json={"model": MODEL, "prompt": "hi", field: value}, headers=authed)
         assert reply.status_code == 400 and field in reply.json()["error"]["message"], (field, reply.text)
 
 
