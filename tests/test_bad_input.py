@@ -217,8 +217,8 @@ def damaged_state_file(kind: str) -> Callable[[Ctx], None]:
         path = store.path(node.node_id, c.engine.fingerprint)
         path.write_bytes(damage(path.read_bytes(), path=path, marker=c.tmp / "ran", node_id=node.node_id,
                                 text=node_llm_text(node), other={"dir": c.tmp / f"other-{kind}", "engine": c.other}))
-        found = store.get(node.node_id, c.engine.fingerprint, text=node_llm_text(node))
-        assert found.status is status and phrase in found.detail
+        found = store.get(node.node_id, c.engine.fingerprint, text=node_llm_text(node), spec=c.engine.state_spec)
+        assert found.status is status and phrase in found.detail  # (the spec, as PicasoLLM passes it)
         llm = PicasoLLM(engine=c.engine, state_store=store, max_new_tokens=c.world.llm.max_new_tokens)
         assert run_query(c.world, QUESTION, llm=llm).text == c.clean.text
         assert store.get(node.node_id, c.engine.fingerprint, text=node_llm_text(node)).ok
