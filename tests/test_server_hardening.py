@@ -154,7 +154,8 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(keyed):
 
 SLACK = 3.0
 VICTIM = "Tell me everything about rivers"
-VICTIM_TOKENS = 300
+VICTIM_TOKENS = 1024  # the server's max_tokens_limit: the victim hangs up once the attack is over, so this
+# only has to outlast the slowest attack on a loaded 2-core machine, not be decoded in full
 
 
 @pytest.fixture(scope="module")
@@ -193,16 +194,22 @@ def gapped(world):  # noqa: F811
 
 def _victim_under(gapped, attack) -> dict:
     """Stream the victim; once it decodes, run ``attack()`` (blocking until every attacker is answered);
-    returns the victim's token times, its text and the attack's span."""
+    the victim hangs up after its first token past the attack. Returns the victim's token times, its
+    text and the attack's span."""
     client, times, text, finish = gapped["client"], [], [], []
+    attack_over, ended_at = threading.Event(), [float("inf")]
 
     def victim():
-        for chunk in ask(client, VICTIM, max_tokens=VICTIM_TOKENS, stream=True):
+        stream = ask(client, VICTIM, max_tokens=VICTIM_TOKENS, stream=True)
+        for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 times.append(time.perf_counter())
                 text.append(chunk.choices[0].delta.content)
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish.append(chunk.choices[0].finish_reason)
+            if attack_over.is_set() and times and times[-1] > ended_at[0]:
+                stream.close()  # the gap past the attack is measured: no need to decode the rest
+                break
 
     thread = threading.Thread(target=victim)
     thread.start()
@@ -212,7 +219,8 @@ def _victim_under(gapped, attack) -> dict:
     step_s = float(np.median(np.diff(times[:20])))
     began = time.perf_counter()
     outcome = attack()
-    ended = time.perf_counter()
+    ended = ended_at[0] = time.perf_counter()
+    attack_over.set()
     thread.join(120)
     during = [t for t in times if t >= began]
     gaps = np.diff([max(t for t in times if t < began)] + [t for t in during if t <= ended] + [min(t for t in during if t > ended)]) \
@@ -229,7 +237,8 @@ def _check_victim(gapped, run: dict, what: str) -> None:
           f"{gapped['chunk_s']:.3f} s, step {run['step_s']:.3f} s); attack {run['ended'] - run['began']:.2f} s")
     assert longest <= bound, (f"{what}: the victim waited {longest:.2f} s between two tokens; bound {bound:.2f} s = "
                               f"{SLACK} x (one 512-token read {gapped['chunk_s']:.3f} s + one decode step {run['step_s']:.3f} s)")
-    assert run["finish"] == ["length"] and run["text"] == gapped["alone"]  # completed, and untouched
+    # untouched: what the victim read is its answer alone, up to where it hung up
+    assert run["finish"] in ([], ["length"]) and len(run["text"]) > 0 and gapped["alone"].startswith(run["text"])
 
 
 def _in_threads(*calls) -> list:

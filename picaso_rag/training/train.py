@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..compose import METHODS, compose_tensors
+from ..compose import METHODS, canonical_order, compose_tensors
 from ..loading import Tokenizer, save_checkpoint
 from ..model import ModelOutput, PicasoLM
 from .data import PassagePairs, TokenWindows
@@ -102,13 +102,18 @@ def compose_batch(model: PicasoLM, out: ModelOutput, B: int, k: int, method: str
     As picaso_rag.compose.compose with no prefix: SSM layers by :func:`compose_tensors` (conv "mean"); attention
     layers: the union of the documents' keys and values, document after document along the token
     axis; positions: documents in parallel at 0..L-1 and reading on at L, or, for CASO, document j
-    moved by j * L (RoPE only) and reading on at k * L. Documents are in the batch's order (the
-    retrieval order), as the Mamba-2 loss composes them: attention over a union does not depend on
-    its order; compose's canonical order only makes the sums bitwise order-free (and, for
-    PICASO-R, picks one of the cyclic orders: with k <= 2 there is only one).
+    moved by j * L (RoPE only) and reading on at k * L. PICASO-R composes each row's documents in
+    compose's canonical (content-sorted) order, as inference does: it averages the rotations of one
+    cyclic order, and for k >= 3 the batch's order is another one. The other methods, and attention
+    over a union, do not depend on the order (up to the order of floating-point sums).
     Usage: ``state, position = compose_batch(model, model(docs, logits="none"), B, k, "picaso-s")``.
     """
     unflat = lambda t: t.unflatten(0, (B, k))  # noqa: E731
+    if method == "picaso-r" and k >= 3 and out.ssm_state.shape[1]:
+        log_decay = unflat(out.log_decay).detach().cpu()
+        order = torch.tensor([canonical_order(row, [0] * k) for row in log_decay], device=out.ssm_state.device)
+        flat = (order + k * torch.arange(B, device=order.device)[:, None]).flatten()  # row-major index into B * k
+        out = out._replace(ssm_state=out.ssm_state[flat], conv_state=out.conv_state[flat], log_decay=out.log_decay[flat])
     if out.ssm_state.shape[1]:
         ssm, conv, _ = compose_tensors(unflat(out.ssm_state), unflat(out.conv_state), unflat(out.log_decay), method)
     else:  # attention layers only: empty SSM states of the right batch
