@@ -35,7 +35,9 @@ def test_a_mamba2_model_keeps_its_fingerprint_states_and_answers(overrides, toke
     state = engine.encode(["The Eiffel Tower was completed in 1889."])[0]
     assert state.keys is None and state.values is None  # no attention layers: no keys
     found = tuple(float(t.double().sum()) for t in (state.ssm, state.conv, state.log_decay))
-    assert found == pytest.approx(sums, rel=1e-9, abs=1e-12)
+    # float32 sums reorder with the CPU's vector width (CI's differ from ours at 6e-7): a moved state
+    # differs far more than 1e-5, and the fingerprint pins the weights exactly
+    assert found == pytest.approx(sums, rel=1e-5, abs=1e-9)
     assert engine.generate("Paris is", max_new_tokens=8).token_ids == greedy
     # saved in mamba_ssm's layout and loaded back: the same model, the same fingerprint
     save_checkpoint(model, tokenizer, tmp_path)
