@@ -8,12 +8,9 @@ Mamba-2, stock LlamaIndex query engines (tests/llamaindex_world.py).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +28,7 @@ from picaso_rag import (CheckpointError, PicasoEngine, PicasoError, State, State
                         StoreNotWritableError, StoreStatus, save_checkpoint)
 from picaso_rag.errors import DocumentTooLongError
 
+from .filesystem import read_only
 from .llamaindex_world import build_world, corpus_documents, embed_model, sensitive_engine
 from .test_corruption import KINDS
 from .test_llamaindex import QUESTION, fresh_llm, retrieval_stats, run_query
@@ -83,29 +81,6 @@ class AddEmptyNode(BaseNodePostprocessor):
 
     def _postprocess_nodes(self, nodes, query_bundle=None):
         return nodes + [NodeWithScore(node=TextNode(text="", id_="node-without-text"), score=0.1)]
-
-
-@contextlib.contextmanager
-def read_only(directory: Path):
-    """``directory`` read-only: by permissions, or (as root, whom permissions do not stop) a read-only bind mount."""
-    if os.geteuid() != 0:
-        modes = {p: p.stat().st_mode for p in [directory, *directory.rglob("*")] if p.is_dir()}
-        for p in modes:
-            p.chmod(0o555)
-        try:
-            yield
-        finally:
-            for p, mode in modes.items():
-                p.chmod(mode)
-        return
-    mount = subprocess.run(f"mount --bind '{directory}' '{directory}' && mount -o remount,bind,ro '{directory}'",
-                           shell=True, capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"running as root without mount rights: cannot make a read-only directory ({mount.stderr.strip()})")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)
 
 
 # ------------------------------------------------------------------------------ correct answers

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from .llamaindex_world import REPO
+
+pytestmark = pytest.mark.slow  # many clients against a real server: not in `pytest -m "not slow"`
 
 
 def test_chat_backend_under_hostile_load(tmp_path):

@@ -16,6 +16,8 @@ from .ingest_worker import documents, expected_nodes, splitter
 from .llamaindex_world import embed_model, sensitive_engine
 from .servers import ChromaServer
 
+pytestmark = pytest.mark.slow  # starts a Chroma server: not in `pytest -m "not slow"`
+
 COPIES = 1  # the 8 documents of the test corpus
 PER_RUN = 2
 

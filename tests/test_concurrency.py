@@ -1,4 +1,5 @@
 """Item 3 of the reliability issue: threads querying while another thread ingests (one process, one
+
 Chroma collection, one state store), and two processes ingesting into one state store while a third
 reads it and clears temporary files; no errors, and no mixed state: every state verifies and equals a
 fresh encoding of the text it records."""
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +20,8 @@ from .ingest_worker import expected_nodes, open_world, run_ingest
 from .llamaindex_world import build_world, sensitive_engine
 from .test_crash_safety import start_worker
 from .test_llamaindex import fresh_llm, run_query
+
+pytestmark = pytest.mark.slow  # many threads and processes against one store: not in `pytest -m "not slow"`
 
 QUESTIONS = ["When was the Eiffel Tower completed?", "Who wrote the first algorithm for a machine?",
              "How do honey bees tell where flowers are?"]

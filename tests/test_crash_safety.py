@@ -25,6 +25,8 @@ from picaso_rag import StateStore, StoreStatus
 from .ingest_worker import expected_nodes, open_world, run_ingest
 from .llamaindex_world import REPO, sensitive_engine
 
+pytestmark = pytest.mark.slow  # kills writer processes: not in `pytest -m "not slow"`
+
 COPIES = 4
 KILLS = {
     "from outside after some states": [],

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from picaso_rag import CheckpointError, Mamba2Config, PicasoEngine, PicasoError, StateMismatchError, save_checkpoint
 

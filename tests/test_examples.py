@@ -13,6 +13,8 @@ import pytest
 
 from .llamaindex_world import REPO
 
+pytestmark = pytest.mark.slow  # runs the quickstart and examples end to end: not in `pytest -m "not slow"`
+
 QUICKSTART = REPO / "examples" / "quickstart.py"
 TRAINED = (REPO / "models" / "picaso-mini" / "config.json").is_file()
 

@@ -19,7 +19,6 @@ from picaso_rag.errors import PicasoError, StateMismatchError
 from picaso_rag.hybrid import HybridLM, init_weights
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.hybrid_engine import HybridEngine
-from picaso_rag.state import HybridState
 from picaso_rag.store import StoreStatus
 
 from .conftest import TOKENIZER_JSON

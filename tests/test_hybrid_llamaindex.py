@@ -12,7 +12,6 @@ from picaso_rag import PicasoEngine
 from picaso_rag.hybrid import HybridLM, init_weights
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.hybrid_engine import HybridEngine
-from picaso_rag.state import HybridState
 
 from .llamaindex_world import build_world
 from .test_llamaindex import QUESTION, Reorder, check_metadata, run_query

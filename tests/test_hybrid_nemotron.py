@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from picaso_rag import CheckpointError, PicasoEngine, load_checkpoint
-from picaso_rag.hybrid import HybridLM, SigmoidRouter
+from picaso_rag.hybrid import SigmoidRouter
 from picaso_rag.hybrid_config import HybridConfig
 from picaso_rag.hybrid_engine import HybridEngine
-from picaso_rag.state import HybridState
 
 from .conftest import TOKENIZER_JSON
 from .hybrid_checks import (DOCS, assert_bitwise_identical_for_every_order,

@@ -16,6 +16,8 @@ from picaso_rag import StateMismatchError, StateStore
 
 from .llamaindex_world import build_world, embed_model, node_text, sensitive_engine
 
+pytestmark = pytest.mark.slow  # many users through real LlamaIndex engines: not in `pytest -m "not slow"`
+
 TIMINGS = {"compose_ms", "prepare_ms", "generate_ms", "load_ms", "encode_ms"}
 
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from picaso_rag import CheckpointError, PicasoEngine, load_checkpoint, save_checkpoint
 from picaso_rag.kernels import chunk_scan_ref, ssm_step_ref

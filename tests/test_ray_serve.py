@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster: not in `pytest -m "not slow"`
+
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'ray[serve]')")
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # starts SeaweedFS: not in `pytest -m "not slow"`
+
 pytest.importorskip("boto3", reason="the s3 extra (boto3) is not installed")
 
 from picaso_rag import State, StateStore  # noqa: E402

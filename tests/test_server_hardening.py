@@ -23,6 +23,8 @@ from picaso_server import connections
 
 from .test_server import MODEL, ask, world  # noqa: F401  (the module's server world: picaso-mini over Chroma)
 
+pytestmark = pytest.mark.slow  # attacks a real server under load: not in `pytest -m "not slow"`
+
 KEY = "hardening-key-456"
 
 
