@@ -7,7 +7,7 @@ Run on the GPU machine (mamba-ssm's Triton kernels installed, ../shared/docs/gpu
 At one official shape (default mamba2-2.7b, random bf16 weights: speed does not depend on them),
 k = 10 documents of 512 tokens and a 64-token query. For m missing states (m in --missing), the
 10 - m others are hits of one tier (GPU-resident, or pinned host memory) and the m misses are
-encoded together in one batch by :class:`picaso_rag.cache.StateResolver`, which queues them for a
+encoded together in one batch by :class:`picaso_rag.resolver.StateResolver`, which queues them for a
 background write-back to a local StateStore (bf16 files) through a :class:`StateWriter`; the time
 to first token (TTFT) covers resolve + compose + reading the query + the first token, wall clock
 until the token is on the host. The writer is flushed between repeats, outside the timing, and
@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from picaso_rag import Mamba2Config, Mamba2LM, PicasoEngine, State, StateCache, StateStore, Tokenizer, init_weights  # noqa: E402
-from picaso_rag.cache import StateResolver, StateWriter  # noqa: E402
+from picaso_rag.resolver import DocumentRef, StateResolver, StateWriter  # noqa: E402
 from picaso_rag.precision import dequantize, quantize, state_nbytes  # noqa: E402
 
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "780m": (1536, 48), "1.3b": (2048, 48), "2.7b": (2560, 64),
@@ -169,6 +169,7 @@ def main() -> None:
 
         # ---- TTFT with m of the k states missing, hits in one tier, misses encoded in one batch
         result["runs"] = []
+        refs = [DocumentRef.of(text, key) for text, key in zip(texts, keys)]
         writer = StateWriter(max_pending=2 * k, max_pending_bytes=(2 * k + 1) * states[0].nbytes)
         for tier in ("gpu", "pinned"):
             for m in missing:
@@ -181,11 +182,11 @@ def main() -> None:
                 def setup() -> None:
                     cache.clear()
                     for i in hits:
-                        cache.put(keys[i], states[i] if tier == "gpu" else pinned[i])
+                        cache.put(refs[i].digest, states[i] if tier == "gpu" else pinned[i])
                     store.delete_many(keys)
 
                 def answer() -> None:
-                    resolved = resolver.resolve([(keys[i], keys[i], texts[i]) for i in order])
+                    resolved = resolver.resolve([refs[i] for i in order])
                     ctx = engine.compose(resolved.states, "picaso-s")
                     engine.generate(query, state=ctx, max_new_tokens=1)
 

@@ -343,7 +343,8 @@ def http_main(args) -> None:
     sys.path.insert(0, str(repo / "examples"))
     from llama_index.llms.picaso import PicasoLLM
     from rag_demo import open_index, open_state_store, random_engine, corpus_paragraphs
-    from picaso_server import RagPipeline, ServerSettings, ServerThread, create_app, load_embed_model
+    from picaso_server import RagPipeline, ServerSettings, create_app, load_embed_model
+    from picaso_server.testing import ServerThread
     import tempfile
 
     engine = PicasoEngine.from_pretrained(args.model) if args.model else random_engine(corpus_paragraphs())
@@ -351,7 +352,7 @@ def http_main(args) -> None:
         llm = PicasoLLM(engine=engine, state_store=open_state_store(db))
         index, _ = open_index(db, llm, load_embed_model(), show_progress=False)
         settings = ServerSettings(model_name="m", max_batch=8)
-        rag = RagPipeline(llm, index, index.vector_store, settings)
+        rag = RagPipeline(engine, index, index.vector_store, settings, state_stores=[llm.state_store])
         scheduler = Scheduler(engine, max_batch=8)
         app = create_app(rag, settings, scheduler=scheduler)
         body = {"messages": [{"role": "user", "content": "Who was Ada Lovelace?"}]}

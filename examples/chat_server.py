@@ -32,7 +32,7 @@ def create_app(model: str | None = None, db: str | Path = "picaso_db", device: s
     llm = PicasoLLM(engine=engine, state_store=open_state_store(db))
     index, _ = open_index(db, llm, load_embed_model(), show_progress=False)
     settings = ServerSettings(**{"model_name": "picaso", **settings})
-    app = server_app(RagPipeline(llm, index, index.vector_store, settings), settings)
+    app = server_app(RagPipeline(engine, index, index.vector_store, settings, state_stores=[llm.state_store]), settings)
     app.description = description
     return app
 

@@ -19,6 +19,7 @@ from .hybrid_config import HybridConfig
 from .hybrid_engine import HybridEngine
 from .loading import Tokenizer, fingerprint_of, load_checkpoint, save_checkpoint, save_hybrid_checkpoint
 from .model import Mamba2LM, PicasoLM, init_weights
+from .resolver import DocumentRef, Resolution, StateResolver, StateWriter
 from .scheduler import QueueFullError, Request, Scheduler
 from .state import HybridState, State
 from .store import StateStore, StoredState, StoreStatus, text_sha256
@@ -30,6 +31,7 @@ __all__ = [
     "CacheStats",
     "METHODS",
     "CheckpointError",
+    "DocumentRef",
     "Generation",
     "HybridConfig",
     "HybridEngine",
@@ -43,12 +45,15 @@ __all__ = [
     "PicasoLM",
     "QueueFullError",
     "Request",
+    "Resolution",
     "SamplingParams",
     "Scheduler",
     "State",
     "StateCache",
     "StateMismatchError",
+    "StateResolver",
     "StateStore",
+    "StateWriter",
     "StoreNotWritableError",
     "StoreUnavailableError",
     "StoreStatus",

@@ -19,19 +19,15 @@ thread. A state counts its real bytes (``State.nbytes``): a hybrid model's grows
 (its keys and values), so a tier holds fewer long hybrid states than short ones. A state larger than a tier's budget is never put in that tier (a state larger than both
 is not cached at all; the caller still has and uses it). Every method takes one lock.
 
-Below the memory tiers, the stores (local disk, shared object store) are a cache with a fallback:
-:class:`StateResolver` looks a query's documents up in memory, then in each store, encodes every
-state still missing in one batch, and has a :class:`StateWriter` write them back in the background
-(a bounded queue: the answer never waits for a write). :class:`BudgetedStore` gives a store tier a
-byte budget with LRU eviction. See docs/scaling.md.
+:class:`BudgetedStore` gives a store tier (the local disk, typically) a byte budget with LRU
+eviction. What looks states up in these tiers, encodes the missing ones and writes them back is
+:class:`picaso_rag.resolver.StateResolver`. See docs/scaling.md.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -40,9 +36,8 @@ import torch
 
 from .errors import PicasoError
 from .state import State, StateSpec
-from .store_api import StateBackend, StoreEntry, StoredState, StoreStatus
+from .store_api import StateBackend, StoreEntry, StoredState
 
-logger = logging.getLogger("picaso_rag.cache")
 
 
 @dataclass(frozen=True)
@@ -227,119 +222,6 @@ def _pinned(state: State) -> State:
 
 
 # ============================================================== the store as a cache with a fallback
-@dataclass(frozen=True)
-class WriterStats:
-    queued: int  # states accepted for writing
-    written: int  # (node, store) writes done
-    dropped: int  # states refused because the queue was full (they are encoded again on their next miss)
-    failed: int  # writes that raised (logged; the answer never needed them)
-    pending: int  # states waiting now
-    pending_bytes: int
-
-
-class StateWriter:
-    """Writes states to one or more stores from a background thread, through a bounded queue.
-
-    :meth:`submit` never blocks and never raises for a store's failure: a full queue drops the
-    state (it is encoded again on its next miss), a failed write is logged and counted. So a
-    query's answer never waits for the disk or the network. Bounds: ``max_pending`` states and
-    ``max_pending_bytes`` (a state of a 2.7B model is 82 MiB in bf16; queued states stay in the
-    memory they were in, GPU included, until written). Tensors move to the CPU in the writer's
-    thread, on a CUDA stream of its own (ordered after the state was made by an event recorded at
-    submit), so the copy never queues between the kernels of the answer being computed.
-
-    Usage: ``writer = StateWriter(); writer.submit([store], node_id, state, text); writer.flush()``.
-    """
-
-    def __init__(self, max_pending: int = 64, max_pending_bytes: int = 1 << 30, name: str = "picaso-state-writer"):
-        if max_pending < 1 or max_pending_bytes < 1:
-            raise PicasoError(f"max_pending and max_pending_bytes must be >= 1, got {max_pending} and {max_pending_bytes}.")
-        self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
-        self._queue: deque[tuple[tuple[StateBackend, ...], str, State, str | None, object]] = deque()
-        self._copy_stream = None  # created on the first CUDA state
-        self._bytes = 0
-        self._busy = 0  # items taken off the queue, not yet written
-        self._cond = threading.Condition()
-        self._closed = False
-        self._counts = dict.fromkeys(("queued", "written", "dropped", "failed"), 0)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, stores: Sequence[StateBackend], node_id: str, state: State, text: str | None = None) -> bool:
-        """Queue ``state`` for writing to each of ``stores``; False (dropped) if the queue is full or closed."""
-        stores = tuple(stores)
-        if not stores:
-            return True
-        with self._cond:
-            if (self._closed or len(self._queue) + self._busy >= self.max_pending  # the one being written counts
-                    or self._bytes + state.nbytes > self.max_pending_bytes):
-                self._counts["dropped"] += 1
-                return False
-            ready = None
-            if state.device.type == "cuda":  # the copy must wait for the kernels that made the state
-                ready = torch.cuda.Event()
-                ready.record()
-            self._queue.append((stores, node_id, state, text, ready))
-            self._bytes += state.nbytes
-            self._counts["queued"] += 1
-            self._cond.notify_all()
-        return True
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued state is written (or failed); False if ``timeout`` passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
-
-    def close(self, timeout: float | None = None) -> None:
-        """Write what is queued, then stop the thread (later submits are dropped)."""
-        self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-
-    def stats(self) -> WriterStats:
-        with self._cond:
-            return WriterStats(**self._counts, pending=len(self._queue) + self._busy, pending_bytes=self._bytes)
-
-    def _to_host(self, state: State, ready: object) -> State:
-        if state.device.type != "cuda":
-            return state.to("cpu")
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device=state.device)
-        with torch.cuda.stream(self._copy_stream):
-            if ready is not None:
-                self._copy_stream.wait_event(ready)
-            host = state.to("cpu")  # synchronous on this stream only
-        return host
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
-                    return
-                stores, node_id, state, text, ready = self._queue.popleft()
-                self._busy += 1
-            try:
-                host = state if state.device.type == "cpu" else self._to_host(state, ready)
-                for store in stores:
-                    try:
-                        store.put(node_id, host, text=text, write_back=True)  # a deleted node stays deleted
-                        written, failed = 1, 0
-                    except Exception as exc:  # noqa: BLE001 - a write-back never fails a query
-                        logger.warning("write-back of node %s to %r failed: %s", node_id, store, exc)
-                        written, failed = 0, 1
-                    with self._cond:
-                        self._counts["written"] += written
-                        self._counts["failed"] += failed
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._bytes -= state.nbytes
-                    self._cond.notify_all()
-
-
 class BudgetedStore:
     """A store with a byte budget: past it, the least recently used states are deleted.
 
@@ -462,103 +344,3 @@ def _existing_files(store: StateBackend) -> list[tuple[str, str, int]]:
                 continue
             found.append((info.st_mtime, entry.node_id, entry.model, info.st_size))
     return [(node_id, model, size) for _, node_id, model, size in sorted(found)]
-
-
-@dataclass
-class Resolution:
-    """The states of a query's documents, in order, and how each was found (``stats``)."""
-
-    states: list[State]
-    stats: dict
-
-
-class StateResolver:
-    """States of retrieved documents: memory tiers, then stores in order, then encoded in one batch.
-
-    ``cache``: a :class:`StateCache` (GPU and host tiers) keyed by ``key`` (e.g. a text digest);
-    ``stores``: the store tiers, nearest first (e.g. ``[BudgetedStore(local, budget), s3_store]``);
-    ``writer``: a :class:`StateWriter`; states encoded now are written back to every store, and a
-    state found in a farther store is copied to the nearer ones, in the background: the answer
-    never waits for a write. A stored state that is another model's, corrupt or stale counts as
-    missing (re-encoded; ``stats["rejected"]`` says why); a store that raises (down, unreachable)
-    is skipped for this query (``stats["store_errors"]``) and its states are encoded.
-
-    Usage::
-
-        resolver = StateResolver(engine, StateCache(8 << 30, 64 << 30, device="cuda"),
-                                 [BudgetedStore(StateStore("/nvme/states"), 2 << 40), S3StateStore(...)],
-                                 StateWriter())
-        result = resolver.resolve([(digest, node_id, text), ...])   # result.states, result.stats
-    """
-
-    def __init__(self, engine, cache: StateCache | None = None, stores: Sequence[StateBackend] = (),
-                 writer: StateWriter | None = None, encode_batch_size: int = 16):
-        self.engine, self.cache, self.stores, self.writer = engine, cache, list(stores), writer
-        self.encode_batch_size = encode_batch_size
-
-    def resolve(self, docs: Sequence[tuple[str, str | None, str]]) -> Resolution:
-        """``docs``: (cache key, node id or None, text) per document; returns their states in order."""
-        start = time.perf_counter()
-        engine = self.engine
-        states: list[State | None] = [None] * len(docs)
-        todo: dict[str, list[int]] = {}  # cache key -> indices still without a state
-        from_memory = 0
-        for i, (key, _, _) in enumerate(docs):
-            state = self.cache.get(key) if self.cache is not None and key not in todo else None
-            if state is not None:
-                states[i], from_memory = state, from_memory + 1
-            else:
-                todo.setdefault(key, []).append(i)
-        from_store = [0] * len(self.stores)
-        spec = engine.state_spec  # what a stored state must be: this model's shapes, its longest document
-        rejected: list[dict] = []
-        store_errors: list[dict] = []
-        for level, store in enumerate(self.stores):
-            asked = [key for key, idx in todo.items() if docs[idx[0]][1]]
-            if not asked:
-                break
-            try:
-                found = store.get_many([docs[todo[k][0]][1] for k in asked], engine.fingerprint,
-                                       [docs[todo[k][0]][2] for k in asked], spec=spec)
-            except Exception as exc:  # noqa: BLE001 - a store that is down is a miss, never a failed query
-                logger.warning("state store %r unavailable, its states are encoded instead: %s", store, exc)
-                store_errors.append({"store": level, "error": str(exc)[:300]})
-                continue
-            for key, f in zip(asked, found):
-                first = todo[key][0]
-                if not f.ok:
-                    if f.status is not StoreStatus.MISSING:
-                        rejected.append({"node_id": docs[first][1], "store": level, "status": f.status.value, "detail": f.detail})
-                    continue
-                state = f.state.to(engine.device, dtype=engine.model.dtype)
-                self._keep(key, state)
-                for i in todo.pop(key):
-                    states[i] = state
-                from_store[level] += 1
-                if self.writer is not None and level > 0:  # copy to the nearer tiers, in the background
-                    self.writer.submit(self.stores[:level], docs[first][1], f.state, docs[first][2])
-        load_ms = (time.perf_counter() - start) * 1000
-        encode_start = time.perf_counter()
-        queued = dropped = 0
-        if todo:
-            keys = list(todo)
-            fresh = engine.encode([docs[todo[k][0]][2] for k in keys], batch_size=self.encode_batch_size)
-            for key, state in zip(keys, fresh):
-                self._keep(key, state)
-                for i in todo[key]:
-                    states[i] = state
-                node_id, text = docs[todo[key][0]][1], docs[todo[key][0]][2]
-                if self.writer is not None and node_id and self.stores:
-                    if self.writer.submit(self.stores, node_id, state, text):
-                        queued += 1
-                    else:
-                        dropped += 1
-        stats = {"from_memory": from_memory, "from_store": from_store, "encoded": len(todo), "rejected": rejected,
-                 "store_errors": store_errors,
-                 "write_back_queued": queued, "write_back_dropped": dropped, "load_ms": round(load_ms, 3),
-                 "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
-        return Resolution(states, stats)  # type: ignore[arg-type]
-
-    def _keep(self, key: str, state: State) -> None:
-        if self.cache is not None:
-            self.cache.put(key, state)

@@ -32,6 +32,8 @@ RECIPES="bptc-s|--mode bptc --method picaso-s
 bptc-sr-mix|--mode bptc --method picaso-s,picaso-r --concat-fraction 0.15 --lm-fraction 0.15
 bptc-all-mix|--mode bptc --method picaso-s,picaso-r,caso,soup --concat-fraction 0.15 --lm-fraction 0.15
 bp2c-sr-mix|--mode bp2c --method picaso-s,picaso-r --concat-fraction 0.15 --lm-fraction 0.15"
+# ONLY="bptc-s bptc-sr-mix": train and evaluate these recipes alone (fewer share the GPU: more steps each)
+[ -n "${ONLY:-}" ] && RECIPES=$(echo "$RECIPES" | grep -E "^($(echo $ONLY | tr ' ' '|'))\|")
 
 case "${1:-}" in
 pack)  # here

@@ -113,17 +113,18 @@ def test_damaged_state_is_detected_re_encoded_and_reported(world, clean, kind, c
 
     found = world.store.get(victim.node_id, fingerprint, text=text, spec=world.llm.engine.state_spec)
     assert found.status is status and found.state is None and phrase in found.detail, found.detail
-    with caplog.at_level(logging.INFO, logger="llama_index.llms.picaso"):
-        answer, response, _ = run_query(world, QUESTION, llm=fresh_llm(world))
+    llm = fresh_llm(world)
+    with caplog.at_level(logging.INFO, logger="picaso_rag.resolver"):
+        answer, response, _ = run_query(world, QUESTION, llm=llm)
 
     assert answer == clean.text  # re-encoded from the node's text: the answer of a clean state
     stats = retrieval_stats(response)
     assert stats["encode_reasons"] == {status.value: 1} and stats["states_encoded"] == 1 and stats["states_loaded"] == 2
     rejected = response.metadata["picaso"]["states_rejected"]
-    assert rejected == [{"node_id": victim.node_id, "status": status.value, "detail": found.detail}]
+    assert rejected == [{"node_id": victim.node_id, "store": 0, "status": status.value, "detail": found.detail}]
     logged = [r for r in caplog.records if victim.node_id in r.getMessage() and status.value in r.getMessage()]
     assert logged and logged[0].levelno == (logging.WARNING if status is StoreStatus.CORRUPT else logging.INFO)
-    assert world.store.get(victim.node_id, fingerprint, text=text).ok  # repaired in place
+    assert world.store.get(victim.node_id, fingerprint, text=text).ok  # repaired in place (run_query waited for it)
     assert not marker.exists()  # the pickle never ran
 
 

@@ -147,7 +147,8 @@ def test_server_serves_a_hybrid_to_the_openai_client(family, tmp_path):
     from llama_index.core import Document, StorageContext, VectorStoreIndex
     from llama_index.llms.picaso import PicasoLLM, PicasoStateEncoder
     from llama_index.vector_stores.chroma import ChromaVectorStore
-    from picaso_server import RagPipeline, ServerSettings, ServerThread, create_app
+    from picaso_server import RagPipeline, ServerSettings, create_app
+    from picaso_server.testing import ServerThread
     from picaso_server.protocol import ChatCompletionRequest
 
     from picaso_rag import StateStore
@@ -164,7 +165,7 @@ def test_server_serves_a_hybrid_to_the_openai_client(family, tmp_path):
                                             embed_model=embed_model(), transformations=[PicasoStateEncoder(llm, show_progress=False)])
     settings = ServerSettings(model_name="tiny-bamba", default_max_tokens=8, max_tokens_limit=512, max_batch=4,
                               max_queue=16, max_slot_tokens=400)
-    rag = RagPipeline(llm, index, vector_store, settings)
+    rag = RagPipeline(engine, index, vector_store, settings, state_stores=[llm.state_store])
     app = create_app(rag, settings)
     asks = [("When was the Eiffel Tower completed?", None), ("Where does photosynthesis happen?", [TEXTS[2], TEXTS[0]]),
             ("What is a state?", [TEXTS[1]]), ("Why do deltas grow?", [TEXTS[4], TEXTS[3], TEXTS[1]])]

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save
 
 from picaso_rag import PicasoEngine, PicasoError, State, StateCache, StateStore, StoreStatus
-from picaso_rag.cache import BudgetedStore, StateResolver, StateWriter
+from picaso_rag.cache import BudgetedStore
+from picaso_rag.resolver import DocumentRef, StateResolver, StateWriter
 from picaso_rag.errors import StateFileError, StateMismatchError
 from picaso_rag.hybrid import HybridLM, init_weights
 from picaso_rag.hybrid_config import HybridConfig
@@ -347,12 +348,12 @@ def test_resolver_serves_hybrid_states_from_memory_and_store(hybrid, states, tmp
     store = StateStore(tmp_path / "states", precision="fp8")
     writer = StateWriter()
     resolver = StateResolver(hybrid, StateCache(device_bytes=sum(s.nbytes for s in states)), [store], writer)
-    docs = [(f"k{i}", f"n{i}", text) for i, text in enumerate(TEXTS[:3])]
+    docs = [DocumentRef.of(text, f"n{i}") for i, text in enumerate(TEXTS[:3])]
     first = resolver.resolve(docs)
-    assert first.stats["encoded"] == 3 and all(s.has_keys for s in first.states)
+    assert first.stats["states_encoded"] == 3 and all(s.has_keys for s in first.states)
     writer.flush()
     cold = StateResolver(hybrid, StateCache(device_bytes=1 << 30), [store]).resolve(docs)
-    assert cold.stats["from_store"] == [3] and cold.stats["encoded"] == 0
+    assert cold.stats["loaded_per_store"] == [3] and cold.stats["states_encoded"] == 0
     for got, want in zip(cold.states, first.states):
         assert got.position == want.position and got.keys.shape == want.keys.shape
         assert torch.allclose(got.keys, want.keys, rtol=2**-4, atol=1e-3)

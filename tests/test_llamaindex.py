@@ -67,6 +67,9 @@ def run_query(world, question: str, mode: str = "compact", style: str = "query",
                 response = await engine.aquery(question)
                 return response, "".join([piece async for piece in response.async_response_gen()])
             response, text = asyncio.run(astream())
+    # the states encoded for this answer are written back in the background: wait, as the next query's
+    # reader (another LLM, or an assertion on the store) would find them after a moment
+    assert llm.state_writer.flush(60)
     return Result(text, response, list(prompts), list(inputs))
 
 
@@ -366,7 +369,7 @@ def test_corrupted_state_is_detected_re_encoded_and_logged(world, caplog):
     data[-10] ^= 0xFF  # a flipped byte in the tensor data
     path.write_bytes(bytes(data))
     assert world.store.get(victim, world.llm.engine.fingerprint).status is StoreStatus.CORRUPT
-    with caplog.at_level(logging.WARNING, logger="llama_index.llms.picaso"):
+    with caplog.at_level(logging.WARNING, logger="picaso_rag.resolver"):
         text, response, _ = run_query(world, QUESTION, llm=fresh_llm(world))
     stats = retrieval_stats(response)
     assert stats["encode_reasons"] == {"corrupt": 1} and stats["states_encoded"] == 1

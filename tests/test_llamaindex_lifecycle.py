@@ -168,8 +168,9 @@ def test_a_shared_store_that_is_down_degrades_to_encoding(tmp_path, engine):
     response = index.as_query_engine(llm=llm, similarity_top_k=2, node_postprocessors=[
         PicasoNodePostprocessor(llm, method="picaso-s")]).query("When was the Eiffel Tower completed?")
     meta = response.metadata["picaso"]
-    assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_not_stored"] == 2
+    assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_queued_for_store"] == 2
     assert meta["calls"][0]["retrieval"]["encode_reasons"] == {"store unavailable": 2}
+    assert llm.state_writer.flush(60) and llm.state_writer.stats().failed == 2  # the write-backs failed too: counted
 
 
 def test_a_lone_surrogate_costs_neither_the_document_nor_its_group(tmp_path, engine, caplog):
@@ -198,10 +199,32 @@ def test_a_full_disk_degrades_like_a_read_only_store(tmp_path, engine):
     state_bytes = engine.encode(["When was the Eiffel Tower completed?"])[0].nbytes  # a state file holds at least this
     with file_size_limit(state_bytes // 4):
         response = query_engine.query("When was the Eiffel Tower completed?")
+        assert llm.state_writer.flush(30)  # the write-backs run in the background: under the limit too
     meta = response.metadata["picaso"]
-    assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_not_stored"] == 2
+    assert str(response) and meta["k"] == 2 and meta["states_encoded"] == 2 and meta["states_queued_for_store"] == 2
+    assert llm.state_writer.stats().failed == 2 and llm.state_writer.stats().written == 0
     assert not list(store.node_ids())
     assert not [p for p in store.directory.rglob("*") if p.is_file() and p.suffix not in (".lock",) and p.name != ".mac-key"]
+
+
+def test_the_answer_does_not_wait_for_the_stores_write(tmp_path, engine):
+    """A store whose writes hang (a slow disk, a stalled network): the query is answered from the states
+    encoded for it, the write-backs wait in the LLM's bounded writer, and land once the store moves."""
+    from .test_state_tiers import BlockingStore
+
+    vector_store = ChromaVectorStore(chroma_collection=collection(tmp_path))
+    index = VectorStoreIndex.from_documents(corpus_documents()[:3], embed_model=embed_model(), transformations=[SPLITTER],
+                                            storage_context=StorageContext.from_defaults(vector_store=vector_store))
+    slow = BlockingStore(StateStore(tmp_path / "states"))
+    llm = PicasoLLM(engine=engine, state_store=slow, max_new_tokens=4)
+    query_engine = index.as_query_engine(llm=llm, similarity_top_k=2, node_postprocessors=[PicasoNodePostprocessor(llm, method="picaso-s")])
+    response = query_engine.query("When was the Eiffel Tower completed?")  # returns while both writes hang
+    meta = response.metadata["picaso"]
+    assert str(response) and meta["states_encoded"] == 2 and meta["states_queued_for_store"] == 2
+    assert llm.state_writer.stats().pending == 2 and slow.puts == 0 and not list(slow.inner.node_ids())
+    slow.release.set()
+    assert llm.state_writer.flush(30) and slow.puts == 2
+    assert sorted(slow.inner.node_ids()) == sorted(s.node.node_id for s in response.source_nodes)
 
 
 def test_a_query_that_retrieved_a_node_just_before_it_was_deleted_does_not_bring_it_back(tmp_path, engine):
@@ -218,8 +241,10 @@ def test_a_query_that_retrieved_a_node_just_before_it_was_deleted_does_not_bring
     retrieved = [n for n in vector_store.get_nodes(None) if n.ref_doc_id == docs[1].doc_id]  # what the query got
     refs = [DocumentRef.of(node_llm_text(n), n.node_id) for n in retrieved]
     index.delete_ref_doc(docs[1].doc_id)  # deleted before the query resolved its states
-    resolution = PicasoLLM(engine=engine, state_store=store).resolve_states(refs)  # a fresh LLM: nothing in memory
+    fresh = PicasoLLM(engine=engine, state_store=store)  # a fresh LLM: nothing in memory
+    resolution = fresh.resolve_states(refs)
     assert len(resolution.states) == len(refs) and resolution.stats["states_encoded"] == len(refs)
+    assert resolution.stats["write_back_queued"] == len(refs) and fresh.state_writer.flush(30)  # then written back
     assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)  # no orphan of the deleted nodes
     index.insert(docs[1])  # ingested again: its states are stored again
     assert_one_valid_state_per_node(vector_store, store, engine.fingerprint)

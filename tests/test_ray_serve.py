@@ -94,3 +94,21 @@ def test_two_replicas_answer_concurrent_requests_with_their_own_sources(cluster)
     # the replicas read the documents' states from the shared store: a state encoded again would
     # have been written back (a new object, or a new ETag: each file records when it was written)
     assert stored_objects() == before
+
+
+def test_a_replica_can_keep_a_budgeted_local_tier_in_front_of_the_shared_store(tmp_path):
+    """ReplicaConfig(states=..., s3_bucket=...): the local directory (within states_max_bytes) first, then S3."""
+    from picaso_rag import StateStore
+    from picaso_rag.cache import BudgetedStore
+    from picaso_server.ray_serve import ReplicaConfig, state_stores_of
+
+    both = ReplicaConfig(model="m", chroma_host="127.0.0.1", chroma_port=1, collection="c", states=str(tmp_path / "local"),
+                         states_max_bytes=1 << 20, s3_bucket="states", s3_endpoint_url="http://127.0.0.1:1")
+    local, shared = state_stores_of(both)
+    assert isinstance(local, BudgetedStore) and local.max_bytes == 1 << 20 and isinstance(shared, S3StateStore)
+    only_local = ReplicaConfig(model="m", chroma_host="127.0.0.1", chroma_port=1, collection="c", states=str(tmp_path / "l2"))
+    assert [type(s) for s in state_stores_of(only_local)] == [StateStore]
+    with pytest.raises(ValueError, match="state store"):
+        ReplicaConfig(model="m", chroma_host="127.0.0.1", chroma_port=1, collection="c")
+    with pytest.raises(ValueError, match="states_max_bytes"):
+        ReplicaConfig(model="m", chroma_host="127.0.0.1", chroma_port=1, collection="c", s3_bucket="b", states_max_bytes=1)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # starts SeaweedFS: not in `pytest -m "not slow"`
 pytest.importorskip("boto3", reason="the s3 extra (boto3) is not installed")
 
 from picaso_rag import State, StateStore  # noqa: E402
-from picaso_rag.cache import StateResolver, StateWriter  # noqa: E402
+from picaso_rag.resolver import DocumentRef, StateResolver, StateWriter  # noqa: E402
 from picaso_rag.s3store import S3StateStore, StoreUnavailableError  # noqa: E402
 from picaso_rag.store import StoreStatus, decode_state_file, encode_state_file  # noqa: E402
 
@@ -241,12 +241,12 @@ def test_shared_tier_of_the_resolver_falls_back_when_down(engine, server, tmp_pa
 
     s3 = S3StateStore(server.BUCKET, prefix=request.node.name, client=server.client(), precision="fp32")
     writer = StateWriter()
-    docs = [(f"k{i}", f"n{i}", t) for i, t in enumerate(TEXTS[:3])]
+    docs = [DocumentRef.of(t, f"n{i}") for i, t in enumerate(TEXTS[:3])]
     first = StateResolver(engine, None, [s3], writer).resolve(docs)
-    assert first.stats["encoded"] == 3 and writer.flush(30) and writer.stats().written == 3
+    assert first.stats["states_encoded"] == 3 and writer.flush(30) and writer.stats().written == 3
     # another replica (no memory of its own) finds them in the shared store
     again = StateResolver(engine, None, [StateStore(tmp_path / "local"), s3], writer).resolve(docs)
-    assert again.stats["from_store"] == [0, 3] and again.stats["encoded"] == 0
+    assert again.stats["loaded_per_store"] == [0, 3] and again.stats["states_encoded"] == 0
     for got, want in zip(again.states, first.states):
         assert same(got, want)
     # the shared store down (nothing listens there): the query is answered from encoded states
@@ -254,7 +254,7 @@ def test_shared_tier_of_the_resolver_falls_back_when_down(engine, server, tmp_pa
 
     down = S3StateStore(server.BUCKET, client=SeaweedFS.client_for(f"http://127.0.0.1:{free_ports(1)[0]}"))
     fallback = StateResolver(engine, None, [down], writer).resolve(docs)
-    assert fallback.stats["encoded"] == 3 and fallback.stats["store_errors"][0]["store"] == 0
+    assert fallback.stats["states_encoded"] == 3 and fallback.stats["store_errors"][0]["store"] == 0
     for got, want in zip(fallback.states, first.states):
         assert same(got, want)
     assert writer.flush(30) and writer.stats().failed == 3  # the write-backs to it failed, counted, not raised

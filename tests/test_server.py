@@ -22,8 +22,9 @@ from rag_demo import load_engine, open_index, open_state_store  # noqa: E402
 
 from llama_index.llms.picaso import PicasoLLM  # noqa: E402
 from picaso_rag.scheduler import Scheduler  # noqa: E402
-from picaso_server import RagPipeline, ServerSettings, ServerThread, create_app, load_embed_model  # noqa: E402
-from picaso_server.rag import PREFIX  # noqa: E402
+from picaso_server import RagPipeline, ServerSettings, create_app, load_embed_model  # noqa: E402
+from picaso_server.testing import ServerThread  # noqa: E402
+from picaso_server.rag import AFTER_CONTEXT, INSTRUCTION, PREFIX  # noqa: E402
 
 MODEL = "picaso-mini"
 KEY = "test-key-123"
@@ -38,7 +39,7 @@ def world(tmp_path_factory):
     index, _ = open_index(db, llm, embed, show_progress=False)
     settings = ServerSettings(model_name=MODEL, default_max_tokens=12, max_tokens_limit=256, history_tokens=200,
                               max_body_bytes=64 * 1024, max_batch=8, max_queue=32)
-    rag = RagPipeline(llm, index, index.vector_store, settings)
+    rag = RagPipeline(engine, index, index.vector_store, settings, state_stores=[llm.state_store])
     scheduler = Scheduler(engine, max_batch=8, max_queue=32)
     app = create_app(rag, settings, scheduler=scheduler)
     with ServerThread(app) as url:
@@ -53,6 +54,27 @@ def client(world):
 
 def ask(client, text, **kw):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], **kw)
+
+
+def test_the_server_stands_on_picaso_rag_not_on_the_llamaindex_adapter():
+    """The server's modules import picaso_rag and a retriever, never the LlamaIndex LLM package."""
+    import subprocess
+    import sys
+
+    code = ("import sys, picaso_server, picaso_server.app, picaso_server.cli, picaso_server.ray_serve, picaso_server.rag; "
+            "print(sorted(m for m in sys.modules if m.startswith('llama_index.llms.picaso')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_prompt_is_llamaindexs_qa_template():
+    """What the server reads around the composed documents is LlamaIndex's default QA prompt, so a
+    question asked here and through a LlamaIndex query engine reads the same text."""
+    from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT_TMPL
+
+    ours = PREFIX + "{context_str}" + AFTER_CONTEXT + INSTRUCTION + "Query: {query_str}\nAnswer: "
+    assert ours == DEFAULT_TEXT_QA_PROMPT_TMPL
 
 
 def test_models_and_health(world, client):
@@ -126,9 +148,9 @@ def test_documents_by_id_and_by_text(client, world):
     state = engine.compose(engine.encode([secret]), prefix=rag.prefix_state)
     tail = rag._chat_tail(_messages("What is the vault code?"))
     assert by_text.choices[0].message.content == engine.generate(tail, state=state, max_new_tokens=8).text
-    hits = rag.llm.state_cache.stats().device_hits
+    hits = rag.resolver.cache.stats().device_hits
     again = ask(client, "What is the vault code?", max_tokens=8, extra_body={"documents": [{"text": secret}]})
-    assert rag.llm.state_cache.stats().device_hits > hits  # encoded once, then cached
+    assert rag.resolver.cache.stats().device_hits > hits  # encoded once, then cached
     # ...but nothing in a response says so: another client cannot confirm a guess of someone's text
     assert "states" not in again.model_extra["picaso"] and "states_ms" not in again.model_extra["picaso"]["timings_ms"]
     assert {k: v for k, v in again.model_extra["picaso"].items() if k != "timings_ms"} == \

@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from picaso_rag.scheduler import Scheduler
-from picaso_server import ServerSettings, ServerThread, create_app
+from picaso_server import ServerSettings, create_app
+from picaso_server.testing import ServerThread
 from picaso_server import connections
 
 from .test_server import MODEL, ask, world  # noqa: F401  (the module's server world: picaso-mini over Chroma)

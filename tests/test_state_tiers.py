@@ -1,4 +1,4 @@
-"""The store as a cache with a fallback (picaso_rag.cache): StateResolver, StateWriter, BudgetedStore.
+"""The store as a cache with a fallback (picaso_rag.resolver, picaso_rag.cache): StateResolver, StateWriter, BudgetedStore.
 
 A query's missing states are encoded together in one batch, written back in the background (the
 answer never waits for a write, the queue is bounded), store tiers keep byte budgets.
@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from picaso_rag import StateCache, StateStore
-from picaso_rag.cache import BudgetedStore, StateResolver, StateWriter
+from picaso_rag.cache import BudgetedStore
+from picaso_rag.resolver import DocumentRef, StateResolver, StateWriter
 from picaso_rag.store import StoreStatus
 
 from .conftest import TEXTS
 
-DOCS = [(f"key-{i}", f"n{i}", text) for i, text in enumerate(TEXTS)]
+DOCS = [DocumentRef.of(text, f"n{i}") for i, text in enumerate(TEXTS)]
 
 
 class CountingEngine:
@@ -60,16 +61,16 @@ def assert_same(a, b):
 
 
 def test_memory_then_store_then_one_batch_and_write_back(engine, tmp_path):
-    reference = engine.encode([t for _, _, t in DOCS])
+    reference = engine.encode([d.text for d in DOCS])
     cache = StateCache(1 << 30)
     store = StateStore(tmp_path / "states")
-    cache.put("key-0", reference[0])
+    cache.put(DOCS[0].digest, reference[0])
     store.put("n1", reference[1], text=TEXTS[1])
     counting, writer = CountingEngine(engine), StateWriter()
     resolver = StateResolver(counting, cache, [store], writer)
     result = resolver.resolve(DOCS)
     assert counting.calls == [3]  # the three missing states: one encode call
-    assert result.stats["from_memory"] == 1 and result.stats["from_store"] == [1] and result.stats["encoded"] == 3
+    assert result.stats["states_cached"] == 1 and result.stats["loaded_per_store"] == [1] and result.stats["states_encoded"] == 3
     for got, want in zip(result.states, reference):
         assert_same(got, want)
     assert writer.flush(30) and writer.stats().written == 3
@@ -77,7 +78,7 @@ def test_memory_then_store_then_one_batch_and_write_back(engine, tmp_path):
         assert store.get(f"n{i}", engine.fingerprint, text=TEXTS[i]).ok
     again = StateResolver(counting, StateCache(1 << 30), [store], writer).resolve(DOCS)
     # n0 was only ever in memory: the one miss of a fresh replica
-    assert again.stats["from_store"] == [4] and again.stats["encoded"] == 1 and counting.calls == [3, 1]
+    assert again.stats["loaded_per_store"] == [4] and again.stats["states_encoded"] == 1 and counting.calls == [3, 1]
     writer.close()
 
 
@@ -89,7 +90,7 @@ def test_the_answer_does_not_wait_for_the_write_and_the_queue_is_bounded(engine,
     result = resolver.resolve(DOCS)  # 5 misses, the store blocks every write
     assert time.perf_counter() - started < 20 and len(result.states) == 5
     # two held by the writer (one being written, blocked), the other three dropped: never more than the bound
-    assert result.stats["write_back_queued"] == 2 and result.stats["write_back_dropped"] == 3
+    assert result.stats["write_back_queued"] == 2 and result.stats["write_back_not_queued"] == 3
     assert writer.stats().pending == 2 and writer.stats().dropped == 3
     assert not writer.flush(0.2)  # still blocked
     slow.release.set()
@@ -113,7 +114,7 @@ def test_far_store_hit_is_copied_to_the_near_store(engine, tmp_path):
     far.put("n0", state, text=TEXTS[0])
     writer = StateWriter()
     result = StateResolver(engine, None, [near, far], writer).resolve(DOCS[:1])
-    assert result.stats["from_store"] == [0, 1] and result.stats["encoded"] == 0
+    assert result.stats["loaded_per_store"] == [0, 1] and result.stats["states_encoded"] == 0
     writer.flush(30)
     assert_same(near.get("n0", engine.fingerprint, text=TEXTS[0]).state, state)
     writer.close()
@@ -129,8 +130,8 @@ def test_stale_and_corrupt_states_are_reencoded_and_reported(engine, tmp_path):
     data[-3] ^= 0xFF  # a bit flip in the tensors
     path.write_bytes(bytes(data))
     result = StateResolver(engine, None, [store], StateWriter()).resolve(DOCS[:2])
-    assert result.stats["encoded"] == 2
-    assert sorted(r["status"] for r in result.stats["rejected"]) == [StoreStatus.CORRUPT.value, StoreStatus.STALE.value]
+    assert result.stats["states_encoded"] == 2
+    assert sorted(r["status"] for r in result.stats["states_rejected"]) == [StoreStatus.CORRUPT.value, StoreStatus.STALE.value]
     # both were re-encoded in one batch: compare with that batch (batched GEMMs may round differently from one text alone)
     assert_same(result.states[1], engine.encode(TEXTS[:2])[1])
 

@@ -5,11 +5,11 @@ Usage::
     picaso-rag serve --chroma-path ./picaso_db/chroma --collection picaso_quickstart \\
         --states ./picaso_db/states --model models/picaso-mini
 
-or, in Python: ``create_app(build_pipeline(llm, collection, embed_model, settings), settings)``.
+or, in Python: ``create_app(build_pipeline(engine, [state_store], collection, embed_model, settings), settings)``.
 """
 
 from .app import create_app
-from .cli import ServerThread, build_pipeline, load_embed_model
+from .cli import build_pipeline, load_embed_model
 from .rag import RagPipeline, ServerSettings
 
-__all__ = ["RagPipeline", "ServerSettings", "ServerThread", "build_pipeline", "create_app", "load_embed_model"]
+__all__ = ["RagPipeline", "ServerSettings", "build_pipeline", "create_app", "load_embed_model"]

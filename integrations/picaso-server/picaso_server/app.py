@@ -10,7 +10,8 @@ field ``picaso`` (sources, figures). docs/serving.md documents all of it.
 
 Usage::
 
-    app = create_app(llm, index, vector_store, ServerSettings(model_name="picaso-mini"))
+    rag = RagPipeline(engine, index, vector_store, settings, state_stores=[StateStore("./picaso_db/states")])
+    app = create_app(rag, settings)     # settings = ServerSettings(model_name="picaso-mini")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
@@ -210,7 +211,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
     async def health_details(request: Request) -> dict:
         """For operators (the key, when the server has one): the model and the scheduler's figures."""
         authorize(request)
-        cache = rag.llm.state_cache.stats()
+        cache = rag.resolver.cache.stats()
         return {"status": "ok", "model": settings.model_name, "fingerprint": rag.engine.fingerprint[:16],
                 "method": settings.method, "scheduler": scheduler.stats(), "in_flight": server.in_flight,
                 "state_cache": {"bytes": cache.device_bytes + cache.host_bytes, "entries": cache.device_entries +

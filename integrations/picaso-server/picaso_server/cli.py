@@ -49,14 +49,14 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     return mallopt(M_ARENA_MAX, arenas) == 1
 
 
-def build_pipeline(llm: Any, collection: Any, embed_model: Any, settings: ServerSettings) -> RagPipeline:
-    """A pipeline over a Chroma collection (a PersistentClient's or an HttpClient's)."""
+def build_pipeline(engine: Any, state_stores: Any, collection: Any, embed_model: Any, settings: ServerSettings) -> RagPipeline:
+    """A pipeline over a Chroma collection (a PersistentClient's or an HttpClient's) and its state stores (nearest first)."""
     from llama_index.core import VectorStoreIndex
     from llama_index.vector_stores.chroma import ChromaVectorStore
 
     vector_store = ChromaVectorStore(chroma_collection=collection)
     index = VectorStoreIndex.from_vector_store(vector_store, embed_model=embed_model)
-    return RagPipeline(llm, index, vector_store, settings)
+    return RagPipeline(engine, index, vector_store, settings, state_stores=state_stores)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -123,9 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     limit_malloc_arenas()  # before torch's and the server's threads start
     import chromadb
     import uvicorn
-    from llama_index.llms.picaso import PicasoLLM
 
-    from picaso_rag import StateStore
+    from picaso_rag import PicasoEngine, StateStore
 
     from .app import create_app
     from .connections import uvicorn_config
@@ -142,13 +141,14 @@ def main(argv: list[str] | None = None) -> None:
                               history_tokens=args.history_tokens, max_body_bytes=args.max_body_bytes, api_key=api_key,
                               max_slot_tokens=args.max_slot_tokens, max_kv_bytes=args.max_kv_bytes,
                               allow_adhoc_documents=not args.no_adhoc_documents, max_adhoc_tokens=args.max_adhoc_tokens,
-                              prefill_chunk_tokens=args.prefill_chunk_tokens, max_read_tokens=args.max_read_tokens)
+                              prefill_chunk_tokens=args.prefill_chunk_tokens, max_read_tokens=args.max_read_tokens,
+                              state_cache_bytes=args.state_cache_bytes)
     try:
         store = StateStore(args.states, mac=args.state_key_file or False)
     except Exception as exc:  # a missing, world-readable or malformed key file: the error names the fix
         sys.exit(f"picaso-rag serve: {exc}")
-    llm = PicasoLLM(model=args.model, device=args.device, state_store=store, state_cache_bytes=args.state_cache_bytes)
-    rag = build_pipeline(llm, collection, load_embed_model(args.embed_model), settings)
+    engine = PicasoEngine.from_pretrained(args.model, device=args.device)
+    rag = build_pipeline(engine, [store], collection, load_embed_model(args.embed_model), settings)
     app = create_app(rag, settings)
     print(f"serving {name} ({collection.count()} documents) on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limit_concurrency=args.max_connections)).run()
@@ -157,33 +157,3 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-class ServerThread:
-    """An app served by uvicorn on 127.0.0.1 (a free port) in a background thread: a context manager
-    giving the base URL. For tests and benchmarks. Usage: ``with ServerThread(app) as url: ...``."""
-
-    def __init__(self, app: Any, limit_concurrency: int | None = 512):
-        import threading
-
-        import uvicorn
-
-        from .connections import uvicorn_config
-
-        self._server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, limit_concurrency=limit_concurrency))
-        self._thread = threading.Thread(target=self._server.run, daemon=True, name="uvicorn")
-
-    def __enter__(self) -> str:
-        import time
-
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start within 60 s")
-            time.sleep(0.02)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: Any) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)

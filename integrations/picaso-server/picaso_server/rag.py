@@ -16,9 +16,15 @@ one, i.e. the previous user message is prepended to it (a follow-up such as "Whe
 it?" carries its subject in the question before it). No LLM call rewrites the question: with a
 small model that costs a generation and adds noise.
 
+The pipeline stands on picaso_rag alone (the engine, and a :class:`picaso_rag.StateResolver` over
+the state store: memory, then the store, then encoded, written back off the answer path) and on a
+retriever (a LlamaIndex index over the vector store the integration ingested into). The template
+is the one LlamaIndex's query engines use (``DEFAULT_TEXT_QA_PROMPT``), so a question asked here and
+through a LlamaIndex query engine reads the same prompt.
+
 Usage::
 
-    rag = RagPipeline(llm, index, vector_store, ServerSettings())
+    rag = RagPipeline(engine, index, vector_store, ServerSettings(), state_stores=[StateStore("./states")])
     prepared = rag.prepare_chat(request)    # -> Prepared(prompt_ids, state, sources, figures)
 """
 
@@ -30,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from llama_index.core.schema import MetadataMode
-from llama_index.llms.picaso import DocumentRef, PicasoLLM
 
-from picaso_rag import PicasoEngine, PicasoError, State
+from picaso_rag import DocumentRef, PicasoEngine, PicasoError, State, StateCache, StateResolver, StateWriter
+from picaso_rag.store_api import StateBackend
 
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DocumentSpec, Message
 
@@ -76,6 +82,9 @@ class ServerSettings:
     # tokens at most one such read plus one decode step (docs/serving.md, "A victim's longest gap")
     prefill_chunk_tokens: int = 512
     max_read_tokens: int = 512
+    state_cache_bytes: int = 1 << 30  # recently used document states (ad hoc texts' included) on the engine's device
+    # write-backs of states encoded for answers wait here (in the background; more: not written, encoded again)
+    write_back_max_pending: int = 64
     api_key: str | None = None
     conv: str = "mean"
     extra: dict = field(default_factory=dict)
@@ -90,9 +99,20 @@ class Prepared:
 
 
 class RagPipeline:
-    def __init__(self, llm: PicasoLLM, index: Any, vector_store: Any, settings: ServerSettings):
-        self.llm, self.index, self.vector_store, self.settings = llm, index, vector_store, settings
-        self.engine: PicasoEngine = llm.engine
+    """Retrieval, states and the prompt of one request (see the module docstring).
+
+    ``state_stores``: where the index's document states are, nearest first (e.g. a budgeted local
+    directory, then the shared S3 store); none: every state is encoded on its first use and kept in
+    memory only.
+    """
+
+    def __init__(self, engine: PicasoEngine, index: Any, vector_store: Any, settings: ServerSettings,
+                 state_stores: Sequence[StateBackend] = ()):
+        if not isinstance(engine, PicasoEngine):
+            raise PicasoError(f"RagPipeline takes a picaso_rag.PicasoEngine, got {type(engine).__name__}.")
+        self.engine, self.index, self.vector_store, self.settings = engine, index, vector_store, settings
+        self.resolver = StateResolver(engine, StateCache(settings.state_cache_bytes, device=engine.device),
+                                      list(state_stores), StateWriter(max_pending=settings.write_back_max_pending))
         self.prefix_state = self.engine.encode([PREFIX])[0]  # the template before the documents: encoded once
 
     # ------------------------------------------------------------------------------- requests
@@ -167,7 +187,7 @@ class RagPipeline:
             figures["tokens_read"] = len(tail_ids)
         elif docs:
             start = time.perf_counter()
-            resolved = self.llm.resolve_states(docs)
+            resolved = self.resolver.resolve(docs)
             states_ms = (time.perf_counter() - start) * 1000  # not returned: a cache hit is visibly faster
             logger.debug("states loaded or encoded in %.1f ms", states_ms)
             start = time.perf_counter()
@@ -234,7 +254,7 @@ class RagPipeline:
                     raise APIError(400, f"the ad hoc document texts reach {adhoc_tokens:,} tokens at documents[{i}]; at most "
                                         f"{settings.max_adhoc_tokens:,} per request: send less, or ingest them into the index.",
                                    f"documents.{i}.text")
-                ref = DocumentRef.of(text, None)  # not stored: encoded once, then served from the LLM's bounded cache
+                ref = DocumentRef.of(text, None)  # not stored: encoded once, then served from the bounded memory tier
                 docs.append(ref)
                 sources.append({"id": f"text:{ref.key}", "score": None, "text": text})
         return docs, sources

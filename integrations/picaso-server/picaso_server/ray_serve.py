@@ -36,9 +36,11 @@ from .rag import ServerSettings
 class ReplicaConfig:
     """What every replica builds its server from (plain values: Ray ships it to each replica).
 
-    ``states``: a local StateStore directory, or None with ``s3_bucket``: the shared S3 store
-    (``s3_prefix``, ``s3_endpoint_url``, ``s3_mac_key``: the path of a key file present on every
-    replica). ``settings``: :class:`~picaso_server.rag.ServerSettings` fields.
+    ``states``: a local StateStore directory; ``s3_bucket``: the shared S3 store (``s3_prefix``,
+    ``s3_endpoint_url``, ``s3_mac_key``: the path of a key file present on every replica). Both: the
+    local directory is a tier in front of the shared store (states found in S3 are copied there in
+    the background), kept within ``states_max_bytes`` when given (least recently used out).
+    ``settings``: :class:`~picaso_server.rag.ServerSettings` fields.
     """
 
     model: str
@@ -46,6 +48,7 @@ class ReplicaConfig:
     chroma_port: int
     collection: str
     states: str | None = None
+    states_max_bytes: int | None = None
     s3_bucket: str | None = None
     s3_prefix: str = "picaso"
     s3_endpoint_url: str | None = None
@@ -55,23 +58,32 @@ class ReplicaConfig:
     settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.states is None) == (self.s3_bucket is None):
-            raise ValueError("give the replicas one state store: states='<directory>' or s3_bucket='<bucket>'.")
+        if self.states is None and self.s3_bucket is None:
+            raise ValueError("give the replicas a state store: states='<directory>', s3_bucket='<bucket>', or both "
+                             "(the directory then a local tier in front of the bucket).")
+        if self.states_max_bytes is not None and (self.states is None or self.states_max_bytes < 0):
+            raise ValueError("states_max_bytes bounds the local states directory: give states='<directory>' and a "
+                             "budget >= 0.")
         unknown = set(self.settings) - set(ServerSettings.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown server settings {sorted(unknown)}; see picaso_server.ServerSettings.")
 
 
-def state_store_of(config: ReplicaConfig) -> Any:
-    """The replica's state store: the shared S3 store, or a local directory."""
+def state_stores_of(config: ReplicaConfig) -> list[Any]:
+    """The replica's state stores, nearest first: the local directory (budgeted), the shared S3 store."""
+    stores: list[Any] = []
+    if config.states is not None:
+        from picaso_rag import StateStore
+        from picaso_rag.cache import BudgetedStore
+
+        local = StateStore(config.states)
+        stores.append(local if config.states_max_bytes is None else BudgetedStore(local, config.states_max_bytes))
     if config.s3_bucket is not None:
         from picaso_rag.s3store import S3StateStore
 
-        return S3StateStore(config.s3_bucket, prefix=config.s3_prefix, endpoint_url=config.s3_endpoint_url,
-                            mac_key=config.s3_mac_key)
-    from picaso_rag import StateStore
-
-    return StateStore(config.states)
+        stores.append(S3StateStore(config.s3_bucket, prefix=config.s3_prefix, endpoint_url=config.s3_endpoint_url,
+                                   mac_key=config.s3_mac_key))
+    return stores
 
 
 def build_app(config: ReplicaConfig) -> Any:
@@ -79,15 +91,17 @@ def build_app(config: ReplicaConfig) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import chromadb
-    from llama_index.llms.picaso import PicasoLLM
+
+    from picaso_rag import PicasoEngine
 
     from .app import create_app
     from .cli import build_pipeline, load_embed_model
 
     settings = ServerSettings(**{"model_name": os.path.basename(os.path.normpath(config.model)), **config.settings})
-    llm = PicasoLLM(model=config.model, device=config.device, state_store=state_store_of(config))
+    engine = PicasoEngine.from_pretrained(config.model, device=config.device)
     collection = chromadb.HttpClient(host=config.chroma_host, port=config.chroma_port).get_collection(config.collection)
-    app = create_app(build_pipeline(llm, collection, load_embed_model(config.embed_model), settings), settings)
+    app = create_app(build_pipeline(engine, state_stores_of(config), collection, load_embed_model(config.embed_model), settings),
+                     settings)
     replica = _replica_name()
 
     @app.middleware("http")
@@ -134,4 +148,4 @@ def picaso_app(config: ReplicaConfig, num_replicas: int = 2, num_cpus: float = 1
     return deployment.bind()
 
 
-__all__ = ["ReplicaConfig", "build_app", "picaso_app", "state_store_of"]
+__all__ = ["ReplicaConfig", "build_app", "picaso_app", "state_stores_of"]

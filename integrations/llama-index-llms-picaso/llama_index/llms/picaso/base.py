@@ -20,8 +20,7 @@ import asyncio
 import difflib
 import logging
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from threading import Lock
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -43,8 +42,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from picaso_rag import (METHODS, PicasoEngine, PicasoError, State, StateCache, StateStore, StoreNotWritableError,
-                        StoreStatus, StoreUnavailableError)
+from picaso_rag import METHODS, PicasoEngine, PicasoError, Resolution, State, StateCache, StateResolver, StateStore, StateWriter
 
 from .handoff import DocumentRef, Handoff
 from .metadata import condense_fallback, record_call
@@ -66,14 +64,6 @@ class PicasoLLMError(RuntimeError):
     Not a ValueError on purpose: LlamaIndex's refine and compact synthesizers catch ValueError and
     TypeError and answer "Empty Response", which would hide a misconfiguration or a bad state.
     """
-
-
-@dataclass
-class StateResolution:
-    """States for a list of documents, and where they came from (for the response metadata)."""
-
-    states: list[State]
-    stats: dict = field(default_factory=dict)
 
 
 class PicasoLLM(CustomLLM):
@@ -110,6 +100,8 @@ class PicasoLLM(CustomLLM):
     _store: StateStore | None = PrivateAttr(default=None)
     _handoff: Handoff = PrivateAttr()
     _cache: StateCache = PrivateAttr()
+    _writer: StateWriter = PrivateAttr()
+    _resolver: StateResolver = PrivateAttr()
     _prefixes: "OrderedDict[str, State]" = PrivateAttr()
     _prefix_lock: Lock = PrivateAttr()
 
@@ -136,6 +128,9 @@ class PicasoLLM(CustomLLM):
         self._store = StateStore(state_store) if isinstance(state_store, str) else state_store
         self._handoff = Handoff()
         self._cache = StateCache(self.state_cache_bytes, self.state_host_cache_bytes, device=engine.device)
+        self._writer = StateWriter()  # write-backs off the answer path: at most 64 states, 1 GiB waiting
+        self._resolver = StateResolver(engine, self._cache, [self._store] if self._store is not None else [],
+                                       self._writer, encode_batch_size=self.encode_batch_size)
         self._prefixes = OrderedDict()
         self._prefix_lock = Lock()
         _install_metadata()
@@ -163,91 +158,29 @@ class PicasoLLM(CustomLLM):
         return self._cache
 
     @property
+    def state_writer(self) -> StateWriter:
+        """Writes the states encoded for answers back to the store, in the background.
+
+        ``state_writer.flush()`` waits for them; ``state_writer.stats()`` counts writes done,
+        failed (a full or read-only store: logged, the answer had its state) and not queued.
+        """
+        return self._writer
+
+    @property
     def handoff(self) -> Handoff:
         """The open tickets of this LLM's postprocessors (see ``handoff.py``)."""
         return self._handoff
 
     # ------------------------------------------------------------------------- document states
-    def resolve_states(self, docs: Sequence[DocumentRef]) -> StateResolution:
-        """States of ``docs``, from memory, else the store, else encoded now (and stored).
+    def resolve_states(self, docs: Sequence[DocumentRef]) -> Resolution:
+        """States of ``docs``: from memory, else the store, else encoded now (written back in the background).
 
-        A stored state that is another model's, corrupt or stale is re-encoded from the text and
-        logged (corrupt: a warning). Used by the postprocessor, and by the LLM if a state was
+        Through :class:`picaso_rag.StateResolver`, as the server and the Ray replicas: a stored
+        state that is another model's, corrupt or stale is re-encoded from the text and logged; a
+        store that is down is skipped. Used by the postprocessor, and by the LLM if a state was
         evicted from memory between retrieval and generation.
         """
-        start = time.perf_counter()
-        states: list[State | None] = [None] * len(docs)
-        reasons: Counter[str] = Counter()
-        rejected: list[dict] = []  # stored states found unusable (reported in the response metadata)
-        cached = loaded = 0
-        to_encode: dict[str, list[int]] = {}
-        misses, repeats, first_of = [], [], set()
-        for i, doc in enumerate(docs):
-            state = self._cache.get(doc.digest)
-            if state is not None:
-                states[i], cached = state, cached + 1
-            elif doc.digest in first_of:  # the same text again: served by its first occurrence below
-                repeats.append(i)
-            else:
-                first_of.add(doc.digest)
-                misses.append(i)
-        loaded_by_digest: dict[str, State] = {}
-        stored = [i for i in misses if self._store is not None and docs[i].node_id]
-        # one call for all the misses: the files are read and verified in parallel
-        try:
-            found_by_index = dict(zip(stored, self._store.get_many([docs[i].node_id for i in stored], self._engine.fingerprint,
-                                                                   [docs[i].text for i in stored],
-                                                                   spec=self._engine.state_spec))) if stored else {}
-        except StoreUnavailableError as exc:  # a shared store that is down: the states are encoded from the text
-            logger.warning("state store unavailable, encoding %d states from their text: %s", len(stored), exc)
-            found_by_index, reasons["store unavailable"] = {}, len(stored)
-            stored = []
-        for i in misses:
-            doc = docs[i]
-            if i in found_by_index:
-                found = found_by_index[i]
-                if found.ok:
-                    state = found.state.to(self._engine.device, dtype=self._engine.model.dtype)
-                    self._cache.put(doc.digest, state)
-                    states[i], loaded = state, loaded + 1
-                    loaded_by_digest[doc.digest] = state
-                    continue
-                reasons[found.status.value] += 1
-                if found.status is not StoreStatus.MISSING:
-                    rejected.append({"node_id": doc.node_id, "status": found.status.value, "detail": found.detail})
-                log = logger.warning if found.status is StoreStatus.CORRUPT else logger.info
-                log("state of node %s is %s (%s): re-encoding it from the node text", doc.node_id, found.status.value, found.detail)
-            elif "store unavailable" not in reasons:
-                reasons["not stored" if self._store is None else "no node id"] += 1
-            to_encode.setdefault(doc.digest, []).append(i)
-        for i in repeats:  # as if read after its first occurrence: from memory, or encoded with it
-            if docs[i].digest in loaded_by_digest:
-                states[i], cached = loaded_by_digest[docs[i].digest], cached + 1
-            else:
-                to_encode.setdefault(docs[i].digest, []).append(i)
-        load_ms = (time.perf_counter() - start) * 1000
-        encode_start = time.perf_counter()
-        not_stored = 0
-        if to_encode:
-            first = {digest: docs[indices[0]] for digest, indices in to_encode.items()}
-            fresh = self._engine.encode([d.text for d in first.values()], batch_size=self.encode_batch_size)
-            for digest, state in zip(first, fresh):
-                self._cache.put(digest, state)
-                for i in to_encode[digest]:  # equal texts share one encoding, each node keeps its record
-                    states[i] = state
-                    if self._store is not None and docs[i].node_id:
-                        try:
-                            # write_back: a node deleted since it was retrieved stays deleted
-                            self._store.put(docs[i].node_id, state, text=docs[i].text, write_back=True)
-                        except (StoreNotWritableError, StoreUnavailableError) as exc:  # full, read-only or down:
-                            # the answer does not need the file
-                            not_stored += 1
-                            logger.warning("state of node %s not stored: %s", docs[i].node_id, exc)
-        stats = {"states_cached": cached, "states_loaded": loaded, "states_encoded": len(to_encode),
-                 "encode_reasons": dict(reasons), "states_rejected": rejected, "states_not_stored": not_stored,
-                 "load_ms": round(load_ms, 3),
-                 "encode_ms": round((time.perf_counter() - encode_start) * 1000, 3)}
-        return StateResolution(states, stats)  # type: ignore[arg-type]
+        return self._resolver.resolve(docs)
 
     def _prefix_state(self, text: str) -> State:
         """State of the template text before the documents; cached, since templates repeat."""
@@ -296,7 +229,7 @@ class PicasoLLM(CustomLLM):
             "method": method, "k": 0, "documents": [], "document_tokens": 0, "tokens_read": 0,
             "texts_read": [], "compose_ms": 0.0,
             "retrieval": plan.tickets[0].stats if len(plan.tickets) == 1 else {},
-            "late_states": {"loaded": 0, "encoded": 0, "not_stored": 0}, "read_as_text": dict(plan.read_as_text),
+            "late_states": {"loaded": 0, "encoded": 0, "queued_for_store": 0, "not_queued": 0}, "read_as_text": dict(plan.read_as_text),
         }
         state: State | None = None
         if plan.method is None or plan.method == CONCAT:
@@ -322,7 +255,8 @@ class PicasoLLM(CustomLLM):
                     late = stats["late_states"]
                     late["loaded"] += resolved.stats["states_loaded"]
                     late["encoded"] += resolved.stats["states_encoded"]
-                    late["not_stored"] += resolved.stats["states_not_stored"]
+                    late["queued_for_store"] += resolved.stats["write_back_queued"]
+                    late["not_queued"] += resolved.stats["write_back_not_queued"]
                     late.setdefault("rejected", []).extend(resolved.stats["states_rejected"])
                     compose_start = time.perf_counter()
                     state = engine.compose(resolved.states, method=plan.method, prefix=state, conv=plan.conv)

@@ -39,28 +39,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from picaso_rag import text_sha256
+from picaso_rag import DocumentRef  # noqa: F401 - re-exported: handoff tickets carry them
 
 _TOKEN_HEX = 32  # 128 random bits
 _MARKER = re.compile(r"<(/?)picaso:([0-9a-f]{%d}):(\d{1,6})>" % _TOKEN_HEX)
-
-
-@dataclass(frozen=True)
-class DocumentRef:
-    """One retrieved document: the exact text the LLM sees for it, its digest and node id."""
-
-    text: str
-    digest: str  # sha256 hex of text
-    node_id: str | None = None
-
-    @classmethod
-    def of(cls, text: str, node_id: str | None = None) -> "DocumentRef":
-        return cls(text, text_sha256(text), node_id)
-
-    @property
-    def key(self) -> str:
-        """The short key stored in node metadata and reported in responses."""
-        return self.digest[:16]
 
 
 @dataclass

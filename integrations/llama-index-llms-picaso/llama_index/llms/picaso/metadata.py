@@ -183,8 +183,12 @@ def summarize(calls: list[dict]) -> dict:
         "states_rejected": [r for t in tickets.values() for r in t.get("states_rejected", [])]
                            + [r for x in late for r in x.get("rejected", [])],
         "compose_ms": round(sum(c["compose_ms"] for c in calls), 3),
-        "states_not_stored": sum(t.get("states_not_stored", 0) for t in tickets.values())
-                             + sum(x.get("not_stored", 0) for x in late),
+        # states encoded for this answer: queued to be written to the store in the background (a failed
+        # write is logged and counted by llm.state_writer), or not queued (its bounded queue was full)
+        "states_queued_for_store": sum(t.get("write_back_queued", 0) for t in tickets.values())
+                                   + sum(x.get("queued_for_store", 0) for x in late),
+        "states_not_queued": sum(t.get("write_back_not_queued", 0) for t in tickets.values())
+                             + sum(x.get("not_queued", 0) for x in late),
         "documents_read_as_text": sum(sum(c.get("read_as_text", {}).values()) for c in calls),
         "llm_calls": len(calls),
         "calls": calls,
