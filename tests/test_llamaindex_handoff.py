@@ -8,7 +8,7 @@ import random
 from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from llama_index.llms.picaso.handoff import DocumentRef, Handoff, Ticket, _py_escaped, strip_markers
 from llama_index.llms.picaso.metadata import summarize
-from llama_index.llms.picaso.postprocessor import marked_node, original_node
+from llama_index.llms.picaso.nodes import marked_node, original_node
 
 DOCS = [DocumentRef.of(t, f"n{i}") for i, t in enumerate([
     "title: Eiffel\n\nThe Eiffel Tower was completed in 1889.",

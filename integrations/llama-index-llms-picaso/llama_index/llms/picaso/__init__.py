@@ -32,7 +32,8 @@ from .ingestion import (
     state_text,
 )
 from .metadata import METADATA_KEY as RESPONSE_METADATA_KEY
-from .postprocessor import PicasoNodePostprocessor, node_llm_text, original_node
+from .nodes import node_llm_text, original_node
+from .postprocessor import PicasoNodePostprocessor
 
 __all__ = [
     "CHROMA_MAX_BATCH",

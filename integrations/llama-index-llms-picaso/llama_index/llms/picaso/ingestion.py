@@ -30,7 +30,6 @@ from llama_index.core.schema import BaseNode, Document, TransformComponent
 from llama_index.core.vector_stores.types import (BasePydanticVectorStore, MetadataFilter, MetadataFilters,
                                                  VectorStoreQuery, VectorStoreQueryResult)
 from llama_index.vector_stores.chroma import ChromaVectorStore
-from llama_index.vector_stores.chroma.base import _to_chroma_filter
 from tqdm.auto import tqdm
 
 from picaso_rag import PicasoError, StateStore
@@ -38,7 +37,7 @@ from picaso_rag.engine import replace_lone_surrogates
 
 from .base import PicasoLLM
 from .handoff import DocumentRef
-from .postprocessor import node_llm_text
+from .nodes import node_llm_text
 
 logger = logging.getLogger("llama_index.llms.picaso")
 
@@ -129,9 +128,14 @@ def mark_node(node: BaseNode) -> None:
             keys.append(METADATA_KEY)
 
 
+def _chroma_collection(vector_store: BasePydanticVectorStore) -> Any:
+    """The Chroma collection behind a ChromaVectorStore (its public ``client``), else None."""
+    return vector_store.client if isinstance(vector_store, ChromaVectorStore) else None
+
+
 def add_batch_limit(vector_store: BasePydanticVectorStore) -> int:
     """Records one ``add`` may carry: Chroma's own limit (5,461 for the local client), else 2,048."""
-    collection = getattr(vector_store, "_collection", None)
+    collection = _chroma_collection(vector_store)
     client = getattr(collection, "_client", None)
     if client is not None and hasattr(client, "get_max_batch_size"):
         return min(CHROMA_MAX_BATCH, int(client.get_max_batch_size()))
@@ -197,23 +201,22 @@ class PicasoChromaVectorStore(ChromaVectorStore):
             return super().query(query, **kwargs)
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
-        node_ids = self._collection.get(where={"document_id": ref_doc_id}, include=[])["ids"]
+        node_ids = self.client.get(where={"document_id": ref_doc_id}, include=[])["ids"]
         super().delete(ref_doc_id, **delete_kwargs)
         # after the records: a crash in between leaves prunable states; tombstones stop racing queries' write-backs
         self.state_store.delete_many(node_ids, node_deleted=True)
 
     def delete_nodes(self, node_ids: Optional[List[str]] = None, filters: Optional[MetadataFilters] = None,
                      **delete_kwargs: Any) -> None:
-        if filters:
-            where = _to_chroma_filter(filters)
-            gone = self._collection.get(ids=node_ids or None, where=where, include=[])["ids"]
+        if filters:  # the ids the filters match, through the stock (public) read
+            gone = [node.node_id for node in self.get_nodes(node_ids=node_ids or None, filters=filters)]
         else:
             gone = list(node_ids or [])
         super().delete_nodes(node_ids=node_ids, filters=filters, **delete_kwargs)
         self.state_store.delete_many(gone, node_deleted=True)
 
     def clear(self) -> None:
-        gone = self._collection.get(include=[])["ids"]
+        gone = self.client.get(include=[])["ids"]
         super().clear()
         self.state_store.delete_many(gone, node_deleted=True)
 
@@ -254,7 +257,7 @@ def _ingested(vector_store: BasePydanticVectorStore, docs: list[Document]) -> tu
     """
     doc_ids = [d.node_id for d in docs]
     hashes = {d.node_id: d.hash for d in docs}
-    collection = getattr(vector_store, "_collection", None)
+    collection = _chroma_collection(vector_store)
     if collection is None or not hasattr(collection, "get"):
         raise PicasoError(f"ingest(resume=True) looks up what is already ingested through Chroma; with "
                           f"{type(vector_store).__name__} pass resume=False.")
@@ -355,7 +358,7 @@ def _valid_unicode(doc: Document) -> Document:
 
 
 def _ref_doc_node_ids(vector_store: BasePydanticVectorStore, ref_doc_id: str) -> list[str]:
-    collection = getattr(vector_store, "_collection", None)
+    collection = _chroma_collection(vector_store)
     if collection is not None and hasattr(collection, "get"):  # Chroma: ids only, no payload
         return list(collection.get(where={"document_id": ref_doc_id}, include=[])["ids"])
     try:
@@ -385,7 +388,7 @@ def delete_nodes(index: Any, node_ids: Iterable[str], state_store: StateStore, *
 
 def prune_states(vector_store: BasePydanticVectorStore, state_store: StateStore) -> int:
     """Delete states whose node is no longer in the vector store (e.g. after stock deletions)."""
-    collection = getattr(vector_store, "_collection", None)
+    collection = _chroma_collection(vector_store)
     if collection is None or not hasattr(collection, "get"):
         raise PicasoError("prune_states lists ids through Chroma; for another store call "
                           "state_store.prune(<ids still in the index>).")

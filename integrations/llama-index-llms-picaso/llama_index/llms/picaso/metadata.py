@@ -33,6 +33,8 @@ from llama_index.core.chat_engine.types import BaseChatEngine
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
 
+from .nodes import original_node
+
 METADATA_KEY = "picaso"
 
 _SPANS = (
@@ -122,8 +124,6 @@ def _condense_prefix(engine: Any) -> str:
 
 def _unwrap_sources(result: Any) -> None:
     """``source_nodes`` are the real nodes, not the postprocessor's marked copies."""
-    from .postprocessor import original_node  # the postprocessor imports this module
-
     for scored in getattr(result, "source_nodes", None) or []:
         node = getattr(scored, "node", None)
         if node is not None:
