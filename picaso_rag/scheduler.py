@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -673,8 +673,3 @@ class Scheduler:
 
 
 HybridScheduler = Scheduler  # deprecated alias (one release): Scheduler batches every model
-
-
-def tokens_of(engine: PicasoEngine, prompts: Sequence[Tokens]) -> list[list[int]]:
-    """Token ids of several prompts (a helper for benchmarks)."""
-    return [engine.tokenize(p) for p in prompts]

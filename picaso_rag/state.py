@@ -238,8 +238,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def state_spec_of(cfg: Any, max_tokens: int = 1 << 17) -> StateSpec:
-    """Deprecated alias of :meth:`StateSpec.of_config`. Usage: ``state_spec_of(engine.model.cfg)``."""
-    return StateSpec.of_config(cfg, max_tokens)
