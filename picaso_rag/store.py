@@ -68,7 +68,6 @@ from .state_file import (  # noqa: F401 - re-exported: picaso_rag.store is where
     STATE_FILE,
     StateHeader,
     _checksum,
-    _DTYPES,
     _FdReader,
     _O_CREATE,
     _O_READ,
@@ -164,10 +163,10 @@ class _StripeLock:
 class StateStore:
     """Document states on disk, keyed by node id and model fingerprint (see the module docstring).
 
-    ``dtype``: cast ssm/conv to this dtype when writing (e.g. ``torch.bfloat16`` halves fp32 files);
-    log_decay always stays fp32. ``precision``: "fp32", "bf16" or "fp8" (e4m3 with a per-head scale,
-    a quarter of fp32; see picaso_rag.precision and docs/scaling.md), instead of ``dtype``; default
-    None: the state's own dtype (exact round trips). ``lock_timeout``: seconds to wait for another writer of the same node.
+    ``precision``: how states are written, "fp32", "bf16" (half of fp32) or "fp8" (e4m3 with a
+    per-head scale, a quarter; see picaso_rag.precision and docs/scaling.md); log_decay always stays
+    fp32; default None: the state's own dtype (exact round trips). ``dtype``: the older spelling
+    (``torch.bfloat16`` is ``precision="bf16"``, ``torch.float32`` is ``"fp32"``). ``lock_timeout``: seconds to wait for another writer of the same node.
     ``mac``: False (checksum only: fine for a store that only you can write, or shared read-only),
     True (HMAC-SHA256 with a secret in ``<directory>.mac-key``, created 0600 on first use) or the
     path of a key file; with a key, a file not written with it is CORRUPT. ``max_state_bytes``:
@@ -190,14 +189,16 @@ class StateStore:
         self.directory = Path(directory).expanduser()
         if self.directory.exists() and not self.directory.is_dir():
             raise PicasoError(f"{self.directory} exists and is not a directory; pass a directory for the state store.")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values()):
-            raise PicasoError(f"storage dtype must be a floating-point dtype (e.g. torch.bfloat16, float16, float32), got {dtype}.")
+        if dtype is not None:  # the older spelling of precision: one way to say it from here on
+            if precision is not None:
+                raise PicasoError("give StateStore a precision ('fp32', 'bf16', 'fp8') or a dtype, not both.")
+            precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)  # type: ignore[call-overload]
+            if precision is None:
+                raise PicasoError(f"storage dtype {dtype} is not a state precision; pass precision='bf16' (torch.bfloat16), "
+                                  "'fp8' or 'fp32' (torch.float32).")
         if type(max_state_bytes) is not int or max_state_bytes < 1:
             raise PicasoError(f"max_state_bytes must be a positive int, got {max_state_bytes!r}.")
-        if precision is not None and dtype is not None:
-            raise PicasoError("give StateStore a precision ('fp32', 'bf16', 'fp8') or a dtype, not both.")
         self.precision = check_precision(precision) if precision is not None else None
-        self.dtype = dtype
         self.lock_timeout = lock_timeout
         self.max_state_bytes = max_state_bytes
         self._root = self.directory / _LAYOUT
@@ -312,7 +313,7 @@ class StateStore:
         symlinked directory below the store's directory.
         """
         path = self.path(node_id, state.fingerprint)
-        payload = encode_state_file(state, node_id, text=text, dtype=self.dtype, mac_key=self._mac_key, precision=self.precision)
+        payload = encode_state_file(state, node_id, text=text, mac_key=self._mac_key, precision=self.precision)
         check_storable(state, payload, spec, self.max_state_bytes)
         key = self._key(node_id)
         with self._writable():

@@ -229,8 +229,9 @@ def test_bad_input_names_the_fix(tmp_path, engine, states):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PicasoError, match="not a directory"):
         StateStore(tmp_path / "file")
-    with pytest.raises(PicasoError, match="floating-point"):
+    with pytest.raises(PicasoError, match="not a state precision.*precision='bf16'"):
         StateStore(tmp_path / "x", dtype=torch.int8)
+    assert StateStore(tmp_path / "y", dtype=torch.bfloat16).precision == "bf16"  # the older spelling: one meaning
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
