@@ -1,5 +1,7 @@
-"""``picaso-rag serve``: the OpenAI-compatible server over an index built with the integration.
+"""``picaso-rag ingest`` and ``picaso-rag serve``: your files into an index, and the OpenAI-compatible server over it.
 
+    picaso-rag ingest ~/notes --chroma-path ./picaso_db/chroma --collection notes --states ./picaso_db/states \
+        --model models/picaso-mini
     picaso-rag serve --chroma-path ./picaso_db/chroma --collection picaso_quickstart \\
         --states ./picaso_db/states --model models/picaso-mini [--port 8000] [--api-key-file FILE]
     picaso-rag serve --chroma-host localhost --chroma-port 8001 --collection docs --states ... --model ...
@@ -62,6 +64,9 @@ def build_pipeline(engine: Any, state_stores: Any, collection: Any, embed_model:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picaso-rag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    from .ingest import add_parser as add_ingest
+
+    add_ingest(sub)
     s = sub.add_parser("serve", help="serve an index over the OpenAI API")
     where = s.add_argument_group("the index")
     where.add_argument("--chroma-path", help="directory of a Chroma PersistentClient")
@@ -108,6 +113,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.command == "ingest":
+        from . import ingest
+
+        ingest.check(args)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ingest.run(args)
+        return
     if (args.chroma_path is None) == (args.chroma_host is None):
         sys.exit("picaso-rag serve: give --chroma-path DIR or --chroma-host HOST (one of the two).")
     api_key = os.environ.get("PICASO_API_KEY") or None
@@ -134,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         collection = client.get_collection(args.collection)
     except Exception as exc:  # chromadb raises NotFoundError / ValueError depending on the version
-        sys.exit(f"picaso-rag serve: no collection {args.collection!r} there ({exc}); ingest first (examples/quickstart.py).")
+        sys.exit(f"picaso-rag serve: no collection {args.collection!r} there ({exc}); ingest first: picaso-rag ingest PATH... "
+                 f"--collection {args.collection} --states {args.states} --model {args.model} (and where Chroma is).")
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     settings = ServerSettings(model_name=name, method=args.method, top_k=args.top_k, max_batch=args.max_batch,
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
