@@ -77,6 +77,21 @@ def test_the_prompt_is_llamaindexs_qa_template():
     assert ours == DEFAULT_TEXT_QA_PROMPT_TMPL
 
 
+def test_a_chat_reply_starts_with_its_text_not_the_blank_lines_after_the_template(world, client):
+    """After the template's "Answer:" the shipped model writes whitespace first; a chat front end would
+    show blank lines. The reply (plain and streamed) starts at the first visible character."""
+    engine, rag = world["engine"], world["rag"]
+    question = "Who was Ada Lovelace?"
+    from picaso_server.protocol import ChatCompletionRequest
+
+    prepared = rag.prepare_chat(ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": question}]))
+    raw = engine.generate(prepared.prompt_ids, state=prepared.state, max_new_tokens=10).text
+    assert raw != raw.lstrip()  # what the model writes (the case this test is about)
+    plain = ask(client, question, max_tokens=10).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, question, max_tokens=10, stream=True) if c.choices)
+    assert plain == streamed == raw.lstrip() and plain
+
+
 def test_models_and_health(world, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = httpx.get(world["url"] + "/health/details").json()
@@ -147,7 +162,8 @@ def test_documents_by_id_and_by_text(client, world):
     engine, rag = world["engine"], world["rag"]
     state = engine.compose(engine.encode([secret]), prefix=rag.prefix_state)
     tail = rag._chat_tail(_messages("What is the vault code?"))
-    assert by_text.choices[0].message.content == engine.generate(tail, state=state, max_new_tokens=8).text
+    raw = engine.generate(tail, state=state, max_new_tokens=8).text
+    assert by_text.choices[0].message.content == raw.lstrip()  # the chat reply starts at its first visible character
     hits = rag.resolver.cache.stats().device_hits
     again = ask(client, "What is the vault code?", max_tokens=8, extra_body={"documents": [{"text": secret}]})
     assert rag.resolver.cache.stats().device_hits > hits  # encoded once, then cached

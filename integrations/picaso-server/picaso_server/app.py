@@ -304,7 +304,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         if chat:
             response = ChatCompletion(id=ident, created=created, model=settings.model_name, object="chat.completion",
                                       choices=[Choice(index=0, finish_reason=FINISH[result.finish_reason],
-                                                      message=ChatCompletionMessage(role="assistant", content=result.text))],
+                                                      message=ChatCompletionMessage(role="assistant", content=reply(result.text)))],
                                       usage=usage)
         else:
             response = Completion(id=ident, created=created, model=settings.model_name, object="text_completion",
@@ -333,10 +333,16 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
+            started = not chat  # a chat reply starts at its first visible character, as reply() cuts it
             while True:
                 piece = await events.get()
                 if piece is None:
                     break
+                if not started:
+                    piece = reply(piece)
+                    if not piece:
+                        continue
+                    started = True
                 yield chunk({"content": piece}) if chat else chunk(text=piece)
             result = job.result
             if job.error is not None:
@@ -354,6 +360,12 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
             job.cancel()  # a no-op once finished; frees the row when the client went away
 
     return app
+
+
+def reply(text: str) -> str:
+    """A chat reply without the whitespace the model writes after the template's "Answer:" (a chat
+    front end would show it as blank lines). Completions keep their text as generated."""
+    return text.lstrip()
 
 
 def extension(prepared: Prepared, job: GenRequest) -> dict:
