@@ -62,6 +62,24 @@ class Generation:
     finish_reason: str  # "stop", "eos" or "length"
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has, or a PicasoError naming the fix (not torch's AssertionError)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PicasoError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:0'.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PicasoError(f"device={device!r} but this machine has no usable CUDA GPU (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device='cpu'.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise PicasoError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PicasoError(f"device={device!r} but MPS is not available here; use device='cpu'.")
+    return parsed
+
+
 class PicasoEngine:
     """A model (any family: pure Mamba-2 or hybrid) with its tokenizer and fingerprint, working in states.
 
@@ -115,6 +133,7 @@ class PicasoEngine:
         cuda_graphs: bool = True,
     ) -> "PicasoEngine":
         """Load from a local checkpoint directory or a hub id (see :func:`load_checkpoint`)."""
+        check_device(device)
         model, tok = load_checkpoint(name_or_path, device=device, dtype=dtype, tokenizer=tokenizer)
         return cls(model, tok, cuda_graphs=cuda_graphs)
 

@@ -75,3 +75,15 @@ def test_state_of_a_model_with_other_shapes(engine, tokenizer):
     wider = make_engine(tokenizer, d_model=128)
     with pytest.raises(StateMismatchError):
         engine.read("x", state=wider.encode(["y"])[0])
+
+
+def test_a_device_this_machine_lacks_is_named_with_the_fix(tmp_path):
+    import torch
+
+    from picaso_rag.engine import check_device
+
+    with pytest.raises(PicasoError, match="not a torch device"):
+        check_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(PicasoError, match="no usable CUDA GPU.*device='cpu'"):
+            PicasoEngine.from_pretrained(tmp_path, device="cuda")  # refused before anything is read

@@ -89,3 +89,17 @@ def test_ingest_names_the_fix_for_bad_arguments(setup, tmp_path):
     args = parser().parse_args(["ingest", str(folder), "--collection", "c", "--states", "s", "--model", str(model)])
     with pytest.raises(SystemExit, match="--chroma-path DIR or --chroma-host"):
         ingest_cli.check(args)
+
+
+def test_serve_refuses_an_index_whose_states_are_another_models(setup, tokenizer):
+    from picaso_server.cli import states_problem
+
+    folder, db, model, ingest = setup
+    ingest()
+    collection = chromadb.PersistentClient(path=str(db / "chroma")).get_collection("notes")
+    args = parser().parse_args(["serve", "--chroma-path", str(db / "chroma"), "--collection", "notes",
+                                "--states", str(db / "states"), "--model", str(model)])
+    store = StateStore(db / "states")
+    assert states_problem(collection, store, PicasoEngine.from_pretrained(model), args) is None
+    problem = states_problem(collection, store, sensitive_engine(tokenizer, seed=7), args)
+    assert problem and "another model" in problem and "--reencode" in problem and "picaso-rag ingest" in problem

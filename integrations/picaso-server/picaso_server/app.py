@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -44,6 +45,7 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, valida
 from .rag import Prepared, RagPipeline, ServerSettings
 
 DISCONNECT_CHECK_S = 0.25  # a non-streamed request's client is checked this often (streams see it at their next write)
+access_log = logging.getLogger("picaso_server.access")  # one line per answered request (serve --log-level info)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
@@ -241,6 +243,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {settings.max_tokens_limit}: "
                                 "lower it.", "max_tokens")
+        started = time.perf_counter()
         server.admit()
         loop = asyncio.get_running_loop()
         try:
@@ -255,8 +258,8 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
                 loop.call_soon_threadsafe(events.put_nowait, piece)
 
             job = scheduler.submit(prepared.prompt_ids, prepared.state, on_event=on_event, max_new_tokens=max_tokens,
-                                   temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=body.stops,
-                                   seed=body.seed)
+                                   temperature=body.temperature or 0.0, top_p=body.top_p or 1.0,
+                                   stop=body.stops or list(settings.default_stop), seed=body.seed)
         except QueueFullError as exc:
             server.release()
             raise APIError(503, f"{exc}", code="queue_full", headers={"retry-after": "1"}) from exc
@@ -275,7 +278,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(job, events, prepared, ident, created, chat, include_usage),
+            return StreamingResponse(stream(job, events, prepared, ident, created, chat, include_usage, started),
                                      media_type="text/event-stream", headers={"cache-control": "no-cache"})
         try:
             checked = time.monotonic()
@@ -299,6 +302,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
             raise APIError(500, f"generation failed: {job.error}")
         result = job.result
         figures = extension(prepared, job)
+        log_request(chat, False, prepared, job, started)
         usage = CompletionUsage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids),
                                 total_tokens=len(prepared.prompt_ids) + len(result.token_ids))
         if chat:
@@ -313,7 +317,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         return {**response.model_dump(exclude_none=True), "picaso": figures}
 
     async def stream(job: GenRequest, events: asyncio.Queue, prepared: Prepared, ident: str, created: int, chat: bool,
-                     include_usage: bool) -> AsyncIterator[str]:
+                     include_usage: bool, started: float) -> AsyncIterator[str]:
         def chunk(delta: dict | None = None, finish: str | None = None, text: str | None = None, **extra) -> str:
             if chat:
                 payload = ChatCompletionChunk(id=ident, created=created, model=settings.model_name, object="chat.completion.chunk",
@@ -349,6 +353,7 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
                 yield f"data: {json.dumps(APIError(500, f'generation failed: {job.error}').body())}\n\n"
                 return
             finish = FINISH[result.finish_reason]
+            log_request(chat, True, prepared, job, started)
             yield (chunk({}, finish=finish, picaso=extension(prepared, job)) if chat
                    else chunk(text="", finish=finish, picaso=extension(prepared, job)))
             if include_usage:
@@ -360,6 +365,15 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
             job.cancel()  # a no-op once finished; frees the row when the client went away
 
     return app
+
+
+def log_request(chat: bool, streamed: bool, prepared: Prepared, job: GenRequest, started: float) -> None:
+    """One access-log line per answered request: route, sizes and time, never its text or sources."""
+    result = job.result
+    access_log.info("%s%s k=%d prompt_tokens=%d completion_tokens=%d finish=%s ms=%.0f",
+                    "chat" if chat else "completion", " stream" if streamed else "", prepared.figures.get("k", 0),
+                    len(prepared.prompt_ids), len(result.token_ids), FINISH[result.finish_reason],
+                    (time.perf_counter() - started) * 1000)
 
 
 def reply(text: str) -> str:

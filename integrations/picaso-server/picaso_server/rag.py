@@ -59,6 +59,7 @@ class ServerSettings:
     top_k: int = 3
     max_top_k: int = 32
     default_max_tokens: int = 128
+    default_stop: tuple[str, ...] = ()  # stop strings of a request that sends none
     max_tokens_limit: int = 1024
     history_tokens: int = 1024  # tokens of system + history + question read per request, oldest turns dropped
     max_documents: int = 32  # documents per request (extra_body documents)

@@ -116,7 +116,6 @@ class PicasoLLM(CustomLLM):
                 raise PicasoError("PicasoLLM needs a model: pass model='<checkpoint dir or hub id>' or engine=PicasoEngine(...).")
             if self.dtype is not None and self.dtype not in _DTYPES:
                 raise PicasoError(f"unknown dtype {self.dtype!r}; use one of {', '.join(_DTYPES)}.")
-            _check_device(self.device)
             engine = PicasoEngine.from_pretrained(model, device=self.device, dtype=_DTYPES.get(self.dtype or ""),
                                                   tokenizer=self.tokenizer)
         elif not isinstance(engine, PicasoEngine):
@@ -381,23 +380,6 @@ def _check_keywords(cls: type, kwargs: dict) -> None:
         hint = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, sorted(known), n=1)), None)
         raise PicasoError(f"PicasoLLM got an unknown argument {key!r}" + (f"; did you mean {hint!r}?" if hint else
                           f"; known arguments: model, engine, state_store, {', '.join(sorted(cls.model_fields))}."))
-
-
-def _check_device(device: str) -> None:
-    """A device this machine has, or an error naming the fix (instead of torch's AssertionError)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise PicasoError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda' or 'cuda:0'.") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PicasoError(f"device={device!r} but this machine has no usable CUDA GPU (torch "
-                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device='cpu'.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise PicasoError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
-    elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise PicasoError(f"device={device!r} but MPS is not available here; use device='cpu'.")
 
 
 async def _aiter_in_thread(it: Iterator[str]) -> AsyncIterator[str]:
