@@ -271,3 +271,30 @@ def test_picaso_options_method_and_top_k(client):
     assert figures["tokens_read"] == concat.usage.prompt_tokens > figures["document_tokens"] > 0  # the documents are read
     none = ask(client, "Who deciphered Egyptian hieroglyphs?", max_tokens=4, extra_body={"picaso": {"top_k": 0}})
     assert none.model_extra["picaso"]["k"] == 0 and none.model_extra["picaso"]["sources"] == []
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format 'json_object'"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, "json_schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "tool_choice": "required"},
+     "tool_choice 'required'"),
+])
+def test_fields_the_server_cannot_honour_are_refused_by_name(client, fields, named):
+    """Refused with a 400 that names the field, not answered as if it had been met (LangChain's structured
+    output would otherwise fail later, on a reply that was never JSON)."""
+    with pytest.raises(openai.BadRequestError, match=named):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who was Ada Lovelace?"}],
+                                       max_tokens=4, **fields)
+
+
+def test_an_image_part_is_refused_by_name_and_ignorable_fields_are_ignored(client):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError, match="'image_url' part: this server reads text only"):
+        client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    answered = client.chat.completions.create(  # optional tools, penalties, text format: answered in text
+        model=MODEL, max_tokens=4, presence_penalty=0.5, response_format={"type": "text"}, tool_choice="auto",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Who was Ada Lovelace?"}]}])
+    assert answered.choices[0].message.content is not None

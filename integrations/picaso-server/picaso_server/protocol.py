@@ -1,7 +1,11 @@
 """Request bodies of the OpenAI API subset the server speaks, and OpenAI-format errors.
 
-Unknown fields OpenAI clients send (``presence_penalty``, ``logprobs``...) are ignored; fields the
-server does implement are validated, and a wrong value is a 400 whose message names the fix.
+Fields the server does implement are validated, and a wrong value is a 400 whose message names the
+fix. Fields whose request it cannot honour are a 400 naming them, never silently dropped: ``logprobs``
+/ ``top_logprobs``, ``response_format`` of type ``json_object`` or ``json_schema``, ``tools`` with a
+``tool_choice`` that requires a call, and non-text message parts (images, audio). Other unknown fields
+(``presence_penalty``, ``frequency_penalty``, ``tools`` the model may leave unused...) are ignored:
+the answer is plain text.
 The two extension fields (``documents``, ``picaso``) come from the client's ``extra_body``.
 """
 
@@ -41,16 +45,21 @@ def _utf8(text: str | None, name: str) -> None:
             raise ValueError(f"{name} contains a lone surrogate (invalid UTF-16 escape); send valid Unicode text") from None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[dict] | None = None  # a string, or OpenAI's parts: {"type": "text", "text": ...}
+
+    @model_validator(mode="after")
+    def _text_parts_only(self) -> "Message":
+        for part in self.content if isinstance(self.content, list) else ():
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"a {kind!r} part: this server reads text only; send the message as text parts "
+                                 "(or a string)")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part needs its text (a string)")
+        return self
 
     @property
     def text(self) -> str:
@@ -58,7 +67,7 @@ class Message(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part["text"] for part in self.content)
 
 
 class DocumentSpec(BaseModel):
@@ -103,6 +112,12 @@ class _Common(BaseModel):
     user: str | None = None
     documents: list[DocumentSpec] | None = None
     picaso: PicasoOptions | None = None
+    # asked for, they cannot be honoured (see the module docstring): a 400, not a silent answer without them
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> "_Common":
@@ -116,6 +131,15 @@ class _Common(BaseModel):
         for i, d in enumerate(self.documents or []):
             _utf8(d.text, f"documents[{i}].text")
             _utf8(d.id, f"documents[{i}].id")
+        if self.logprobs not in (None, False, 0) or self.top_logprobs:
+            raise ValueError("logprobs are not returned by this server; drop logprobs/top_logprobs")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format {kind!r} cannot be guaranteed by this server (it answers in plain "
+                             "text); drop response_format, or ask for the format in the message")
+        if self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict)):
+            raise ValueError("this server does not call tools (its answers are plain text), so tool_choice "
+                             f"{self.tool_choice!r} cannot be met; send tool_choice 'auto' or 'none', or no tools")
         return self
 
     @property
