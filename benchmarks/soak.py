@@ -315,7 +315,8 @@ def run(args: argparse.Namespace, db: Path) -> dict:
     record = {
         "clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup, "max_tokens": args.max_tokens,
         "kinds_per_ten": dict(Counter(KINDS)), "model": os.path.relpath(args.model, REPO),
-        "server": " ".join(shlex.quote(c) for c in command[1:] if not c.startswith(str(db))),
+        # repository-relative, without the temporary database: the record names no path of this machine
+        "server": " ".join(shlex.quote(c.replace(str(REPO) + os.sep, "")) for c in command[1:] if not c.startswith(str(db))),
         "server_env": server_env, "state_cache_bytes": args.state_cache_bytes,
         "load_start_s": round(load_start, 2), "load_end_s": round(load_end, 2), "setup_s": round(setup_s, 1),
         "requests_done": dict(counts), "requests_total": sum(counts.values()),
@@ -356,15 +357,19 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--clients must be >= 1 and --duration longer than --warmup")
     if any("=" not in kv for kv in args.server_env):
         parser.error("--server-env takes KEY=VALUE")
+    try:  # the code the server starts with (read now: the checkout may move on during a long soak)
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
+        git += " (with uncommitted changes)" if dirty else ""
+    except OSError:
+        git = None
     with tempfile.TemporaryDirectory() as scratch:
         record = run(args, args.db or Path(scratch) / "db")
     record["command"] = " ".join(["python benchmarks/soak.py", shlex.join(argv if argv is not None else sys.argv[1:])]).strip()
     record["date"] = time.strftime("%Y-%m-%d")
-    try:
-        record["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True).stdout.strip()
-    except OSError:
-        pass
+    if git:
+        record["git"] = git
     v = record["verdict"]
     print(f"{record['requests_total']} requests ({record['requests_per_s']}/s), errors {record['errors']}; RSS "
           f"{v['rss_mb_before_load']} MB idle, {v['rss_mb_at_cut']} at the cut -> {v['rss_mb_at_end']} at the end "

@@ -322,3 +322,24 @@ def test_a_victims_longest_gap_is_bounded_under_long_stop_strings(gapped):
     assert all(a.choices[0].finish_reason in ("length", "stop") for a in answers), answers
     assert isinstance(refused, openai.BadRequestError) and "256 characters" in str(refused)
     _check_victim(gapped, run, "four attackers with 4 x 256-character stop strings")
+
+
+def test_cors_for_the_allowed_origins_only_and_the_key_still_required(world):  # noqa: F811
+    """--allowed-origins: a browser front end's preflight (no key) is answered; the API call itself
+    still needs the key; an origin not listed gets no CORS headers."""
+    settings = ServerSettings(model_name=MODEL, api_key=KEY, allowed_origins=("http://localhost:3000",))
+    scheduler = Scheduler(world["engine"], max_batch=2)
+    with ServerThread(create_app(world["rag"], settings, scheduler=scheduler)) as url:
+        preflight = {"origin": "http://localhost:3000", "access-control-request-method": "POST",
+                     "access-control-request-headers": "authorization, content-type"}
+        ok = httpx.options(url + "/v1/chat/completions", headers=preflight)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.options(url + "/v1/chat/completions", headers={**preflight, "origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Who was Ada Lovelace?"}], "max_tokens": 2}
+        denied = httpx.post(url + "/v1/chat/completions", json=body, headers={"origin": "http://localhost:3000"})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://localhost:3000"
+        answered = httpx.post(url + "/v1/chat/completions", json=body, timeout=60,
+                              headers={"origin": "http://localhost:3000", "authorization": f"Bearer {KEY}"})
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "http://localhost:3000"
+    scheduler.close()

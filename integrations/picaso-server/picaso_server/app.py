@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
@@ -169,7 +170,10 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
     app = FastAPI(title="picaso-rag", lifespan=lifespan, **docs)
     app.state.server = server
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(KeyCheck, api_key=settings.api_key)  # added last: runs first, before the body limit and parsing
+    app.add_middleware(KeyCheck, api_key=settings.api_key)  # runs before the body limit and parsing
+    if settings.allowed_origins:  # outermost: a browser's preflight carries no key, and a 401 needs the CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600)
 
     # ---------------------------------------------------------------------------- errors
     @app.exception_handler(APIError)

@@ -108,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
                                           "$PICASO_API_KEY; neither: no key). Not on the command line: others see it")
     s.add_argument("--state-key-file", help="the store's MAC key (StateStore mac=...): states not written with it are "
                                             "refused as corrupt, so a state planted in the store is never used")
+    s.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="browser front ends that may call the API (CORS), e.g. http://localhost:3000; default: none")
     s.add_argument("--no-adhoc-documents", action="store_true",
                    help="refuse ad hoc document texts in requests (extra_body documents [{'text': ...}]): only the index's")
     d = ServerSettings()
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                               allow_adhoc_documents=not args.no_adhoc_documents, max_adhoc_tokens=args.max_adhoc_tokens,
                               prefill_chunk_tokens=args.prefill_chunk_tokens, max_read_tokens=args.max_read_tokens,
                               state_cache_bytes=args.state_cache_bytes, default_max_tokens=args.default_max_tokens,
-                              default_stop=tuple(args.stop))
+                              default_stop=tuple(args.stop), allowed_origins=tuple(args.allowed_origins))
     try:
         store = StateStore(args.states, mac=args.state_key_file or False)
     except Exception as exc:  # a missing, world-readable or malformed key file: the error names the fix

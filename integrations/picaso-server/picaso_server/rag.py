@@ -87,6 +87,7 @@ class ServerSettings:
     # write-backs of states encoded for answers wait here (in the background; more: not written, encoded again)
     write_back_max_pending: int = 64
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()  # browser front ends allowed to call the API (CORS); none: no CORS headers
     conv: str = "mean"
     extra: dict = field(default_factory=dict)
 
