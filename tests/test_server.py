@@ -298,3 +298,16 @@ def test_an_image_part_is_refused_by_name_and_ignorable_fields_are_ignored(clien
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "Who was Ada Lovelace?"}]}])
     assert answered.choices[0].message.content is not None
+
+
+def test_a_front_ends_background_task_skips_retrieval_and_is_short(world, client):
+    """Open WebUI's title and tag requests carry metadata.task; any client can send picaso.task: no
+    retrieval for them, and 32 tokens unless the request says otherwise."""
+    title = "### Task:\nGenerate a concise, 3-5 word title for the chat.\n### Chat History:\nuser: Who was Ada Lovelace?"
+    for extra in ({"metadata": {"task": "title_generation"}}, {"picaso": {"task": True}}):
+        done = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": title}], extra_body=extra)
+        picaso = done.model_extra["picaso"]
+        assert picaso["k"] == 0 and picaso["sources"] == [] and picaso["retrieval_query"] is None
+        assert done.usage.completion_tokens <= world["rag"].settings.task_max_tokens == 32
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": title}], max_tokens=4)
+    assert plain.model_extra["picaso"]["k"] == 3  # the same text without the mark is a question: retrieved for

@@ -243,7 +243,8 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
 
     # ---------------------------------------------------------------------------- the work
     async def respond(body: ChatCompletionRequest | CompletionRequest, request: Request, chat: bool):
-        max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens or settings.default_max_tokens)
+        max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
+                      or (settings.task_max_tokens if body.is_task else settings.default_max_tokens))
         if max_tokens > settings.max_tokens_limit:
             raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {settings.max_tokens_limit}: "
                                 "lower it.", "max_tokens")

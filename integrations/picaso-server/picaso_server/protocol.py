@@ -90,6 +90,7 @@ class PicasoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal[METHODS] | None = None  # type: ignore[valid-type]
     top_k: int | None = Field(default=None, ge=0, strict=True)  # 0: no retrieval
+    task: bool | None = Field(default=None, strict=True)  # a front end's background task: see _Common.is_task
 
 
 class StreamOptions(BaseModel):
@@ -118,6 +119,7 @@ class _Common(BaseModel):
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
+    metadata: dict | None = None  # Open WebUI marks its background tasks with metadata.task (title, tags...)
 
     @model_validator(mode="after")
     def _checks(self) -> "_Common":
@@ -141,6 +143,13 @@ class _Common(BaseModel):
             raise ValueError("this server does not call tools (its answers are plain text), so tool_choice "
                              f"{self.tool_choice!r} cannot be met; send tool_choice 'auto' or 'none', or no tools")
         return self
+
+    @property
+    def is_task(self) -> bool:
+        """A front end's background task (a title, tags, follow-up suggestions), not a question about the
+        documents: ``metadata.task`` (Open WebUI) or ``picaso.task: true`` (any client). Answered
+        without retrieval, with a short default budget."""
+        return bool((self.metadata or {}).get("task")) or bool(self.picaso and self.picaso.task)
 
     @property
     def stops(self) -> list[str]:

@@ -59,6 +59,7 @@ class ServerSettings:
     top_k: int = 3
     max_top_k: int = 32
     default_max_tokens: int = 128
+    task_max_tokens: int = 32  # default budget of a front end's background task (a title, tags)
     default_stop: tuple[str, ...] = ()  # stop strings of a request that sends none
     max_tokens_limit: int = 1024
     history_tokens: int = 1024  # tokens of system + history + question read per request, oldest turns dropped
@@ -162,6 +163,8 @@ class RagPipeline:
         options = request.picaso
         method = (options.method if options and options.method else settings.method)
         top_k = options.top_k if options and options.top_k is not None else settings.top_k
+        if request.is_task:  # a title or tags of the conversation: nothing to retrieve for it
+            top_k = 0
         if top_k > settings.max_top_k:
             raise APIError(400, f"picaso.top_k is {top_k}; the server retrieves at most {settings.max_top_k}: lower it.",
                            "picaso.top_k")
