@@ -8,7 +8,7 @@ It ingests the corpus on first use (as the quickstart does), then serves it exac
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    reply = client.chat.completions.create(model="picaso", messages=[{"role": "user", "content": "Who was Ada Lovelace?"}])
+    reply = client.chat.completions.create(model="picaso-mini", messages=[{"role": "user", "content": "Who was Ada Lovelace?"}])
     print(reply.choices[0].message.content, reply.model_extra["picaso"]["sources"])
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rag_demo import load_embed_model, load_engine, open_index, open_state_store  # noqa: E402
+from rag_demo import TRAINED_MODEL, load_embed_model, load_engine, open_index, open_state_store  # noqa: E402
 
 from llama_index.llms.picaso import PicasoLLM  # noqa: E402
 from picaso_server import RagPipeline, ServerSettings, create_app as server_app  # noqa: E402
@@ -31,7 +31,10 @@ def create_app(model: str | None = None, db: str | Path = "picaso_db", device: s
     engine, description = load_engine(model, device=device)
     llm = PicasoLLM(engine=engine, state_store=open_state_store(db))
     index, _ = open_index(db, llm, load_embed_model(), show_progress=False)
-    settings = ServerSettings(**{"model_name": "picaso", **settings})
+    # the model id clients send: the checkpoint's directory name, as `picaso-rag serve` names it
+    trained = model not in (None, "random") or (model is None and (TRAINED_MODEL / "config.json").is_file())
+    name = Path(model or TRAINED_MODEL).name if trained else "picaso-random"
+    settings = ServerSettings(**{"model_name": name, **settings})
     app = server_app(RagPipeline(engine, index, index.vector_store, settings, state_stores=[llm.state_store]), settings)
     app.description = description
     return app
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     app = create_app(args.model, db=args.db, device=args.device)
-    print(app.description, f"\nOpenAI API on http://{args.host}:{args.port}/v1 (model 'picaso')", flush=True)
+    print(app.description, f"\nOpenAI API on http://{args.host}:{args.port}/v1 (model {app.state.server.settings.model_name!r})",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=512, timeout_keep_alive=5, log_level="warning")
 
 

@@ -67,12 +67,12 @@ def chat_server(tmp_path_factory):
 def test_chat_server_health(chat_server):
     health = chat_server.get("/health/details").json()
     assert health["status"] == "ok" and health["method"] == "picaso-s" and len(health["fingerprint"]) == 16
-    assert chat_server.get("/v1/models").json()["data"][0]["id"] == "picaso"
+    assert chat_server.get("/v1/models").json()["data"][0]["id"] == "picaso-mini"  # as serve names models/picaso-mini
 
 
 def test_chat_server_answers_over_the_openai_api(chat_server):
     """The example is the OpenAI-compatible server over the corpus (tests/test_server.py tests the server)."""
-    body = {"model": "picaso", "messages": [{"role": "user", "content": "Who was Ada Lovelace?"}]}
+    body = {"model": "picaso-mini", "messages": [{"role": "user", "content": "Who was Ada Lovelace?"}]}
     reply = chat_server.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200
     answer = reply.json()
