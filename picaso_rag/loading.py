@@ -140,7 +140,9 @@ def fingerprint_of(model: PicasoLM, tokenizer: Tokenizer) -> str:
 def _load_tokenizer(directory: Path, tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer:
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
-    tok_path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
+    tok_path = Path(tokenizer).expanduser() if tokenizer is not None else directory / "tokenizer.json"
+    if tok_path.is_dir():  # a tokenizer directory (a transformers checkpoint's, say): its tokenizer.json
+        tok_path = tok_path / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(
             f"no tokenizer at {tok_path}. state-spaces checkpoints ship without one: pass "

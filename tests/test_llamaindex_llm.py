@@ -36,6 +36,10 @@ def test_tokenizer_argument(mini, tmp_path):
         PicasoLLM(model=str(MINI), tokenizer=str(tmp_path / "tokenizer.json"))
     with pytest.raises(PicasoError, match="engine already has its tokenizer"):
         PicasoLLM(engine=mini.engine, tokenizer=str(MINI / "tokenizer.json"))
+    by_dir = PicasoLLM(model=str(MINI), tokenizer=str(MINI))  # a directory holding tokenizer.json, as documented
+    assert by_dir.engine.tokenize("Paris") == mini.engine.tokenize("Paris")
+    with pytest.raises(PicasoError, match="no tokenizer at"):
+        PicasoLLM(model=str(MINI), tokenizer=str(tmp_path / "empty-dir"))
 
 
 @pytest.mark.parametrize("typo, hint", [("tokenizr", "tokenizer"), ("max_tokens", "max_new_tokens"),
