@@ -125,6 +125,21 @@ def test_stream_ends_with_done(world):
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
 
 
+def test_a_conversation_keeps_its_subject_over_follow_ups_and_can_change_it(client):
+    """Three follow-ups without a subject still retrieve the first turn's (the rule before kept only the
+    previous user message: the subject was gone at the third turn); a new question changes it."""
+    turns = ["Who was Ada Lovelace?", "Why is that?", "Can you tell me more?", "Where was it?"]
+    messages = []
+    for turn in turns:
+        messages += [{"role": "user", "content": turn}]
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert "Ada Lovelace" in reply.model_extra["picaso"]["sources"][0]["text"], turn
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content}]
+    messages += [{"role": "user", "content": "Where is the Great Barrier Reef?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert "Great Barrier Reef" in reply.model_extra["picaso"]["sources"][0]["text"]
+
+
 def test_completions_endpoint(client):
     done = client.completions.create(model=MODEL, prompt="The Eiffel Tower", max_tokens=6)
     assert done.object == "text_completion" and done.usage.completion_tokens <= 6

@@ -11,10 +11,15 @@ Only the last part is read at request time. The conversation history is the clie
 protocol sends it with every request); the server keeps none, and bounds what it reads with
 ``history_tokens``: the oldest turns are dropped first.
 
-Retrieval for a conversation: the last user message, condensed with the history when there is
-one, i.e. the previous user message is prepended to it (a follow-up such as "When did she write
-it?" carries its subject in the question before it). No LLM call rewrites the question: with a
-small model that costs a generation and adds noise.
+Retrieval for a conversation: two retrievals, merged by score (the k best of both): the last user
+message alone, and :func:`retrieval_query`, the user's turns (newest kept first within
+``retrieval_history_tokens``, in the order asked). A follow-up such as "When did she write it?"
+scores low on its own and keeps the subject its conversation started with, however many turns back;
+a new question scores high on its own and is not drowned by the old subject. Measured on HotpotQA
+conversations (benchmarks/multiturn_retrieval.py): recall@3 at the 4th turn 0.93 (the rule before,
+the previous user message prepended, 0.01), and 0.86 for a question that changes the subject (0.94
+before; the history alone: 0.37). No LLM call rewrites the question: with a small model that costs a
+generation and adds noise.
 
 The pipeline stands on picaso_rag alone (the engine, and a :class:`picaso_rag.StateResolver` over
 the state store: memory, then the store, then encoded, written back off the answer path) and on a
@@ -33,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from llama_index.core.schema import MetadataMode
 
@@ -63,6 +68,7 @@ class ServerSettings:
     default_stop: tuple[str, ...] = ()  # stop strings of a request that sends none
     max_tokens_limit: int = 1024
     history_tokens: int = 1024  # tokens of system + history + question read per request, oldest turns dropped
+    retrieval_history_tokens: int = 192  # tokens of the user's turns a conversation retrieves with (newest kept first)
     max_documents: int = 32  # documents per request (extra_body documents)
     max_document_chars: int = 32_000  # per ad hoc text
     max_adhoc_tokens: int = 8192  # of all ad hoc texts of one request (a character may be 4 tokens: emoji)
@@ -101,6 +107,44 @@ class Prepared:
     figures: dict
 
 
+def retrieval_query(user_turns: Sequence[str], tokenize: Callable[[str], list[int]], budget: int) -> str:
+    """What a conversation retrieves with: its user turns, newest first while they fit in ``budget``
+    tokens (the last one always), joined in the order they were asked.
+
+    ``retrieval_query(["Who was Ada Lovelace?", "What did she write?", "When?"], tokenize, 192)`` keeps
+    all three: the subject of the first turn reaches the retriever at the third.
+    """
+    turns = [t.strip() for t in user_turns if t.strip()]
+    kept = turns[-1:]
+    used = len(tokenize(kept[0])) if kept else 0
+    for turn in reversed(turns[:-1]):
+        cost = len(tokenize(turn))
+        if used + cost > budget:
+            break
+        kept.insert(0, turn)
+        used += cost
+    return "\n".join(kept)
+
+
+def retrieval_queries(user_turns: Sequence[str], tokenize: Callable[[str], list[int]], budget: int) -> list[str]:
+    """What a conversation retrieves with: its last user message, and (when there are earlier turns)
+    :func:`retrieval_query` of them all; :func:`best_of` merges the two retrievals."""
+    history = retrieval_query(user_turns, tokenize, budget)
+    last = [t.strip() for t in user_turns if t.strip()][-1:]
+    return last + ([history] if last and history != last[0] else [])
+
+
+def best_of(retrievals: Sequence[Sequence[Any]], k: int) -> list[Any]:
+    """The ``k`` best-scored nodes (LlamaIndex ``NodeWithScore``) over several retrievals, each node once."""
+    best: dict[str, Any] = {}
+    for found in retrievals:
+        for scored in found:
+            held = best.get(scored.node.node_id)
+            if held is None or (scored.score or 0.0) > (held.score or 0.0):
+                best[scored.node.node_id] = scored
+    return sorted(best.values(), key=lambda s: -(s.score or 0.0))[:k]  # stable: ties keep the retriever's order
+
+
 class RagPipeline:
     """Retrieval, states and the prompt of one request (see the module docstring).
 
@@ -121,9 +165,8 @@ class RagPipeline:
     # ------------------------------------------------------------------------------- requests
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         messages = request.messages
-        question = messages[-1].text.strip()
-        earlier_users = [m.text.strip() for m in messages[:-1] if m.role == "user" and m.text.strip()]
-        query = f"{earlier_users[-1]}\n{question}" if earlier_users else question
+        query = retrieval_queries([m.text for m in messages if m.role == "user"], self.engine.tokenize,
+                                  self.settings.retrieval_history_tokens)
         tail_ids = self._chat_tail(messages)
         return self._prepare(request, query, tail_ids, chat=True)
 
@@ -158,7 +201,9 @@ class RagPipeline:
             used += cost
         return tokenize(AFTER_CONTEXT + system + "".join(kept) + end)
 
-    def _prepare(self, request: ChatCompletionRequest | CompletionRequest, query: str, tail_ids: list[int], chat: bool) -> Prepared:
+    def _prepare(self, request: ChatCompletionRequest | CompletionRequest, query: str | list[str], tail_ids: list[int],
+                 chat: bool) -> Prepared:
+        """``query``: what to retrieve with; a list: one retrieval each, merged by score."""
         settings = self.settings
         options = request.picaso
         method = (options.method if options and options.method else settings.method)
@@ -178,7 +223,9 @@ class RagPipeline:
             docs, sources = [], []
         timings["retrieve_ms"] = (time.perf_counter() - start) * 1000
         figures: dict[str, Any] = {"method": method if docs else "none", "k": len(docs), "document_tokens": 0,
-                                   "tokens_read": len(tail_ids), "retrieval_query": query if request.documents is None and top_k > 0 else None}
+                                   "tokens_read": len(tail_ids),
+                                   "retrieval_query": (query if isinstance(query, str) else query[-1])
+                                   if request.documents is None and top_k > 0 else None}
         state: State | None = None
         if docs and method == "concat":  # the baseline: every document token is read
             text = PREFIX + "\n\n".join(d.text for d in docs)
@@ -213,8 +260,9 @@ class RagPipeline:
         figures["timings_ms"] = {k: round(v, 3) for k, v in timings.items()}
         return Prepared(tail_ids, state, sources, figures)
 
-    def _retrieve(self, query: str, top_k: int) -> tuple[list[DocumentRef], list[dict]]:
-        nodes = self.index.as_retriever(similarity_top_k=top_k).retrieve(query)
+    def _retrieve(self, query: str | list[str], top_k: int) -> tuple[list[DocumentRef], list[dict]]:
+        retriever = self.index.as_retriever(similarity_top_k=top_k)
+        nodes = best_of([retriever.retrieve(q) for q in ([query] if isinstance(query, str) else query)], top_k)
         docs, sources = [], []
         for scored in nodes:
             text = scored.node.get_content(metadata_mode=MetadataMode.LLM).strip()
