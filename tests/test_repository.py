@@ -75,3 +75,47 @@ def test_the_llamaindex_adapter_has_no_import_circle_and_no_private_imports():
 def test_the_cycle_check_finds_a_cycle():
     assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _a_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _documented_commands() -> list[tuple[str, str, str]]:
+    """(doc file, the script or command named, the rest of the line) of every command the docs show."""
+    pattern = re.compile(r"(?:\.venv/bin/)?(python3? -m [\w.]+(?: \w+)?|python3? [\w/.-]+\.py|picaso-rag (?:serve|ingest))((?: [^`|\n]*)?)")
+    found = []
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "integrations").glob("*/README.md")]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            for match in pattern.finditer(line):
+                found.append((path.relative_to(REPO).as_posix(), match.group(1), match.group(2)))
+    return found
+
+
+def _sources_of(command: str) -> list[Path] | None:
+    """The files that define what ``command`` accepts (None: not this repository's, e.g. pytest)."""
+    if command.startswith("picaso-rag"):
+        return [REPO / "integrations/picaso-server/picaso_server/cli.py", REPO / "integrations/picaso-server/picaso_server/ingest.py"]
+    parts = command.split()
+    if parts[1] == "-m":
+        if not parts[2].startswith("picaso_rag"):
+            return None
+        package = REPO / parts[2].replace(".", "/")
+        return sorted(package.glob("*.py")) if package.is_dir() else [package.with_suffix(".py")]
+    return [REPO / parts[1]]
+
+
+def test_every_command_the_docs_show_exists_with_the_options_they_give_it():
+    """A script named in README.md or docs/ exists, and each --option the same line passes it is one it defines."""
+    problems, checked = [], 0
+    for doc, command, rest in _documented_commands():
+        sources = _sources_of(command)
+        if sources is None:
+            continue
+        missing = [s for s in sources if not s.is_file()]
+        if missing:
+            problems.append(f"{doc}: {command}: no {missing[0].relative_to(REPO)}")
+            continue
+        defined = "".join(s.read_text(encoding="utf-8") for s in sources)
+        for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+            checked += 1
+            if f'"{option}"' not in defined and f"'{option}'" not in defined:
+                problems.append(f"{doc}: {command} {option}: not an option of {sources[0].relative_to(REPO)}")
+    assert checked > 50, checked  # the docs do show commands: a pattern that finds none would pass vacuously
+    assert not problems, "\n".join(problems)
