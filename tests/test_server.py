@@ -326,3 +326,18 @@ def test_a_front_ends_background_task_skips_retrieval_and_is_short(world, client
         assert done.usage.completion_tokens <= world["rag"].settings.task_max_tokens == 32
     plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": title}], max_tokens=4)
     assert plain.model_extra["picaso"]["k"] == 3  # the same text without the mark is a question: retrieved for
+
+
+def test_the_sources_are_also_a_response_header(client):
+    """For clients that surface response headers but not extra body fields (LangChain's
+    include_response_headers): ids and scores, the same as the body's picaso.sources, streamed or not."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Who was Ada Lovelace?"}])
+    body = raw.parse()
+    listed = json.loads(raw.headers["x-picaso-sources"])
+    assert listed == [{"id": s["id"], "score": s["score"]} for s in body.model_extra["picaso"]["sources"]] and listed
+    streamed = client.chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=2, stream=True, messages=[{"role": "user", "content": "Who was Ada Lovelace?"}])
+    assert json.loads(streamed.headers["x-picaso-sources"]) == listed
+    for _ in streamed.parse():
+        pass

@@ -284,7 +284,8 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(job, events, prepared, ident, created, chat, include_usage, started),
-                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
+                                     media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", SOURCES_HEADER: sources_header(prepared)})
         try:
             checked = time.monotonic()
             while True:
@@ -319,7 +320,8 @@ def create_app(rag: RagPipeline, settings: ServerSettings, scheduler: Scheduler 
             response = Completion(id=ident, created=created, model=settings.model_name, object="text_completion",
                                   choices=[CompletionChoice(index=0, text=result.text, finish_reason=FINISH[result.finish_reason])],
                                   usage=usage)
-        return {**response.model_dump(exclude_none=True), "picaso": figures}
+        return JSONResponse({**response.model_dump(exclude_none=True), "picaso": figures},
+                            headers={SOURCES_HEADER: sources_header(prepared)})
 
     async def stream(job: GenRequest, events: asyncio.Queue, prepared: Prepared, ident: str, created: int, chat: bool,
                      include_usage: bool, started: float) -> AsyncIterator[str]:
@@ -379,6 +381,24 @@ def log_request(chat: bool, streamed: bool, prepared: Prepared, job: GenRequest,
                     "chat" if chat else "completion", " stream" if streamed else "", prepared.figures.get("k", 0),
                     len(prepared.prompt_ids), len(result.token_ids), FINISH[result.finish_reason],
                     (time.perf_counter() - started) * 1000)
+
+
+SOURCES_HEADER = "x-picaso-sources"
+MAX_SOURCES_HEADER = 4096
+
+
+def sources_header(prepared: Prepared) -> str:
+    """The request's sources (ids and scores, no texts) as JSON for a response header: clients that show
+    headers but not extra body fields (LangChain's ChatOpenAI(include_response_headers=True) puts them
+    in response_metadata["headers"]) still see what the answer was read from. ASCII; at most
+    MAX_SOURCES_HEADER bytes (clients bound a response's headers), the first sources first."""
+    listed: list[dict] = []
+    for source in prepared.sources:
+        entry = {"id": source["id"], "score": source["score"]}
+        if len(json.dumps(listed + [entry], ensure_ascii=True)) > MAX_SOURCES_HEADER:
+            break  # the body's picaso.sources has them all
+        listed.append(entry)
+    return json.dumps(listed, ensure_ascii=True)
 
 
 def reply(text: str) -> str:
