@@ -100,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="Mamba-2 or hybrid (Granite 4.0-H, Bamba) checkpoint directory (the "
                                                   "one the states were encoded with)")
     s.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the checkpoint's own)")
+    s.add_argument("--state-precision", default="bf16", choices=["bf16", "fp8", "fp32"],
+                   help="how the states the server encodes (missing, stale) are stored; stored states of any "
+                        "precision are read (default bf16, as picaso-rag ingest)")
     s.add_argument("--reencode", action="store_true",
                    help="serve although the index's states belong to another model: each retrieved chunk is encoded on "
                         "first use and stored (slow at first); without it such a server refuses to start")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                               state_cache_bytes=args.state_cache_bytes, default_max_tokens=args.default_max_tokens,
                               default_stop=tuple(args.stop), allowed_origins=tuple(args.allowed_origins))
     try:
-        store = StateStore(args.states, mac=args.state_key_file or False)
+        store = StateStore(args.states, mac=args.state_key_file or False, precision=args.state_precision)
     except Exception as exc:  # a missing, world-readable or malformed key file: the error names the fix
         sys.exit(f"picaso-rag serve: {exc}")
     try:
