@@ -56,6 +56,12 @@ class DocumentRef:
     digest: str  # sha256 hex of text: the memory tier's key
     node_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # the digest keys the memory tier shared by every request: one that is not this text's would
+        # serve another text's state
+        if self.digest != text_sha256(self.text):
+            raise PicasoError("a DocumentRef's digest is the sha256 of its text; build it with DocumentRef.of(text, node_id).")
+
     @classmethod
     def of(cls, text: str, node_id: str | None = None) -> "DocumentRef":
         return cls(text, text_sha256(text), node_id)

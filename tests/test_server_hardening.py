@@ -29,6 +29,13 @@ pytestmark = pytest.mark.slow  # attacks a real server under load: not in `pytes
 KEY = "hardening-key-456"
 
 
+def client_without_keepalive(url: str, api_key: str, timeout: float) -> openai.OpenAI:
+    """An openai client that opens a connection per request: with no retries, a pooled connection the
+    server closed while it idled (keep-alive 5 s, between two tests) would fail the next request."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=timeout,
+                         http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0), timeout=timeout))
+
+
 @pytest.fixture(scope="module")
 def keyed(world):  # noqa: F811
     """A second app over the same pipeline, with an API key and small per-request bounds."""
@@ -39,7 +46,7 @@ def keyed(world):  # noqa: F811
     app = create_app(world["rag"], settings, scheduler=scheduler)
     with ServerThread(app) as url:
         yield {"url": url, "app": app, "scheduler": scheduler,
-               "client": openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)}
+               "client": client_without_keepalive(url, KEY, 60)}
     scheduler.close()
     world["rag"].settings = world["settings"]
 
@@ -94,7 +101,7 @@ def test_adhoc_documents_can_be_refused(world):  # noqa: F811
     scheduler = Scheduler(world["engine"], max_batch=2)
     try:
         with ServerThread(create_app(world["rag"], settings, scheduler=scheduler)) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+            client = client_without_keepalive(url, "x", 60)
             with pytest.raises(openai.BadRequestError, match="no ad hoc document texts"):
                 ask(client, "what?", extra_body={"documents": [{"text": "a text of my own"}]})
             assert ask(client, "Who was Ada Lovelace?", max_tokens=2).choices[0].message.content is not None
@@ -175,7 +182,7 @@ def gapped(world):  # noqa: F811
     engine = world["engine"]
     try:
         with ServerThread(app) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+            client = client_without_keepalive(url, "x", 120)
             alone = ask(client, VICTIM, max_tokens=VICTIM_TOKENS)
             assert alone.choices[0].finish_reason == "length"  # long enough to outlast every attack
             base = engine.encode([" ".join(["The river carries sediment to the sea."] * 30)])[0]

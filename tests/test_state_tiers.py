@@ -161,3 +161,13 @@ def test_bad_writer_bounds_name_the_fix():
 
     with pytest.raises(PicasoError, match=">= 1"):
         StateWriter(max_pending=0)
+
+
+def test_a_document_ref_cannot_carry_another_texts_digest(engine):
+    """The memory tier is keyed by the digest: a ref whose digest is not its text's would be served
+    another text's state, so it cannot be made."""
+    from picaso_rag import PicasoError
+
+    other = DocumentRef.of(TEXTS[1], "n1")
+    with pytest.raises(PicasoError, match="DocumentRef.of"):
+        DocumentRef(TEXTS[0], other.digest, "n0")
