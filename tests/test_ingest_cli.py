@@ -103,3 +103,19 @@ def test_serve_refuses_an_index_whose_states_are_another_models(setup, tokenizer
     assert states_problem(collection, store, PicasoEngine.from_pretrained(model), args) is None
     problem = states_problem(collection, store, sensitive_engine(tokenizer, seed=7), args)
     assert problem and "another model" in problem and "--reencode" in problem and "picaso-rag ingest" in problem
+
+
+def test_an_unreadable_file_is_skipped_by_name_and_the_rest_ingested(setup, caplog, monkeypatch):
+    """A file the OS refuses to read (permissions do not stop root, so the refusal is simulated at the
+    read) and a dangling link: each named, the other files ingested."""
+    from pathlib import Path
+
+    folder, db, model, ingest = setup
+    (folder / "dangling.md").symlink_to(folder / "no-such-target.md")
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "rivers.rst" else real(self))
+    with caplog.at_level("INFO", logger="picaso_server.ingest"):
+        summary = ingest()
+    assert summary["documents_ingested"] == 2 and summary["skipped_files"] == 2  # image.bin, dangling.md
+    assert "rivers.rst: cannot read it (Permission denied)" in caplog.text and "dangling.md" in caplog.text

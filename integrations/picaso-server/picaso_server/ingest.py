@@ -43,9 +43,12 @@ def source_files(paths: list[str]) -> tuple[list[SourceFile], list[Path]]:
         root = Path(given).expanduser()
         if not root.exists():
             raise SystemExit(f"picaso-rag ingest: {given} does not exist; pass files or folders to ingest.")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink())
                                                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
         for path in files:
+            if not path.is_file():  # a link to nothing: reported, not ingested
+                skipped.append(path)
+                continue
             suffix = path.suffix.lower()
             if suffix not in TEXT_SUFFIXES and suffix not in READER_SUFFIXES:
                 skipped.append(path)
@@ -63,7 +66,11 @@ def read_document(source: SourceFile) -> Any | None:
     from llama_index.core import Document
 
     if source.path.suffix.lower() in TEXT_SUFFIXES:
-        raw = source.path.read_bytes()
+        try:
+            raw = source.path.read_bytes()
+        except OSError as exc:  # unreadable (permissions, a broken link): this file only, named
+            logger.warning("skipped %s: cannot read it (%s)", source.path, exc.strerror or exc)
+            return None
         text = raw.decode("utf-8", errors="replace")
         if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
             logger.warning("%s is not valid UTF-8: undecodable bytes were replaced by U+FFFD", source.path)
