@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tokens read at query time: {args.method} {meta['tokens_read']} (+ {meta['document_tokens']} document "
               f"tokens from {meta['k']} states encoded at ingestion), concatenation {base['tokens_read']}")
         print(f"time to answer ({args.device}): {args.method} {t_picaso * 1000:.0f} ms, concatenation {t_concat * 1000:.0f} ms"
-              + ("  (one user, three short chunks, a 17M model on a CPU: fixed costs of composing and of the call "
-                 "dominate at this size; the saving grows with the documents' length and the load, docs/serving.md)"
+              + ("  (one user, three short chunks, a 17M model on a CPU: at this size there is little to save; "
+                 "the saving grows with the documents' length and the number of users, docs/serving.md)"
                  if t_picaso >= t_concat else ""))
         print(f"what the tiny base model says ({args.method}):     {str(picaso).strip()!r}")
         print(f"what the tiny base model says (concatenation): {str(concat).strip()!r}\n")
